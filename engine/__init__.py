@@ -1,0 +1,1 @@
+"""Triage engine: arrays in, decision columns out."""

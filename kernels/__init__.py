@@ -1,0 +1,12 @@
+"""Compute kernels: one public function per fused pass, each with a readable reference (the spec),
+a numba CPU implementation and a Triton GPU implementation behind one dispatch (see ``_dispatch``).
+
+Imports nothing of ``hitl_triage.engine`` or ``hitl_triage.serve``.
+"""
+
+from ._dispatch import BackendUnavailable
+from .audit import audit_uniform
+from .knn import knn_distance
+from .signals import EnsembleSignals, ensemble_signals
+
+__all__ = ["BackendUnavailable", "EnsembleSignals", "audit_uniform", "ensemble_signals", "knn_distance"]

@@ -1,0 +1,1 @@
+"""The serving layer and the `triage` command line."""
