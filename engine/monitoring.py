@@ -1,0 +1,86 @@
+"""Counts over decision batches, split into an update per batch and a merge, so replicas and
+row groups can be summed in any order (the torchmetrics shape, STYLE.md)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .policy import Reason
+
+
+@dataclasses.dataclass
+class TriageSummary:
+    """What a batch (or a run, or a fleet) of decisions amounted to."""
+
+    rows: int = 0
+    escalated: int = 0
+    unscoreable: int = 0
+    audit_samples: int = 0
+    by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    by_tier: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    rows_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    escalated_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    audit_by_stratum: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    seconds: float = 0.0
+
+    def update(self, decisions: pa.RecordBatch | pa.Table, seconds: float = 0.0) -> "TriageSummary":
+        """Add one batch of decision columns (the engine's output schema)."""
+        self.rows += decisions.num_rows
+        self.seconds += seconds
+        escalate = decisions.column("escalate")
+        self.escalated += pc.sum(escalate).as_py() or 0
+        self.unscoreable += decisions.num_rows - (pc.sum(decisions.column("valid")).as_py() or 0)
+        mask = decisions.column("reason_mask").to_numpy()
+        for reason in Reason:
+            self.by_reason[reason.name.lower()] += int(np.count_nonzero(mask & int(reason)))
+        self.audit_samples += self.by_reason_count(mask, Reason.AUDIT)
+        _add_counts(self.by_tier, decisions.column("tier"))
+        if "source" in decisions.schema.names:
+            source = decisions.column("source")
+            _add_counts(self.rows_by_source, source)
+            _add_counts(self.escalated_by_source, pc.filter(source, escalate))
+        _add_counts(self.audit_by_stratum, decisions.column("audit_stratum"))
+        return self
+
+    @staticmethod
+    def by_reason_count(mask: np.ndarray, reason: Reason) -> int:
+        return int(np.count_nonzero(mask & int(reason)))
+
+    def merge(self, other: "TriageSummary") -> "TriageSummary":
+        """Sum of two summaries (for example two replicas, or two row groups)."""
+        out = TriageSummary()
+        for field in dataclasses.fields(self):
+            setattr(out, field.name, getattr(self, field.name) + getattr(other, field.name))
+        return out
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "escalated": self.escalated,
+            "escalation_rate": self.escalated / self.rows if self.rows else 0.0,
+            "unscoreable": self.unscoreable,
+            "audit_samples": self.audit_samples,
+            "by_reason": dict(self.by_reason),
+            "by_tier": dict(self.by_tier),
+            "rows_by_source": dict(self.rows_by_source),
+            "escalated_by_source": dict(self.escalated_by_source),
+            "audit_by_stratum": dict(self.audit_by_stratum),
+            "seconds": self.seconds,
+            "rows_per_second": self.rows_per_second,
+        }
+
+
+def _add_counts(counter: collections.Counter, column) -> None:
+    """Count the non-null values of a string column into ``counter``."""
+    counts = pc.value_counts(column.drop_null() if hasattr(column, "drop_null") else column)
+    for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        counter[value] += count

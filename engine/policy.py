@@ -1,0 +1,205 @@
+"""Escalation rules: the five reason bits, the reviewer tier and the priority of each row.
+
+All rules are elementwise tensor operations on the engine's device; categories arrive as integer
+codes into the policy's lookup tables (see :func:`category_codes`), so no per-row Python runs.
+
+Priority (float32 in [0, 1], higher is more urgent; 0 for rows that are not escalated): the
+largest severity among the row's fired reasons, where
+
+- CONFIDENCE: (t - confidence) / t, how far below its threshold t the confidence fell;
+- DISAGREEMENT: (mi - t_mi) / (log min(M, C) - t_mi), the share of the way from the threshold to
+  the largest possible mutual information (1 when only the vote floor fired);
+- ANOMALY: min(1, (d - t_ood) / t_ood), the k-NN distance's excess over its threshold;
+- POLICY: the category's configured priority (default 0.5);
+- AUDIT: 0 (an audit sample is not urgent);
+- rows that cannot be scored (non-finite or missing logits, missing embedding): 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import torch
+
+from .config import PolicyConfig, TierConfig
+from .lookup import lookup_codes
+
+DEFAULT_POLICY_PRIORITY = 0.5
+
+
+class Reason(enum.IntFlag):
+    """Bits of ``reason_mask`` (DESIGN.md, "Escalation triggers")."""
+
+    CONFIDENCE = 1
+    DISAGREEMENT = 2
+    POLICY = 4
+    ANOMALY = 8
+    AUDIT = 16
+
+
+def reason_names(mask: int) -> list[str]:
+    """The names of the bits set in ``mask``, lowest bit first."""
+    return [reason.name.lower() for reason in Reason if mask & reason]
+
+
+@dataclasses.dataclass
+class Thresholds:
+    """The fitted thresholds the rules apply (stored in the profile).
+
+    ``confidence``: escalate when calibrated confidence < this (per predicted class where
+    ``per_class_confidence`` is given, and never below the row's category floor);
+    ``mutual_info``: escalate when mutual information > this (inf disables);
+    ``vote_floor``: escalate when vote agreement < this (0 disables);
+    ``ood``: escalate when the k-NN distance > this (inf disables, e.g. without a bank).
+    """
+
+    confidence: float
+    mutual_info: float = math.inf
+    vote_floor: float = 0.0
+    ood: float = math.inf
+    per_class_confidence: list[float] | None = None
+
+
+@dataclasses.dataclass
+class CategoryTables:
+    """Per-category lookups indexed by category code; code 0 is "no or unlisted category"."""
+
+    names: list[str]
+    mandatory: torch.Tensor      # bool [K]
+    min_confidence: torch.Tensor  # float32 [K]
+    tier_rank: torch.Tensor      # int8 [K], -1 = no category tier
+    priority: torch.Tensor       # float32 [K]
+
+    @classmethod
+    def build(cls, policy: PolicyConfig, tiers: TierConfig, device) -> "CategoryTables":
+        names = [""] + sorted(
+            set(policy.mandatory_categories)
+            | set(policy.category_min_confidence)
+            | set(policy.category_tier)
+            | set(policy.category_priority)
+        )
+        rank = {name: i for i, name in enumerate(tiers.order)}
+        return cls(
+            names=names,
+            mandatory=torch.tensor([n in policy.mandatory_categories for n in names], device=device),
+            min_confidence=torch.tensor(
+                [policy.category_min_confidence.get(n, 0.0) for n in names], dtype=torch.float32, device=device
+            ),
+            tier_rank=torch.tensor(
+                [rank[policy.category_tier[n]] if n in policy.category_tier else -1 for n in names],
+                dtype=torch.int8, device=device,
+            ),
+            priority=torch.tensor(
+                [policy.category_priority.get(n, DEFAULT_POLICY_PRIORITY) for n in names],
+                dtype=torch.float32, device=device,
+            ),
+        )
+
+
+def category_codes(category, tables: CategoryTables, device) -> torch.Tensor | None:
+    """Codes of a string column into ``tables`` (0 for null or unlisted); None without a column
+    or without any category rule."""
+    if category is None or len(tables.names) == 1:
+        return None
+    mapping = {name: code for code, name in enumerate(tables.names) if code}
+    return torch.from_numpy(lookup_codes(category, mapping)).to(device)
+
+
+@dataclasses.dataclass
+class RuleInputs:
+    """Per-row inputs of the rules, all tensors of length B on one device."""
+
+    confidence: torch.Tensor
+    mutual_info: torch.Tensor
+    vote_agreement: torch.Tensor
+    predicted_class: torch.Tensor
+    scoreable: torch.Tensor          # bool: the logits could be scored
+    ood_score: torch.Tensor | None   # NaN where the embedding was missing or zero
+    category_code: torch.Tensor | None
+    audit_sampled: torch.Tensor      # bool
+    members: int
+    classes: int
+
+
+@dataclasses.dataclass
+class RuleOutputs:
+    reason_mask: torch.Tensor  # uint8
+    tier_rank: torch.Tensor    # int8, -1 where not escalated
+    priority: torch.Tensor     # float32
+
+
+def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables: CategoryTables) -> RuleOutputs:
+    """Set each reason bit independently, then the tier and the priority of every row."""
+    device = x.confidence.device
+    rank = {name: i for i, name in enumerate(tiers.order)}
+    zeros = torch.zeros(x.confidence.shape, dtype=torch.float32, device=device)
+    cannot_score = ~x.scoreable
+
+    # CONFIDENCE: below the row's threshold, or not scoreable (NaN never means "auto-accept").
+    conf_threshold = torch.full_like(zeros, thresholds.confidence)
+    if thresholds.per_class_confidence is not None:
+        table = torch.tensor(thresholds.per_class_confidence, dtype=torch.float32, device=device)
+        conf_threshold = table[x.predicted_class.long().clamp(min=0)]
+    if x.category_code is not None:
+        conf_threshold = torch.maximum(conf_threshold, tables.min_confidence[x.category_code])
+    low_confidence = (x.confidence < conf_threshold) | cannot_score
+
+    # DISAGREEMENT: only an ensemble can disagree.
+    if x.members > 1:
+        high_mi = x.mutual_info > thresholds.mutual_info
+        low_vote = x.vote_agreement < thresholds.vote_floor
+        disagreement = high_mi | low_vote | cannot_score
+    else:
+        high_mi = low_vote = disagreement = torch.zeros_like(low_confidence)
+
+    policy = tables.mandatory[x.category_code] if x.category_code is not None else torch.zeros_like(low_confidence)
+
+    if x.ood_score is not None:
+        missing_embedding = torch.isnan(x.ood_score)
+        anomaly = (x.ood_score > thresholds.ood) | missing_embedding
+    else:
+        missing_embedding = anomaly = torch.zeros_like(low_confidence)
+
+    mask = (
+        low_confidence.to(torch.uint8) * int(Reason.CONFIDENCE)
+        | disagreement.to(torch.uint8) * int(Reason.DISAGREEMENT)
+        | policy.to(torch.uint8) * int(Reason.POLICY)
+        | anomaly.to(torch.uint8) * int(Reason.ANOMALY)
+        | x.audit_sampled.to(torch.uint8) * int(Reason.AUDIT)
+    )
+
+    # Tier: the highest-ranked tier among the fired reasons and the row's category.
+    tier = torch.full(mask.shape, -1, dtype=torch.int8, device=device)
+    for fired, tier_name in (
+        (x.audit_sampled, tiers.audit),
+        (low_confidence, tiers.confidence),
+        (disagreement, tiers.disagreement),
+        (anomaly, tiers.anomaly),
+        (policy, tiers.policy),
+        (cannot_score | missing_embedding, tiers.invalid),
+    ):
+        tier = torch.where(fired, torch.clamp(tier, min=rank[tier_name]), tier)
+    if x.category_code is not None:
+        category_rank = tables.tier_rank[x.category_code]
+        tier = torch.where(mask > 0, torch.maximum(tier, category_rank), tier)
+
+    # Priority: the largest severity among fired reasons (module docstring).
+    severity = zeros
+    if thresholds.confidence > 0:
+        conf_sev = ((conf_threshold - x.confidence) / conf_threshold.clamp(min=1e-6)).clamp(0, 1)
+        severity = torch.where(low_confidence, torch.maximum(severity, conf_sev.nan_to_num(0.0)), severity)
+    if x.members > 1:
+        mi_max = math.log(min(x.members, x.classes))
+        span = max(mi_max - thresholds.mutual_info, 1e-6) if math.isfinite(thresholds.mutual_info) else 1.0
+        mi_sev = ((x.mutual_info - thresholds.mutual_info) / span).clamp(0, 1).nan_to_num(0.0)
+        mi_sev = torch.where(low_vote & ~high_mi, torch.ones_like(mi_sev), mi_sev)
+        severity = torch.where(disagreement, torch.maximum(severity, mi_sev), severity)
+    if x.ood_score is not None and math.isfinite(thresholds.ood):
+        ood_sev = ((x.ood_score - thresholds.ood) / max(thresholds.ood, 1e-6)).clamp(0, 1).nan_to_num(0.0)
+        severity = torch.where(anomaly, torch.maximum(severity, ood_sev), severity)
+    if x.category_code is not None:
+        severity = torch.where(policy, torch.maximum(severity, tables.priority[x.category_code]), severity)
+    severity = torch.where(cannot_score | missing_embedding, torch.ones_like(severity), severity)
+    return RuleOutputs(reason_mask=mask, tier_rank=tier, priority=severity.to(torch.float32))
