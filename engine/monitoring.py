@@ -20,7 +20,6 @@ class TriageSummary:
     rows: int = 0
     escalated: int = 0
     unscoreable: int = 0
-    audit_samples: int = 0
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     by_tier: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -38,7 +37,6 @@ class TriageSummary:
         mask = decisions.column("reason_mask").to_numpy()
         for reason in Reason:
             self.by_reason[reason.name.lower()] += int(np.count_nonzero(mask & int(reason)))
-        self.audit_samples += self.by_reason_count(mask, Reason.AUDIT)
         _add_counts(self.by_tier, decisions.column("tier"))
         if "source" in decisions.schema.names:
             source = decisions.column("source")
@@ -47,9 +45,9 @@ class TriageSummary:
         _add_counts(self.audit_by_stratum, decisions.column("audit_stratum"))
         return self
 
-    @staticmethod
-    def by_reason_count(mask: np.ndarray, reason: Reason) -> int:
-        return int(np.count_nonzero(mask & int(reason)))
+    @property
+    def audit_samples(self) -> int:
+        return self.by_reason["audit"]
 
     def merge(self, other: "TriageSummary") -> "TriageSummary":
         """Sum of two summaries (for example two replicas, or two row groups)."""
