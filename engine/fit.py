@@ -1,0 +1,178 @@
+"""``Profile.fit``: from labelled calibration data (and bank embeddings) to a triage profile.
+
+Steps, each reported through ``progress(stage, done, total)``:
+
+1. decode and validate the calibration batch (labels in [0, C) or -1 = unknown; unknown-label and
+   unscoreable rows are left out and counted);
+2. split the rows by a fixed hash of their id (reproducible): ``calibration.holdout`` of them
+   choose thresholds, the rest fit the temperature, so threshold guarantees are computed on rows
+   the temperature never saw (with holdout = 0 both use every row);
+3. fit the temperature (global, optionally per source) and report ECE/NLL/Brier before and after;
+4. build the k-NN bank from the bank embeddings (zero-norm or non-finite vectors are dropped and
+   counted) and score the holdout rows against it;
+5. choose thresholds in the configured mode (budget or target risk);
+6. report the expected escalation rate of each trigger and of their union on the holdout rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hitl_triage.kernels import audit_uniform, ensemble_signals, knn_distance
+
+from .calibration import calibration_metrics, fit_temperature
+from .config import TriageConfig
+from .decode import BatchError, decode_batch, validate_labels
+from .lookup import lookup_codes
+from .policy import Thresholds
+from .profile import Profile
+from .thresholds import budget_thresholds, ood_threshold, target_risk_threshold
+
+logger = logging.getLogger(__name__)
+
+# Seed of the id hash that splits calibration rows (fixed, so every fit splits alike).
+SPLIT_SEED = 0x7E57_5EED
+
+
+def _report(progress, stage: str, done: int = 0, total: int = 1) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, device: str = "cpu", progress=None) -> Profile:
+    """See :meth:`Profile.fit` and this module's docstring."""
+    config = (config or TriageConfig()).check()
+    started = time.perf_counter()
+    report: dict = {"rows": {}}
+
+    _report(progress, "decode calibration")
+    x = decode_batch(calibration, device="cpu", embedding="optional" if bank is not None else "ignore", label="required")
+    members, classes = x.logits.shape[1], x.logits.shape[2]
+    if config.class_names and len(config.class_names) != classes:
+        raise BatchError(f"class_names: expected {classes} names (C of the logits), found {len(config.class_names)}")
+    known = np.asarray(validate_labels(x.label, x.ids, classes))
+    raw = ensemble_signals(x.logits, 1.0)
+    scoreable = np.asarray(raw.valid)
+    if x.logits_missing is not None:
+        scoreable &= ~np.asarray(x.logits_missing)
+    usable = known & scoreable
+    report["rows"] = {
+        "calibration": x.num_rows,
+        "unknown_label": int((~known).sum()),
+        "unscoreable": int((known & ~scoreable).sum()),
+        "used": int(usable.sum()),
+    }
+    if usable.sum() < 100:
+        raise BatchError(
+            f"label: expected at least 100 calibration rows with a known label and finite logits, found {int(usable.sum())}"
+        )
+
+    holdout = np.asarray(audit_uniform(x.ids, SPLIT_SEED)) < config.calibration.holdout
+    fit_rows = usable & ~holdout if config.calibration.holdout > 0 else usable
+    eval_rows = usable & holdout if config.calibration.holdout > 0 else usable
+    report["rows"].update(temperature_fit=int(fit_rows.sum()), thresholds=int(eval_rows.sum()))
+    labels = np.asarray(x.label).astype(np.int64)
+    logits = x.logits
+
+    # -- temperature ------------------------------------------------------------------------------
+    _report(progress, "fit temperature")
+    sources = None
+    if config.calibration.per_source and x.source is not None:
+        sources = np.asarray(x.source.to_numpy(zero_copy_only=False), dtype=object)
+    fit_idx = torch.from_numpy(np.nonzero(fit_rows)[0])
+    temp = fit_temperature(
+        logits[fit_idx], labels[fit_rows], sources=None if sources is None else sources[fit_rows],
+        min_rows_per_source=config.calibration.min_rows_per_source,
+    )
+    source_temperatures = {str(k): float(v) for k, v in (temp.per_source or {}).items()}
+
+    # -- signals of the threshold rows at the fitted temperature --------------------------------
+    eval_idx = np.nonzero(eval_rows)[0]
+    eval_logits = logits[torch.from_numpy(eval_idx)]
+    table = [temp.temperature] + [source_temperatures[s] for s in sorted(source_temperatures)]
+    index = None
+    if source_temperatures and x.source is not None:
+        mapping = {s: i + 1 for i, s in enumerate(sorted(source_temperatures))}
+        index = lookup_codes(x.source, mapping)[eval_idx].astype(np.int32)
+    s = ensemble_signals(eval_logits, np.asarray(table if index is not None else table[:1], np.float32), temperature_index=index)
+    confidence = np.asarray(s.confidence, np.float64)
+    mutual_info = np.asarray(s.mutual_info, np.float64)
+    vote = np.asarray(s.vote_agreement, np.float64)
+    correct = np.asarray(s.predicted_class) == labels[eval_rows]
+    report["calibration"] = {
+        "temperature": temp.to_dict(),
+        "holdout_before": _metrics_dict(calibration_metrics(ensemble_signals(eval_logits, 1.0), labels[eval_rows], eval_logits, 1.0)),
+        "holdout_after": _metrics_dict(calibration_metrics(s, labels[eval_rows], eval_logits, table, index)),
+    }
+
+    # -- bank ----------------------------------------------------------------------------------------
+    index_obj, ood = None, None
+    if bank is not None:
+        from .bank import build_bank
+
+        index_obj, bank_report = build_bank(bank, config.bank, progress=progress)
+        report["bank"] = bank_report
+        if x.embedding is None:
+            raise BatchError("embedding: expected an embedding column in the calibration data when a bank is given, found none")
+        _report(progress, "score calibration rows against the bank")
+        embedding = x.embedding[torch.from_numpy(eval_idx)]
+        ood = np.asarray(knn_distance(embedding, index_obj, config.bank.k), np.float64)
+        if x.embedding_missing is not None:
+            ood[np.asarray(x.embedding_missing)[eval_idx]] = np.nan
+
+    # -- thresholds -----------------------------------------------------------------------------------
+    _report(progress, "choose thresholds")
+    tc = config.thresholds
+    use_mi = members > 1
+    if tc.mode == "budget":
+        chosen = budget_thresholds(confidence, mutual_info if use_mi else None, ood, tc.budget, split=tc.split)
+        thresholds = Thresholds(
+            confidence=float(chosen.confidence),
+            mutual_info=float(chosen.mutual_info) if use_mi else math.inf,
+            vote_floor=tc.vote_floor,
+            ood=float(chosen.ood) if ood is not None else math.inf,
+        )
+        report["thresholds"] = {"mode": "budget", **chosen.to_dict()}
+    else:
+        t_ood = float(ood_threshold(ood[~np.isnan(ood)], tc.ood_pass_rate)) if ood is not None else math.inf
+        t_mi = float(np.quantile(mutual_info, tc.disagreement_quantile)) if use_mi and tc.disagreement_quantile < 1 else math.inf
+        escalated = (mutual_info > t_mi) | (vote < tc.vote_floor)
+        if ood is not None:
+            escalated |= ~(ood <= t_ood)
+        risk = target_risk_threshold(confidence, correct, tc.target_risk, tc.delta, escalated=escalated)
+        thresholds = Thresholds(confidence=float(risk.threshold), mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood)
+        report["thresholds"] = {"mode": "target_risk", **risk.to_dict()}
+
+    report["expected_rates"] = _trigger_rates(thresholds, confidence, mutual_info, vote, ood, use_mi, config.audit.base_rate)
+    report["fit_seconds"] = time.perf_counter() - started
+    _report(progress, "done", 1, 1)
+    return Profile(
+        members=members, classes=classes, dim=index_obj.dim if index_obj is not None else None,
+        temperature=float(temp.temperature), source_temperatures=source_temperatures,
+        thresholds=thresholds, config=config, class_names=list(config.class_names), fit_report=report, bank=index_obj,
+    )
+
+
+def _trigger_rates(th: Thresholds, confidence, mutual_info, vote, ood, use_mi: bool, audit_rate: float) -> dict:
+    """Share of the holdout rows each trigger fires on alone, and their union (expected traffic)."""
+    conf = confidence < th.confidence
+    dis = (mutual_info > th.mutual_info) | (vote < th.vote_floor) if use_mi else np.zeros_like(conf)
+    anomaly = ~(ood <= th.ood) if ood is not None else np.zeros_like(conf)
+    union = conf | dis | anomaly
+    return {
+        "confidence": float(conf.mean()),
+        "disagreement": float(dis.mean()),
+        "anomaly": float(anomaly.mean()),
+        "union_before_policy_and_audit": float(union.mean()),
+        "with_audit": float(union.mean() + (1 - union.mean()) * audit_rate),
+    }
+
+
+def _metrics_dict(metrics) -> dict:
+    return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)

@@ -1,0 +1,215 @@
+"""The profile: everything fitted, in one versioned directory.
+
+    PROFILE_DIR/
+      profile.toml   human-readable: version, model shape, temperatures, thresholds, rules,
+                     audit strata and rates, fit metrics, and the configuration it came from
+      bank/          the k-NN reference bank (written by ``hitl_triage.kernels.knn.KnnIndex``)
+
+A profile's ``version`` is ``"<generation>-<hash>"``: the generation counts refits (feedback makes
+generation + 1 with ``parent`` pointing back), the hash is the first 12 hex digits of a BLAKE2b of
+the profile's content and the bank's vectors, so two replicas holding the same version hold the
+same profile. Loading checks the format and every field; ``check_shape`` checks a batch's M, C, D
+against the profile with messages that name both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from .config import TriageConfig, from_dict, to_dict
+from .policy import Thresholds
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FORMAT = 1
+PROFILE_FILE = "profile.toml"
+BANK_DIR = "bank"
+
+
+class ProfileError(ValueError):
+    """A profile directory is missing, malformed, or does not fit the input."""
+
+
+@dataclasses.dataclass
+class Profile:
+    """A fitted triage policy. Build with :meth:`fit`, persist with :meth:`save` / :meth:`load`."""
+
+    members: int
+    classes: int
+    dim: int | None
+    temperature: float
+    thresholds: Thresholds
+    config: TriageConfig
+    source_temperatures: dict[str, float] = dataclasses.field(default_factory=dict)
+    class_names: list[str] = dataclasses.field(default_factory=list)
+    fit_report: dict = dataclasses.field(default_factory=dict)
+    bank: object | None = None  # hitl_triage.kernels.knn.KnnIndex
+    generation: int = 1
+    parent: str = ""
+    created: str = ""
+    version: str = ""
+    path: Path | None = None
+
+    def __post_init__(self):
+        if not self.class_names:
+            self.class_names = [str(c) for c in range(self.classes)]
+        if not self.created:
+            self.created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if not self.version:
+            self.version = f"{self.generation}-{self.content_hash()}"
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, calibration, *, bank=None, config: TriageConfig | None = None, device: str = "cpu", progress=None) -> "Profile":
+        """Fit a profile from labelled calibration data and, optionally, bank embeddings.
+
+        ``calibration``: an Arrow table/batch (or mapping of arrays) in the data contract with a
+        ``label`` column; ``bank``: a table with an ``embedding`` column, or an array [N, D].
+        ``progress(stage, done, total)`` is called as the fit advances. See ``engine.fit``.
+        """
+        from .fit import fit_profile
+
+        return fit_profile(calibration, bank=bank, config=config, device=device, progress=progress)
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    @property
+    def k(self) -> int:
+        return self.config.bank.k
+
+    def check_shape(self, members: int, classes: int, dim: int | None) -> None:
+        """Raise ProfileError when a batch's M, C or D differs from the profile's."""
+        if members != self.members:
+            raise ProfileError(f"logits: the profile expects M={self.members} ensemble members, the input has M={members}")
+        if classes != self.classes:
+            raise ProfileError(f"logits: the profile expects C={self.classes} classes, the input has C={classes}")
+        if dim is not None and self.dim is not None and dim != self.dim:
+            raise ProfileError(f"embedding: the profile's bank expects D={self.dim}, the input has D={dim}")
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def to_toml_dict(self) -> dict:
+        thresholds = {k: v for k, v in to_dict(self.thresholds).items() if v is not None}
+        return {
+            "profile": {
+                "format": FORMAT,
+                "version": self.version,
+                "generation": self.generation,
+                "parent": self.parent,
+                "created": self.created,
+            },
+            "model": {
+                "members": self.members,
+                "classes": self.classes,
+                "class_names": list(self.class_names),
+                "dim": self.dim if self.dim is not None else 0,
+            },
+            "temperature": {"global": self.temperature, "per_source": dict(self.source_temperatures)},
+            "thresholds": thresholds,
+            "bank": {
+                "present": self.bank is not None,
+                "rows": int(getattr(self.bank, "ntotal", 0)) if self.bank is not None else 0,
+                "kind": str(getattr(self.bank, "kind", "")) if self.bank is not None else "",
+                "path": BANK_DIR if self.bank is not None else "",
+            },
+            "fit": _toml_safe(self.fit_report),
+            "config": self.config.to_dict(),
+        }
+
+    def content_hash(self) -> str:
+        """BLAKE2b of the profile's content (all but the [profile] identity) and the bank vectors."""
+        body = self.to_toml_dict()
+        body.pop("profile", None)
+        body.pop("fit", None)  # metrics describe the fit; they do not change a decision
+        digest = hashlib.blake2b(tomli_w.dumps(body).encode(), digest_size=16)
+        if self.bank is not None:
+            fingerprint = getattr(self.bank, "fingerprint", None)
+            digest.update(fingerprint().encode() if callable(fingerprint) else repr(self.bank.ntotal).encode())
+        return digest.hexdigest()[:12]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``profile.toml`` (and the bank) into ``directory``; returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.bank is not None:
+            self.bank.save(directory / BANK_DIR)
+        tmp = directory / (PROFILE_FILE + ".tmp")
+        tmp.write_text(
+            f"# hitl-triage profile {self.version}; written by `triage fit`. Safe to read; edit the\n"
+            "# [config] tables and refit rather than editing thresholds by hand.\n" + tomli_w.dumps(self.to_toml_dict())
+        )
+        tmp.replace(directory / PROFILE_FILE)  # atomic: a reader sees the old file or the new one
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, mmap: bool = True) -> "Profile":
+        """Read a profile directory written by :meth:`save`, checking every field."""
+        directory = Path(directory)
+        path = directory / PROFILE_FILE
+        if not path.is_file():
+            raise ProfileError(f"profile: expected {path} to exist (a directory written by `triage fit`), found nothing")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ProfileError(f"profile: {path} is not valid TOML: {exc}") from exc
+        fmt = data.get("profile", {}).get("format")
+        if fmt != FORMAT:
+            raise ProfileError(f"profile.format: expected {FORMAT}, found {fmt!r} in {path}")
+        try:
+            ident, model, temp, bank = data["profile"], data["model"], data["temperature"], data["bank"]
+            thresholds = from_dict(Thresholds, data["thresholds"], "thresholds")
+            config = TriageConfig.from_dict(data["config"])
+            members, classes = int(model["members"]), int(model["classes"])
+        except KeyError as exc:
+            raise ProfileError(f"profile: {path} lacks the entry {exc.args[0]!r}") from exc
+        index = None
+        if bank.get("present"):
+            from hitl_triage.kernels.knn import KnnIndex
+
+            index = KnnIndex.load(directory / bank["path"], mmap=mmap)
+        profile = cls(
+            members=members,
+            classes=classes,
+            dim=int(model.get("dim") or 0) or None,
+            temperature=float(temp["global"]),
+            source_temperatures={str(k): float(v) for k, v in temp.get("per_source", {}).items()},
+            thresholds=thresholds,
+            config=config,
+            class_names=list(model.get("class_names", [])),
+            fit_report=data.get("fit", {}),
+            bank=index,
+            generation=int(ident["generation"]),
+            parent=str(ident.get("parent", "")),
+            created=str(ident["created"]),
+            version=str(ident["version"]),
+            path=directory,
+        )
+        expected = f"{profile.generation}-{profile.content_hash()}"
+        if expected != profile.version:
+            raise ProfileError(
+                f"profile.version: the content of {directory} hashes to {expected}, the file says "
+                f"{profile.version}: it was edited by hand or the bank changed; refit with `triage fit`"
+            )
+        return profile
+
+
+def _toml_safe(value):
+    """Fit reports hold numpy scalars and None; TOML wants plain values and no nulls."""
+    if isinstance(value, dict):
+        return {str(k): _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_safe(v) for v in value if v is not None]
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    return value
