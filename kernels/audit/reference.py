@@ -145,7 +145,7 @@ def audit_uniform_reference_strings(offsets: np.ndarray, data: np.ndarray, seed:
 def audit_uniform_backend(piece, seed: int, device: torch.device):
     """The reference as a dispatchable backend (exact, slow): computes on the host, then hands the
     result over on ``device`` (numpy for the CPU, a torch tensor for CUDA)."""
-    from . import IntPiece
+    from . import IntPiece, bad_offsets_error
 
     if isinstance(piece, IntPiece):
         values = piece.values
@@ -153,6 +153,10 @@ def audit_uniform_backend(piece, seed: int, device: torch.device):
             values = values.cpu().numpy()
         out = audit_uniform_reference_ints(values, seed)
     else:
+        bounds = piece.offsets.astype(np.int64)
+        bad = int(np.count_nonzero((bounds[:-1] < 0) | (bounds[1:] < bounds[:-1]) | (bounds[1:] > piece.data.shape[0])))
+        if bad:
+            raise bad_offsets_error(bad)
         out = audit_uniform_reference_strings(piece.offsets, piece.data, seed)
     if device.type == "cpu":
         return out
