@@ -1,5 +1,136 @@
-"""k-th nearest neighbour distance (being written; see issue 2)."""
+"""k-NN out-of-distribution distance (Sun et al. 2022): how far an embedding lies from a bank.
+
+Public: :func:`knn_distance` (the score), :func:`knn_search` (the same search with neighbour ids)
+and :class:`KnnIndex` (a bank built once and searched many times). The float64 reference in
+:mod:`.reference` is the spec; the backends, chosen per call by :data:`REGISTRY`:
+
+- "faiss": FAISS on the CPU (exact brute force, or IVF-Flat for an IVF index); FAISS-GPU's exact
+  brute force for CUDA queries where a FAISS build with GPU support is installed.
+- "triton": exact search on the GPU, float16 operands, float32 accumulation, fused running top-k.
+- "torch": exact tiled matmul + topk, CPU (float32) or CUDA (float16 operands, float32 results).
+- "reference": float64, readable, slow (memory [B, N]).
+
+Automatic choice: CPU queries -> faiss, torch, reference; CUDA queries -> faiss (FAISS-GPU only),
+triton, torch. ``HITL_TRIAGE_KNN_BACKEND`` or ``backend=`` forces one.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+
+import torch
+
+from .._arrays import as_tensor, device_kind, returns_numpy, to_caller
+from .._dispatch import Backend, PassRegistry, cpu_and_cuda, triton_devices
+from .faiss_cpu import faiss_devices, set_faiss_threads
+from .index import AUTO_IVF_MIN_VECTORS, KnnIndex, RawBank
+from .reference import valid_rows
+
+logger = logging.getLogger(__name__)
+
+QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+REGISTRY = PassRegistry(
+    pass_name="knn",
+    backends={
+        "faiss": Backend("faiss", f"{__name__}.faiss_cpu", "knn_search_faiss", faiss_devices),
+        "triton": Backend("triton", f"{__name__}.triton_gpu", "knn_search_triton", triton_devices),
+        "torch": Backend("torch", f"{__name__}.torch_exact", "knn_search_torch", cpu_and_cuda),
+        "reference": Backend("reference", f"{__name__}.reference", "knn_search_backend", cpu_and_cuda),
+    },
+    preference={"cpu": ("faiss", "torch", "reference"), "cuda": ("faiss", "triton", "torch")},
+)
+
+#: Largest k the triton backend takes; an automatic choice falls back to torch beyond it.
+TRITON_MAX_K = 128
 
 
-def knn_distance(queries, bank, k, *, backend=None):
-    raise NotImplementedError("knn_distance is being written")
+def knn_search(queries, bank, k: int, *, backend: str | None = None):
+    """The k nearest bank vectors of each query, by Euclidean distance between unit vectors.
+
+    Args:
+        queries: [B, D] embeddings; float16, bfloat16, float32 or float64; numpy, torch (CPU or
+            CUDA) or DLPack.
+        bank: a :class:`KnnIndex`, or a raw array [N, D] (normalised for this call and searched
+            exactly; it must live on the queries' device). Bank rows must be finite and nonzero.
+        k: neighbours per query, 1 <= k <= N.
+        backend: "faiss", "triton", "torch" or "reference"; default from
+            ``HITL_TRIAGE_KNN_BACKEND``, else chosen by the queries' device.
+
+    Returns:
+        (distances float32 [B, k], ids int64 [B, k]): distances in [0, 2] in ascending order
+        (sqrt(max(0, 2 - 2 cos))), ids the bank rows. numpy in, numpy out; torch in, torch out on
+        the queries' device. A query that holds NaN/inf or is all zero gets NaN distances and ids
+        -1 (it cannot be evaluated). Equal distances may list their ids in any order.
+
+    An IVF :class:`KnnIndex` is searched approximately by the "faiss" backend on the CPU (every
+    query still gets k real neighbours: those FAISS leaves short are searched again exactly);
+    every other backend searches its stored vectors exactly.
+    """
+    numpy_out = returns_numpy(queries)
+    q = as_tensor(queries, "queries")
+    if q.ndim != 2:
+        raise ValueError(f"queries: expected shape [B, D], found {tuple(q.shape)}")
+    if q.dtype not in QUERY_DTYPES:
+        raise TypeError(f"queries: expected float16, bfloat16, float32 or float64, found {q.dtype}")
+    kind = device_kind(q)
+    target = bank if isinstance(bank, KnnIndex) else _raw_bank(bank, q)
+    if q.shape[1] != target.dim:
+        raise ValueError(f"queries: expected D={target.dim} (the bank's dimension), found D={q.shape[1]}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= target.ntotal:
+        raise ValueError(f"k: expected an integer in [1, N={target.ntotal}] (the bank's size), found {k!r}")
+    k = int(k)
+    name, impl = REGISTRY.resolve(kind, backend)
+    if name == "triton" and k > TRITON_MAX_K and backend is None and not _env_forced():
+        logger.warning("k=%d exceeds the triton backend's limit of %d: searching with torch", k, TRITON_MAX_K)
+        name, impl = REGISTRY.resolve(kind, "torch")
+    batch = q.shape[0]
+    if batch == 0:
+        distances = torch.empty((0, k), dtype=torch.float32, device=q.device)
+        ids = torch.empty((0, k), dtype=torch.int64, device=q.device)
+        return to_caller(distances, numpy_out), to_caller(ids, numpy_out)
+    valid = valid_rows(q)
+    # Rows that cannot be normalised are searched as a harmless all-ones row and masked after,
+    # so no backend ever sees NaN, inf or a zero norm.
+    all_valid = bool(valid.all()) if kind == "cpu" else False
+    q_safe = q.contiguous() if all_valid else torch.where(valid[:, None], q, torch.ones((), dtype=q.dtype, device=q.device)).contiguous()
+    distances, ids = impl(q_safe, target, k)
+    distances = distances.to(torch.float32)
+    ids = ids.to(torch.int64)
+    if not all_valid:
+        distances = torch.where(valid[:, None], distances, torch.full_like(distances, float("nan")))
+        ids = torch.where(valid[:, None], ids, torch.full_like(ids, -1))
+    return to_caller(distances, numpy_out), to_caller(ids, numpy_out)
+
+
+def knn_distance(queries, bank, k: int, *, backend: str | None = None):
+    """The out-of-distribution score: distance from each query to its k-th nearest bank vector.
+
+    Same arguments as :func:`knn_search`; returns float32 [B] in [0, 2] (NaN for queries that
+    hold NaN/inf or are all zero), numpy in, numpy out; torch in, torch out on the queries'
+    device. It is the last column of :func:`knn_search`'s distances.
+    """
+    distances, _ = knn_search(queries, bank, k, backend=backend)
+    return distances[:, -1].copy() if returns_numpy(queries) else distances[:, -1].contiguous()
+
+
+def _raw_bank(bank, q: torch.Tensor) -> RawBank:
+    raw = RawBank(bank)
+    if raw.device != q.device:
+        raise ValueError(
+            f"bank: expected an array on the queries' device ({q.device}), found {raw.device}; "
+            "move it, or build a KnnIndex once (it keeps a copy on each device that searches it)"
+        )
+    return raw
+
+
+def _env_forced() -> bool:
+    import os
+
+    return bool(os.environ.get(REGISTRY.env_var))
+
+
+__all__ = [
+    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "REGISTRY", "knn_distance", "knn_search", "set_faiss_threads",
+]
