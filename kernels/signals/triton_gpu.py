@@ -1,0 +1,430 @@
+"""Triton GPU backend of the ensemble-signal pass (definitions: :mod:`.reference`).
+
+Three layers, as in Triton's fused-softmax tutorial and Liger-Kernel:
+
+- two private ``@triton.jit`` kernels. ``_signals_fused_kernel`` is used when a whole member row
+  of C classes fits one register tile (C <= ``FUSED_MAX_CLASSES``): a program takes a block of
+  rows, loops over the members, loads each member's [rows, C] tile once and keeps the running mean
+  probability, the entropy terms and a per-class vote histogram in registers, so the logits are
+  read from memory exactly once. ``_signals_tiled_kernel`` serves larger C: per member, a first
+  sweep over class tiles keeps an online max / exp-sum / raw argmax; a second sweep (whose loads hit
+  the cache) builds the mean probabilities tile by tile with top-1/top-2 and the entropies, so
+  registers stay bounded for any C and nothing overflows.
+- :func:`_plan`, the one helper that picks the path, the block sizes and ``num_warps`` (and
+  raises, naming the offending size, for what it cannot serve); :func:`_launch` validates,
+  allocates and launches.
+- :func:`ensemble_signals_triton`, the backend entry registered as ``"triton"``.
+
+Arithmetic: logits are upcast to float32 in registers (float16 and bfloat16 exactly); float64
+logits are also computed in float32, after their finiteness is judged in float64 and their values
+are clamped to the float32 range (differences below float32 resolution are lost, as in any float32
+backend). Softmax uses exp2 with the temperature folded into one per-row scale ``log2(e) / T``;
+exponents are floored at -200 (exp2 of that is exactly 0 in float32), which keeps ``p * log p``
+terms free of ``0 * inf`` for padded classes, ±1e4 logits and tiny temperatures.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
+(tests only; far too slow for real use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpreting
+from . import EnsembleSignals
+
+logger = logging.getLogger(__name__)
+
+# A member row of up to this many classes (rounded up to a power of two) is one register tile.
+FUSED_MAX_CLASSES = 2048
+# Class tile of the two-sweep kernel for C above FUSED_MAX_CLASSES.
+TILED_BLOCK_C = 1024
+# Elements of one [BLOCK_R, BLOCK_C] tile: 16 per thread at 4 warps, which leaves room in the
+# register file for the running mean probability and the vote histogram of the fused kernel.
+TILE_ELEMENTS = 2048
+# The tiled kernel keeps per-member max / 1/sum / argmax in [BLOCK_R, BLOCK_M] registers.
+MAX_MEMBERS_TILED = 1024
+# Shrink row blocks so that mid-sized batches still spread over the GPU: at least this many
+# programs (two per SM of an H100 / H200, which have 132) when the batch allows it.
+MIN_PROGRAMS = 264
+_INT32_MAX = 2**31 - 1
+# Largest tile a plan may ask for (Triton's own limit is 2**20 elements; registers give out sooner).
+_MAX_TILE = 2**14
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# exp2(x) is exactly 0 in float32 for x < -149; flooring at -200 keeps e * x finite (0 * -200).
+_EXP2_FLOOR = tl.constexpr(-200.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr):
+    """log2(e) / T per row, [BLOCK_R] float32 (T from the table, by the row's index if any)."""
+    if HAS_INDEX:
+        which = tl.load(index_ptr + rows, mask=row_mask, other=0)
+        t = tl.load(temps_ptr + which, mask=row_mask, other=1.0)
+    else:
+        t = tl.load(temps_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    # A denormal T would make the scale inf and 0 * inf = NaN for the row's maximum.
+    return tl.minimum(_LOG2E / t, _FLT_MAX)
+
+
+@triton.jit
+def _load_tile(ptrs, mask, IS_FP64: tl.constexpr):
+    """Load a [BLOCK_R, BLOCK_C] logit tile as float32, padding -inf outside ``mask``.
+
+    Also returns, per row, 0.0 when every loaded value is finite and NaN otherwise
+    (x * 0 is 0 for finite x and NaN for NaN and ±inf), summed over the tile.
+    """
+    raw = tl.load(ptrs, mask=mask, other=0.0)
+    # tl.maximum does not propagate NaN (maxnum): NaN becomes -FLT_MAX. Invalid rows are thrown
+    # away at the end, but a member row that is all NaN would otherwise reach the argmax
+    # reductions as all NaN, which the interpreter (numpy's nanargmax) refuses.
+    if IS_FP64:
+        # Judge finiteness in float64: 1e300 is a valid logit that float32 would call inf.
+        poison = tl.sum((raw * 0.0).to(tl.float32), axis=1)
+        x = tl.minimum(tl.maximum(raw, -_FLT_MAX), _FLT_MAX).to(tl.float32)
+    else:
+        x = raw.to(tl.float32)
+        poison = tl.sum(x * 0.0, axis=1)
+        x = tl.maximum(x, -_FLT_MAX)
+    x = tl.where(mask, x, float("-inf"))
+    return x, poison
+
+
+@triton.jit
+def _store_signals(
+    pred_ptr, conf_ptr, margin_ptr, total_ptr, expected_ptr, mi_ptr, vote_ptr, valid_ptr,
+    rows, row_mask, n_members,
+    poison, pred, top1, top2, total_log2, log2_s_sum, pd_sum, vote_count,
+):
+    """Finish the per-row signals and store them; invalid rows get -1 and NaN.
+
+    ``total_log2`` is H(p) in bits; ``log2_s_sum`` the sum over members of log2 of the softmax
+    denominators and ``pd_sum`` the sum over members of sum_c p_mc * d_mc with d the shifted
+    logits in log2 units, so that sum_m H(p_m) = ln2 * (log2_s_sum - pd_sum).
+    """
+    valid = poison == 0.0
+    total = total_log2 * _LN2
+    expected = (log2_s_sum - pd_sum) * _LN2 / n_members
+    mutual_info = tl.maximum(total - expected, 0.0)
+    vote = vote_count.to(tl.float32) / n_members
+    nan = float("nan")
+    tl.store(pred_ptr + rows, tl.where(valid, pred, -1), mask=row_mask)
+    tl.store(conf_ptr + rows, tl.where(valid, top1, nan), mask=row_mask)
+    tl.store(margin_ptr + rows, tl.where(valid, top1 - top2, nan), mask=row_mask)
+    tl.store(total_ptr + rows, tl.where(valid, total, nan), mask=row_mask)
+    tl.store(expected_ptr + rows, tl.where(valid, expected, nan), mask=row_mask)
+    tl.store(mi_ptr + rows, tl.where(valid, mutual_info, nan), mask=row_mask)
+    tl.store(vote_ptr + rows, tl.where(valid, vote, nan), mask=row_mask)
+    tl.store(valid_ptr + rows, valid, mask=row_mask)
+
+
+@triton.jit
+def _signals_fused_kernel(
+    logits_ptr, temps_ptr, index_ptr,
+    pred_ptr, conf_ptr, margin_ptr, total_ptr, expected_ptr, mi_ptr, vote_ptr, valid_ptr,
+    n_rows, n_members, n_classes,
+    stride_row, stride_member,
+    HAS_INDEX: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: BLOCK_R rows, every member's row tile [BLOCK_R, BLOCK_C >= C] loaded once."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_C)
+    mask = row_mask[:, None] & (cols < n_classes)[None, :]
+    scale = _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX, BLOCK_R)
+    # int64 row offsets: B * M * C may pass 2**31; offsets inside a row (M * C) may not (_plan).
+    ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+
+    poison = tl.zeros([BLOCK_R], dtype=tl.float32)
+    log2_s_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    pd_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    p_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    votes = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+    for m in range(n_members):
+        x, bad = _load_tile(ptrs + m * stride_member, mask, IS_FP64)
+        poison += bad
+        # Max and argmax of the RAW logits (T > 0 keeps the argmax; dividing first could round
+        # two distinct logits into a tie).
+        mx, arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        d = tl.maximum((x - mx[:, None]) * scale[:, None], _EXP2_FLOOR)
+        e = tl.exp2(d)
+        s = tl.sum(e, axis=1)
+        inv_s = 1.0 / s
+        p_sum += e * inv_s[:, None]
+        pd_sum += tl.sum(e * d, axis=1) * inv_s
+        log2_s_sum += tl.log2(s)
+        votes += (cols[None, :] == arg[:, None]).to(tl.int32)
+
+    # maxnum again: turns the NaN of invalid rows into 0 before the argmax (see _load_tile).
+    p = tl.maximum(p_sum * (1.0 / n_members), 0.0)
+    # Padded classes hold p = 0, never above a real class (C >= 2 and p sums to 1).
+    top1, pred = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    is_pred = cols[None, :] == pred[:, None]
+    top2 = tl.max(tl.where(is_pred, -1.0, p), axis=1)
+    total_log2 = -tl.sum(tl.where(p > 0.0, p * tl.log2(p), 0.0), axis=1)
+    vote_count = tl.sum(tl.where(is_pred, votes, 0), axis=1)
+    _store_signals(
+        pred_ptr, conf_ptr, margin_ptr, total_ptr, expected_ptr, mi_ptr, vote_ptr, valid_ptr,
+        rows, row_mask, n_members,
+        poison, pred, top1, top2, total_log2, log2_s_sum, pd_sum, vote_count,
+    )
+
+
+@triton.jit
+def _signals_tiled_kernel(
+    logits_ptr, temps_ptr, index_ptr,
+    pred_ptr, conf_ptr, margin_ptr, total_ptr, expected_ptr, mi_ptr, vote_ptr, valid_ptr,
+    n_rows, n_members, n_classes,
+    stride_row, stride_member,
+    HAS_INDEX: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_R rows, classes in tiles of BLOCK_C, two sweeps (see module doc)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    tile_cols = tl.arange(0, BLOCK_C)
+    members = tl.arange(0, BLOCK_M)
+    scale = _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX, BLOCK_R)
+    row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+
+    # Sweep 1, per member: online max, softmax denominator and raw argmax over class tiles.
+    poison = tl.zeros([BLOCK_R], dtype=tl.float32)
+    log2_s_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    member_max = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    member_inv_s = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    member_arg = tl.full([BLOCK_R, BLOCK_M], -1, dtype=tl.int32)  # -1: padding never votes
+    for m in range(n_members):
+        run_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        run_s = tl.zeros([BLOCK_R], dtype=tl.float32)
+        run_arg = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for c0 in range(0, n_classes, BLOCK_C):
+            cols = c0 + tile_cols
+            mask = row_mask[:, None] & (cols < n_classes)[None, :]
+            x, bad = _load_tile(row_ptrs + m * stride_member + cols[None, :], mask, IS_FP64)
+            poison += bad
+            tile_max, tile_arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            new_max = tl.maximum(run_max, tile_max)
+            # Strictly greater: an equal maximum in a later tile keeps the lower index.
+            run_arg = tl.where(tile_max > run_max, tile_arg + c0, run_arg)
+            rescale = tl.exp2(tl.maximum((run_max - new_max) * scale, _EXP2_FLOOR))
+            e = tl.exp2(tl.maximum((x - new_max[:, None]) * scale[:, None], _EXP2_FLOOR))
+            run_s = run_s * rescale + tl.sum(e, axis=1)
+            run_max = new_max
+        log2_s_sum += tl.log2(run_s)
+        is_m = members[None, :] == m
+        member_max = tl.where(is_m, run_max[:, None], member_max)
+        member_inv_s = tl.where(is_m, (1.0 / run_s)[:, None], member_inv_s)
+        member_arg = tl.where(is_m, run_arg[:, None], member_arg)
+
+    # Sweep 2, per class tile: mean probability over members, its entropy and top-1 / top-2.
+    inv_members = 1.0 / n_members
+    pd_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    total_log2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    top1 = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
+    top2 = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
+    pred = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for c0 in range(0, n_classes, BLOCK_C):
+        cols = c0 + tile_cols
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        p_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for m in range(n_members):
+            is_m = members[None, :] == m
+            mx = tl.sum(tl.where(is_m, member_max, 0.0), axis=1)
+            inv_s = tl.sum(tl.where(is_m, member_inv_s, 0.0), axis=1)
+            x, _ = _load_tile(row_ptrs + m * stride_member + cols[None, :], mask, IS_FP64)
+            d = tl.maximum((x - mx[:, None]) * scale[:, None], _EXP2_FLOOR)
+            e = tl.exp2(d)
+            p_sum += e * inv_s[:, None]
+            pd_sum += tl.sum(e * d, axis=1) * inv_s
+        p = tl.maximum(p_sum * inv_members, 0.0)  # NaN of invalid rows -> 0 (see _load_tile)
+        total_log2 -= tl.sum(tl.where(p > 0.0, p * tl.log2(p), 0.0), axis=1)
+        # Padded classes hold p = 0, which can at most tie a real class's value: harmless.
+        t1, t_arg = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        t2 = tl.max(tl.where(tile_cols[None, :] == t_arg[:, None], -1.0, p), axis=1)
+        better = t1 > top1  # strictly: the earlier tile keeps ties (lowest index)
+        top2 = tl.where(better, tl.maximum(top1, t2), tl.maximum(top2, t1))
+        pred = tl.where(better, t_arg + c0, pred)
+        top1 = tl.where(better, t1, top1)
+
+    vote_count = tl.sum(tl.where(member_arg == pred[:, None], 1, 0), axis=1)
+    _store_signals(
+        pred_ptr, conf_ptr, margin_ptr, total_ptr, expected_ptr, mi_ptr, vote_ptr, valid_ptr,
+        rows, row_mask, n_members,
+        poison, pred, top1, top2, total_log2, log2_s_sum, pd_sum, vote_count,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which kernel, its block sizes and warps for one input shape."""
+
+    tiled: bool
+    block_r: int
+    block_c: int
+    block_m: int  # members' register tile of the tiled kernel (1 for the fused one)
+    num_warps: int
+
+    def grid(self, batch: int) -> tuple[int]:
+        return (triton.cdiv(batch, self.block_r),)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _plan(batch: int, members: int, classes: int, *, tiled: bool | None = None,
+          block_r: int | None = None, block_c: int | None = None) -> _Plan:
+    """Pick the kernel and block sizes for logits [batch, members, classes].
+
+    ``tiled``, ``block_r`` and ``block_c`` override the automatic choice (tests use them to put
+    tile and row-block boundaries where they want). Raises ValueError naming the size that is out
+    of range.
+    """
+    if not 1 <= batch <= _INT32_MAX:
+        raise ValueError(f"logits: expected 1 <= B <= {_INT32_MAX} rows, found B={batch}")
+    if members < 1:
+        raise ValueError(f"logits: expected at least 1 ensemble member, found M={members}")
+    if classes < 2:
+        raise ValueError(f"logits: expected at least 2 classes, found C={classes}")
+    if members * classes > _INT32_MAX:
+        raise ValueError(
+            f"logits: expected M * C <= {_INT32_MAX} (offsets inside a row are 32-bit), "
+            f"found M * C = {members} * {classes} = {members * classes}"
+        )
+    if tiled is None:
+        tiled = triton.next_power_of_2(classes) > FUSED_MAX_CLASSES
+    if block_c is None:
+        block_c = TILED_BLOCK_C if tiled else triton.next_power_of_2(classes)
+    if not _is_power_of_two(block_c) or block_c > _MAX_TILE:
+        raise ValueError(f"block_c: expected a power of two <= {_MAX_TILE}, found {block_c}")
+    if not tiled and block_c < classes:
+        raise ValueError(
+            f"block_c: the fused kernel holds a whole member row, expected >= C={classes}, found {block_c}"
+        )
+    if tiled and members > MAX_MEMBERS_TILED:
+        raise ValueError(
+            f"logits: the tiled kernel (C={classes}) serves at most {MAX_MEMBERS_TILED} members, "
+            f"found M={members}"
+        )
+    if block_r is None:
+        by_registers = max(1, TILE_ELEMENTS // block_c)
+        by_spread = triton.next_power_of_2(triton.cdiv(batch, MIN_PROGRAMS))
+        block_r = min(by_registers, by_spread)
+    if not _is_power_of_two(block_r) or block_r * block_c > _MAX_TILE:
+        raise ValueError(
+            f"block_r: expected a power of two with block_r * block_c <= {_MAX_TILE}, "
+            f"found block_r={block_r}, block_c={block_c}"
+        )
+    block_m = triton.next_power_of_2(members) if tiled else 1
+    # About 512 tile elements per warp (16 per thread), between 1 and 8 warps.
+    num_warps = min(8, max(1, triton.next_power_of_2(block_r * block_c // 512)))
+    return _Plan(tiled=tiled, block_r=block_r, block_c=block_c, block_m=block_m, num_warps=num_warps)
+
+
+def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, temperature_index) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, found {type(logits).__name__}")
+    if logits.ndim != 3:
+        raise ValueError(f"logits: expected shape [B, M, C], found {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits: expected float16, bfloat16, float32 or float64, found {logits.dtype}")
+    if not logits.is_contiguous():
+        raise ValueError(f"logits: expected a contiguous tensor, found strides {logits.stride()}")
+    if not logits.is_cuda and not triton_interpreting():
+        raise ValueError(f"logits: expected a CUDA tensor (or TRITON_INTERPRET=1), found device {logits.device}")
+    if temperatures.dtype != torch.float32 or temperatures.ndim != 1 or temperatures.numel() < 1:
+        raise ValueError(
+            f"temperatures: expected a float32 table [K >= 1], found {temperatures.dtype} "
+            f"{tuple(temperatures.shape)}"
+        )
+    if temperatures.device != logits.device:
+        raise ValueError(f"temperatures: expected device {logits.device}, found {temperatures.device}")
+    if temperature_index is None:
+        if temperatures.numel() != 1:
+            raise ValueError(
+                f"temperature_index: required with a table of {temperatures.numel()} temperatures, found None"
+            )
+        return
+    if temperature_index.dtype != torch.int32 or tuple(temperature_index.shape) != (logits.shape[0],):
+        raise ValueError(
+            f"temperature_index: expected int32 ({logits.shape[0]},), found {temperature_index.dtype} "
+            f"{tuple(temperature_index.shape)}"
+        )
+    if temperature_index.device != logits.device:
+        raise ValueError(f"temperature_index: expected device {logits.device}, found {temperature_index.device}")
+
+
+def _launch(logits: torch.Tensor, temperatures: torch.Tensor, temperature_index: torch.Tensor | None,
+            *, tiled: bool | None = None, block_r: int | None = None,
+            block_c: int | None = None) -> EnsembleSignals:
+    """Validate, allocate the outputs, plan and launch one kernel (overrides: see :func:`_plan`)."""
+    _check_inputs(logits, temperatures, temperature_index)
+    batch, members, classes = logits.shape
+    plan = _plan(batch, members, classes, tiled=tiled, block_r=block_r, block_c=block_c)
+    device = logits.device
+    index = temperature_index.contiguous() if temperature_index is not None else None
+    temps = temperatures.contiguous()
+    pred = torch.empty(batch, dtype=torch.int32, device=device)
+    floats = torch.empty((6, batch), dtype=torch.float32, device=device)
+    valid = torch.empty(batch, dtype=torch.bool, device=device)
+    args = (
+        logits, temps, index if index is not None else temps,  # unused pointer when no index
+        pred, *floats.unbind(0), valid,
+        batch, members, classes,
+        logits.stride(0), logits.stride(1),
+    )
+    meta = dict(HAS_INDEX=index is not None, IS_FP64=logits.dtype == torch.float64,
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    logger.debug("signals triton: B=%d M=%d C=%d %s", batch, members, classes, plan)
+    # Triton launches on the current CUDA device; make it the logits' one.
+    with torch.cuda.device(device) if logits.is_cuda else contextlib.nullcontext():
+        if plan.tiled:
+            _signals_tiled_kernel[plan.grid(batch)](*args, BLOCK_M=plan.block_m, **meta)
+        else:
+            _signals_fused_kernel[plan.grid(batch)](*args, **meta)
+    confidence, margin, total, expected, mutual_info, vote = floats.unbind(0)
+    return EnsembleSignals(
+        predicted_class=pred, confidence=confidence, margin=margin, total_entropy=total,
+        expected_entropy=expected, mutual_info=mutual_info, vote_agreement=vote, valid=valid,
+    )
+
+
+def ensemble_signals_triton(logits: torch.Tensor, temperatures: torch.Tensor,
+                            temperature_index: torch.Tensor | None) -> EnsembleSignals:
+    """The ensemble-signal pass on the GPU (backend ``"triton"``).
+
+    Args:
+        logits: contiguous [B, M, C] float16 / bfloat16 / float32 / float64 tensor on CUDA (or on
+            the CPU under TRITON_INTERPRET=1).
+        temperatures: float32 [K] on the same device.
+        temperature_index: int32 [B] on the same device, or None when K == 1.
+
+    Returns an :class:`EnsembleSignals` of tensors [B] on the logits' device: ``predicted_class``
+    int32 (-1 on invalid rows), ``valid`` bool, the rest float32 (NaN on invalid rows).
+    """
+    return _launch(logits, temperatures, temperature_index)
+
+
+__all__ = ["ensemble_signals_triton", "FUSED_MAX_CLASSES", "TILED_BLOCK_C", "MAX_MEMBERS_TILED"]
