@@ -227,7 +227,6 @@ def _arrow_spec(column: str, t: pa.DataType, forms: str) -> _ArraySpec:
         # physical axis permutation[i].
         shape = physical if perm is None else tuple(physical[p] for p in perm)
         value = t.value_type
-        spec = _ArraySpec(shape, torch.float32, found, physical, perm)
     elif isinstance(t, pa.BaseExtensionType):
         raise BatchTypeError(column, f"expected {forms}, found {found}")
     elif pa.types.is_fixed_size_list(t):
@@ -237,10 +236,10 @@ def _arrow_spec(column: str, t: pa.DataType, forms: str) -> _ArraySpec:
             value = value.value_type
         else:
             shape = (t.list_size,)
+        physical, perm = None, None
         if pa.types.is_fixed_size_list(value) or _is_variable_list(value) or pa.types.is_struct(value):
             raise BatchTypeError(column, f"expected {forms}, found {found} (lists nested too deep "
                                          "or of variable size)")
-        spec = _ArraySpec(shape, torch.float32, found)
     elif _is_variable_list(t):
         raise BatchTypeError(column, f"expected {forms}, found {found}, a variable-size list "
                                      "(cast it to a fixed-size list of the profile's sizes)")
@@ -248,7 +247,7 @@ def _arrow_spec(column: str, t: pa.DataType, forms: str) -> _ArraySpec:
         raise BatchTypeError(column, f"expected {forms}, found {found}")
     if value not in _ARROW_FLOATS:
         raise BatchTypeError(column, f"expected {_FLOATS_EXPECTED}, found {value} values ({found})")
-    return dataclasses.replace(spec, dtype=_ARROW_FLOATS[value])
+    return _ArraySpec(shape, _ARROW_FLOATS[value], found, physical, perm)
 
 
 def _tensor_spec(column: str, info: _TensorInfo, forms: str) -> _ArraySpec:
@@ -394,6 +393,12 @@ def check_schema(schema: pa.Schema, *, members: int | None = None, classes: int 
     Returns the :class:`BatchLayout` a batch of this schema decodes to. Raises a
     :class:`BatchError` naming the column, what was expected and what was found.
     """
+    return _check_schema(schema, members=members, classes=classes, dim=dim,
+                         embedding=embedding, label=label)[0]
+
+
+def _check_schema(schema, *, members, classes, dim, embedding, label) -> tuple[BatchLayout, dict]:
+    """:func:`check_schema`, also returning the parsed specs that :func:`decode_batch` uses."""
     if not isinstance(schema, pa.Schema):
         raise TypeError(f"schema: expected a pyarrow.Schema, found {type(schema).__name__}")
     for column in ("id", "logits", "embedding", "label", "source", "category"):
@@ -402,7 +407,7 @@ def check_schema(schema: pa.Schema, *, members: int | None = None, classes: int 
             raise BatchValueError(column, f"expected one column of that name, found {count}")
     found = {field.name: field.type for field in schema}
     return _build_layout(found, members=members, classes=classes, dim=dim,
-                         embedding=embedding, label=label)[0]
+                         embedding=embedding, label=label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +456,7 @@ def _arrow_floats(column: str, arr: pa.Array, spec: _ArraySpec) -> tuple[torch.T
         values = level.to_numpy(zero_copy_only=True)
     else:
         # Null slots hold undefined values: NaN marks the whole row unusable downstream.
+        logger.debug("%s: %d rows with nulls filled with NaN (a copy)", column, int(missing.sum()))
         values = level.to_numpy(zero_copy_only=False)
         if not values.flags.writeable:
             values = values.copy()
@@ -497,7 +503,10 @@ def _arrow_strings(arr: pa.Array) -> pa.Array:
 def _single(column: str, value) -> pa.Array:
     """One Arrow array from an Array or ChunkedArray (combining chunks copies)."""
     if isinstance(value, pa.ChunkedArray):
-        return value.chunk(0) if value.num_chunks == 1 else value.combine_chunks()
+        if value.num_chunks == 1:
+            return value.chunk(0)
+        logger.debug("%s: combining %d chunks (a copy)", column, value.num_chunks)
+        return value.combine_chunks()
     return value
 
 
@@ -597,7 +606,8 @@ def decode_batch(data, *, members: int | None = None, classes: int | None = None
     """
     dev = resolve_device(device)
     if isinstance(data, (pa.Table, pa.RecordBatch)):
-        layout, specs = _arrow_layout(data.schema, members, classes, dim, embedding, label)
+        layout, specs = _check_schema(data.schema, members=members, classes=classes, dim=dim,
+                                      embedding=embedding, label=label)
         columns = {name: _single(name, data.column(name))
                    for name in _wanted(data.schema.names, embedding, label)}
     elif isinstance(data, Mapping):
@@ -662,17 +672,6 @@ def _wanted(names, embedding: str, label: str) -> list[str]:
     if label == "ignore":
         ignored.add("label")
     return [name for name in _COLUMNS if name in names and name not in ignored]
-
-
-def _arrow_layout(schema, members, classes, dim, embedding, label):
-    layout = check_schema(schema, members=members, classes=classes, dim=dim,
-                          embedding=embedding, label=label)
-    # check_schema has vetted these types; re-parsing them costs microseconds.
-    specs = {"logits": _arrow_spec("logits", schema.field("logits").type, _LOGITS_FORMS),
-             "embedding": None}
-    if layout.dim is not None:
-        specs["embedding"] = _arrow_spec("embedding", schema.field("embedding").type, _EMBEDDING_FORMS)
-    return layout, specs
 
 
 def _mapping_columns(data: Mapping, embedding: str, label: str) -> dict:

@@ -750,7 +750,7 @@ def test_gpu_copies_run_on_the_side_stream():
     # Keep the side stream busy: a copy issued on it must queue behind the sleep, and the current
     # stream, told to wait for the side stream, must not finish before it either.
     with torch.cuda.stream(transfer.stream):
-        torch.cuda._sleep(200_000_000)
+        torch.cuda._sleep(1_000_000_000)  # about half a second
     out = transfer(host, "logits")
     current = torch.cuda.current_stream()
     assert not transfer.stream.query(), "the copy did not queue on the side stream"
