@@ -113,6 +113,8 @@ class HostToDevice:
         this device waits for those copies, so results can be used at once on the current
         stream without a host synchronisation. Tensors already on this device pass through;
         tensors on another GPU are copied on the current stream. Results are contiguous.
+        A host tensor that is already pinned is copied straight from its memory (no staging):
+        the caller must not overwrite it before the current stream has passed this point.
         """
         out: dict[str, torch.Tensor | None] = {}
         host: dict[str, torch.Tensor] = {}

@@ -384,6 +384,13 @@ def test_mapping_of_torch_tensors(rng, dtype):
     assert b.source.type == pa.string()
 
 
+def test_torch_int64_ids_become_arrow_zero_copy(rng):
+    ids = torch.from_numpy(rng.permutation(1000)[:40].astype(np.int64))
+    b = decode_batch({"id": ids, "logits": torch.zeros(40, 2)})
+    assert b.ids.type == pa.int64() and b.ids.buffers()[1].address == ids.data_ptr()
+    assert b.ids.to_pylist() == ids.tolist()
+
+
 def test_mapping_of_numpy_two_dim_logits_and_lists(rng):
     logits = float_values(rng, (15, 3), np.float64)
     ids = np.arange(15, dtype=np.int64)
