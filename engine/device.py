@@ -153,8 +153,9 @@ class HostToDevice:
 
     def _stage(self, slot: str, t: torch.Tensor) -> torch.Tensor:
         """A pinned tensor holding ``t``'s values: ``t`` itself when already pinned."""
-        if t.is_pinned():
-            # Memory pinned by torch's host allocator is tracked by it across async copies.
+        if t.is_contiguous() and t.is_pinned():
+            # Memory pinned by torch's host allocator is tracked by it across async copies (a
+            # non-contiguous one would go through an unpinned temporary, so it is staged).
             self.stats.direct_copies += 1
             return t
         nbytes = t.numel() * t.element_size()
