@@ -61,15 +61,24 @@ _STRING_EXPECTED = "string, large_string or dictionary<string>"
 # Errors
 
 
-class BatchError(Exception):
+class BatchError(ValueError):
     """A prediction batch that breaks the data contract. ``column`` names the offending column.
 
-    Raised as :class:`BatchValueError` (a ValueError) or :class:`BatchTypeError` (a TypeError),
+    The boundary raises :class:`BatchValueError` or :class:`BatchTypeError` (also a TypeError),
     so callers can catch one class for all, and generic code can keep catching the builtins.
+    The base is itself a ValueError, since engine code raises it directly for value problems.
+
+    ``BatchError(column, message)`` reads ``"column: message"``; ``BatchError("column: message")``
+    takes the column from the text before the first colon.
     """
 
-    def __init__(self, column: str, message: str):
-        super().__init__(f"{column}: {message}")
+    def __init__(self, column: str, message: str | None = None):
+        if message is None:
+            text = column
+            column = text.split(":", 1)[0] if ":" in text else ""
+        else:
+            text = f"{column}: {message}"
+        super().__init__(text)
         self.column = column
 
 
@@ -695,6 +704,25 @@ def _floats(column: str, value, spec: _ArraySpec) -> tuple[torch.Tensor, torch.T
     return value, None
 
 
+def decode_embedding(column, *, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode an embedding column alone (a reference bank, say) on the CPU.
+
+    Args:
+        column: a pyarrow Array or ChunkedArray of ``fixed_size_list<float>[D]`` or
+            ``arrow.fixed_shape_tensor`` [D] (chunks are combined, which copies).
+        dim: the D expected (None: any).
+
+    Returns (vectors [N, D] torch on the CPU, dtype as stored, zero-copy without nulls; missing
+    bool [N] where the entry or a value was null, those rows NaN, or None without nulls).
+    """
+    if not isinstance(column, (pa.Array, pa.ChunkedArray)):
+        raise BatchTypeError("embedding", f"expected a pyarrow Array or ChunkedArray, found "
+                                          f"{type(column).__name__}")
+    _check_size("dim", dim)
+    arr = _single("embedding", column)
+    return _arrow_floats("embedding", arr, _check_embedding(arr.type, dim))
+
+
 # --------------------------------------------------------------------------------------------
 # Labels
 
@@ -752,5 +780,5 @@ def _id_at(ids, row: int) -> str:
 
 __all__ = [
     "BatchError", "BatchLayout", "BatchTypeError", "BatchValueError", "MissingColumnError",
-    "PredictionBatch", "check_schema", "decode_batch", "validate_labels",
+    "PredictionBatch", "check_schema", "decode_batch", "decode_embedding", "validate_labels",
 ]

@@ -23,6 +23,7 @@ from hitl_triage.engine.decode import (
     PredictionBatch,
     check_schema,
     decode_batch,
+    decode_embedding,
     validate_labels,
 )
 from hitl_triage.engine.device import HostToDevice, resolve_device
@@ -677,6 +678,37 @@ def test_tensor_extension_survives_parquet(rng, tmp_path):
     layout = check_schema(pq.read_schema(path), members=2, classes=3)
     assert (layout.members, layout.classes) == (2, 3)
     np.testing.assert_array_equal(decode_batch(pq.read_table(path)).logits.numpy(), ref["logits"])
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_embedding (a bank's column alone) and the error class
+
+
+@pytest.mark.parametrize("form", ["list", "tensor"])
+def test_decode_embedding_column(rng, form):
+    emb = float_values(rng, (33, 12), np.float32)
+    col = fixed_list(emb) if form == "list" else tensor_ext(emb)
+    vectors, missing = decode_embedding(col, dim=12)
+    assert missing is None and vectors.data_ptr() == leaf_address(col), "no copy without nulls"
+    np.testing.assert_array_equal(vectors.numpy(), emb)
+    chunked = pa.chunked_array([col.slice(0, 10), col.slice(10)])
+    np.testing.assert_array_equal(decode_embedding(chunked)[0].numpy(), emb)
+    with_null = pa.array([list(map(float, emb[0])), None], pa.list_(pa.float32(), 12))
+    vectors, missing = decode_embedding(with_null)
+    assert missing.tolist() == [False, True] and torch.isnan(vectors[1]).all()
+    found = "found fixed_size_list<float>[12]" if form == "list" else "found arrow.fixed_shape_tensor<float>[shape=[12]]"
+    assert_raises(BatchValueError, "embedding", "expected [D=16] per row", found,
+                  fn=lambda: decode_embedding(col, dim=16))
+    assert_raises(BatchTypeError, "embedding", "expected a pyarrow Array", "found ndarray",
+                  fn=lambda: decode_embedding(emb))
+
+
+def test_batch_error_forms():
+    two = BatchError("logits", "expected x, found y")
+    one = BatchError("embedding: expected a vector for every row, found 2 null rows")
+    assert str(two) == "logits: expected x, found y" and two.column == "logits"
+    assert one.column == "embedding" and str(one).startswith("embedding: expected")
+    assert isinstance(one, ValueError) and isinstance(BatchTypeError("id", "m"), TypeError)
 
 
 # ---------------------------------------------------------------------------------------------
