@@ -45,9 +45,11 @@ logger = logging.getLogger(__name__)
 FUSED_MAX_CLASSES = 2048
 # Class tile of the two-sweep kernel for C above FUSED_MAX_CLASSES.
 TILED_BLOCK_C = 1024
-# Elements of one [BLOCK_R, BLOCK_C] tile: 16 per thread at 4 warps, which leaves room in the
-# register file for the running mean probability and the vote histogram of the fused kernel.
-TILE_ELEMENTS = 2048
+# Elements of one [BLOCK_R, BLOCK_C] tile, and per warp (8 per thread). ptxas for sm_90a gives the
+# fused kernel about 11 registers per tile element per thread plus ~10: 8 per thread is ~92
+# registers without spills (16 per thread was 168 with spills), so an SM holds 5 programs.
+TILE_ELEMENTS = 1024
+TILE_ELEMENTS_PER_WARP = 256
 # The tiled kernel keeps per-member max / 1/sum / argmax in [BLOCK_R, BLOCK_M] registers.
 MAX_MEMBERS_TILED = 1024
 # Shrink row blocks so that mid-sized batches still spread over the GPU: at least this many
@@ -329,17 +331,17 @@ def _plan(batch: int, members: int, classes: int, *, tiled: bool | None = None,
             f"found M={members}"
         )
     if block_r is None:
-        by_registers = max(1, TILE_ELEMENTS // block_c)
-        by_spread = triton.next_power_of_2(triton.cdiv(batch, MIN_PROGRAMS))
-        block_r = min(by_registers, by_spread)
+        block_r = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(batch))
+        if not triton_interpreting():
+            # The interpreter has no SMs to fill, and its cost grows with the number of programs.
+            block_r = min(block_r, triton.next_power_of_2(triton.cdiv(batch, MIN_PROGRAMS)))
     if not _is_power_of_two(block_r) or block_r * block_c > _MAX_TILE:
         raise ValueError(
             f"block_r: expected a power of two with block_r * block_c <= {_MAX_TILE}, "
             f"found block_r={block_r}, block_c={block_c}"
         )
     block_m = triton.next_power_of_2(members) if tiled else 1
-    # About 512 tile elements per warp (16 per thread), between 1 and 8 warps.
-    num_warps = min(8, max(1, triton.next_power_of_2(block_r * block_c // 512)))
+    num_warps = min(8, max(1, triton.next_power_of_2(block_r * block_c // TILE_ELEMENTS_PER_WARP)))
     return _Plan(tiled=tiled, block_r=block_r, block_c=block_c, block_m=block_m, num_warps=num_warps)
 
 
