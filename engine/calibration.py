@@ -1,0 +1,845 @@
+"""Temperature scaling of an ensemble and the calibration metrics reported before and after.
+
+Model. Row i has logits ``z[i, m, c]`` of M members over C classes and a label ``y_i``. With one
+temperature T shared by all members, the prediction is the mean of the members' softmaxes,
+
+    p_i(T) = (1/M) * sum_m softmax(z[i, m] / T),
+
+and :func:`fit_temperature` minimises the mean negative log-likelihood of the labels,
+
+    NLL(T) = -(1/N) * sum_i log p_i(T)[y_i],
+
+over ``T`` in ``bounds``, in float64. For M = 1 the NLL is convex in beta = 1/T; the log of a mean
+of softmaxes is not, so the fit guards against several local minima (see :func:`fit_temperature`).
+
+Metrics (:func:`calibration_metrics`), all on the ensemble-mean prediction ``p``:
+
+- ECE: 15 equal-width bins on the top-label confidence ``max_c p``; bin b is [b/15, (b+1)/15),
+  the last one closed at 1; ECE = sum_b (n_b / N) * |accuracy_b - mean confidence_b|.
+- NLL: mean of -log p[y] in nats (from logits it is computed in log space, exactly; from
+  probabilities, p[y] is clipped below at float64 epsilon as scikit-learn's ``log_loss`` does).
+- Brier: the multi-class Brier score, sum over the C classes of (p_c - 1[y = c])^2, averaged over
+  rows (range [0, 2]; half of it is the binary Brier score when C = 2).
+- accuracy: share of rows whose ``argmax p`` (lowest index on ties) equals the label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINS = 15
+
+# Rows of the seeded subsample on which the coarse grid runs (all rows when there are fewer).
+_GRID_ROWS = 16_384
+# Grid points over log T between the bounds: about 0.19 apart in log T for the default bounds.
+_GRID_POINTS = 33
+# Local minima of the grid refined on the full data (the NLL of a mean of softmaxes can have more
+# than one basin; the best one after refinement wins).
+_MAX_BASINS = 3
+# Newton stops when its step in log T is below this (T is then exact to ~1e-8 relative).
+_LOG_T_TOL = 1e-8
+_MAX_NEWTON = 60
+# Largest Newton step in log T on the full data (keeps a step inside the basin it started in).
+_MAX_STEP = 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ReliabilityBins:
+    """Reliability-diagram bins on the top-label confidence, each a list of length ``n_bins``.
+
+    ``mean_confidence`` and ``accuracy`` are NaN for an empty bin.
+    """
+
+    lower: list[float]
+    upper: list[float]
+    count: list[int]
+    mean_confidence: list[float]
+    accuracy: list[float]
+
+    def to_dict(self) -> dict:
+        return {
+            "lower": [float(v) for v in self.lower],
+            "upper": [float(v) for v in self.upper],
+            "count": [int(v) for v in self.count],
+            "mean_confidence": [float(v) for v in self.mean_confidence],
+            "accuracy": [float(v) for v in self.accuracy],
+        }
+
+
+@dataclasses.dataclass
+class CalibrationMetrics:
+    """Calibration of a set of predictions against their labels (see the module docstring).
+
+    ``ece``, ``accuracy`` in [0, 1]; ``nll`` in nats per row; ``brier`` the multi-class Brier
+    score (sum over classes, mean over rows) in [0, 2]. ``rows`` is the number of rows scored;
+    ``invalid_rows`` the rows left out because their logits or probabilities were not finite.
+    """
+
+    ece: float
+    nll: float
+    brier: float
+    accuracy: float
+    rows: int
+    invalid_rows: int
+    bins: ReliabilityBins
+
+    def to_dict(self) -> dict:
+        """Plain floats, ints and lists, ready for ``tomli_w`` (empty bins hold ``nan``)."""
+        return {
+            "ece": float(self.ece),
+            "nll": float(self.nll),
+            "brier": float(self.brier),
+            "accuracy": float(self.accuracy),
+            "rows": int(self.rows),
+            "invalid_rows": int(self.invalid_rows),
+            "reliability": self.bins.to_dict(),
+        }
+
+
+@dataclasses.dataclass
+class TemperatureFit:
+    """The fitted temperature(s) and the metrics before (T = 1) and after.
+
+    ``temperature``: the global T, fitted on every usable row. ``per_source``: source -> T for
+    every source seen, fitted on that source's rows where it has at least ``min_rows_per_source``
+    of them, else the global T; ``fallback_sources`` lists the sources that took the global T
+    (empty dict and list without ``sources``). ``source_rows``: usable rows per source.
+    ``before``/``after``: metrics on the fitted rows at T = 1 and at the fitted temperature(s)
+    (each row at its source's T). ``at_bound``: the global optimum lies on a bound of the search
+    (the model wants a T outside it). ``fit_seconds``: wall time of the whole call.
+    """
+
+    temperature: float
+    per_source: dict
+    fallback_sources: list
+    source_rows: dict
+    before: CalibrationMetrics
+    after: CalibrationMetrics
+    nll: float
+    bounds: tuple[float, float]
+    min_rows_per_source: int
+    rows: int
+    invalid_rows: int
+    at_bound: bool
+    fit_seconds: float
+
+    def temperatures_for(self, sources) -> np.ndarray:
+        """Float64 [N] temperature of each row of ``sources`` (its source's T, the global T for a
+        source the fit never saw)."""
+        keys = _source_array(sources, "sources")
+        out = np.full(len(keys), self.temperature, dtype=np.float64)
+        if self.per_source:
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            table = np.array([self.per_source.get(_plain_key(k), self.temperature) for k in uniq], dtype=np.float64)
+            out = table[inverse]
+        return out
+
+    def to_dict(self) -> dict:
+        """TOML-friendly: plain floats, ints, bools, strings, lists and dicts (source keys as strings)."""
+        return {
+            "temperature": float(self.temperature),
+            "nll": float(self.nll),
+            "bounds": [float(self.bounds[0]), float(self.bounds[1])],
+            "at_bound": bool(self.at_bound),
+            "rows": int(self.rows),
+            "invalid_rows": int(self.invalid_rows),
+            "min_rows_per_source": int(self.min_rows_per_source),
+            "per_source": {str(k): float(v) for k, v in self.per_source.items()},
+            "fallback_sources": [str(k) for k in self.fallback_sources],
+            "source_rows": {str(k): int(v) for k, v in self.source_rows.items()},
+            "fit_seconds": float(self.fit_seconds),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# numba kernels (compiled lazily on first use, once per logits dtype, cached on disk)
+#
+# Both kernels work on tiles of _TILE rows transposed into a [C, _TILE] float64 scratch, so that
+# the inner loops run across rows and vectorise (with C = 10 a loop over classes is too short for
+# SIMD), and use a branch-free polynomial exp that LLVM can vectorise (numba has no vector math
+# library here; math.exp stays a scalar call, about 3x slower overall). They release the GIL and
+# run on chunks of rows from a thread pool; each chunk's partial sums are added in chunk order, so
+# results do not depend on the thread count.
+# ------------------------------------------------------------------------------------------------
+
+_TILE = 64
+_CHUNK_ROWS = 8192
+# Contraction (FMA) and sign-of-zero freedom only: no reassociation, which would undo the
+# rounding trick in _exp_nonpositive, and no finite-math assumption, so NaN checks stay.
+_FASTMATH = {"contract", "nsz", "arcp"}
+
+_ROUND_MAGIC = 6755399441055744.0  # 1.5 * 2**52: adding it rounds a double to an integer
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 split in two (Cody-Waite) so that k * _LN2_HI is exact
+_LN2_LO = 1.9082149292705877e-10
+_EXP_FLOOR = -708.0  # exp(-708) ~ 3e-308, still a normal double
+
+
+@intrinsic
+def _double_bits(typingctx, x):  # pragma: no cover - compiled
+    """Reinterpret a float64's bits as an int64 (no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_double(typingctx, x):  # pragma: no cover - compiled
+    """Reinterpret an int64's bits as a float64 (no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _exp_nonpositive(x):  # pragma: no cover - compiled
+    """exp(x) for x <= 0 to ~5e-16 relative, branch-free; x below -708 gives exp(-708).
+
+    exp(x) = 2^k * exp(r) with k = round(x / ln 2) and |r| <= ln2 / 2; exp(r) by its Taylor
+    polynomial of degree 13 (remainder < 2e-16 on that interval); 2^k built in the exponent bits.
+    """
+    x = max(x, _EXP_FLOOR)
+    t = x * _LOG2E + _ROUND_MAGIC
+    k = t - _ROUND_MAGIC
+    r = x - k * _LN2_HI - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # The low bits of t hold k as an integer: shift k + 1023 into the exponent field of 2^k.
+    return p * _bits_double((_double_bits(t) - _double_bits(_ROUND_MAGIC) + 1023) << 52)
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _load_tile(logits, i0, rows, m, shifted, top):  # pragma: no cover - compiled
+    """shifted[c, r] = z[i0 + r, m, c] - max_c z[i0 + r, m, :] in float64; top[r] the max."""
+    classes = logits.shape[2]
+    for r in range(rows):
+        for c in range(classes):
+            shifted[c, r] = logits[i0 + r, m, c]
+    for r in range(rows):
+        top[r] = shifted[0, r]
+    for c in range(1, classes):
+        for r in range(rows):
+            top[r] = max(top[r], shifted[c, r])
+    for c in range(classes):
+        for r in range(rows):
+            shifted[c, r] -= top[r]
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _log_mixture(x, s, r, members):  # pragma: no cover - compiled
+    """log sum_m exp(x[m, r]) / s[m, r], in log space (every term may underflow)."""
+    top = x[0, r] - math.log(s[0, r])
+    for m in range(1, members):
+        top = max(top, x[m, r] - math.log(s[m, r]))
+    total = 0.0
+    for m in range(members):
+        total += math.exp(x[m, r] - math.log(s[m, r]) - top)
+    return top + math.log(total)
+
+
+@numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _nll_derivative_sums(logits, labels, beta, start, stop):  # pragma: no cover - compiled
+    """Over rows [start, stop): sums of log S_i, of S'_i / S_i and of (S'_i / S_i)', where
+    S_i(beta) = sum_m softmax(beta * z[i, m])[y_i] and ' is d/d beta. Rows must be finite.
+
+    For member m write a_m = softmax(beta z_m)[y], g_m = z_my - E_m[z] and v_m = Var_m[z] under
+    softmax(beta z_m). Then a_m' = a_m g_m and g_m' = -v_m, so with weights w_m = a_m / S:
+    S'/S = sum_m w_m g_m and (S'/S)' = sum_m w_m (g_m^2 - v_m) - (S'/S)^2.
+    """
+    members, classes = logits.shape[1], logits.shape[2]
+    shifted = np.empty((classes, _TILE))
+    top = np.empty(_TILE)
+    x = np.empty((members, _TILE))  # beta * (z_my - max_m): log of member m's numerator
+    s = np.empty((members, _TILE))  # softmax denominators (>= 1 after the max shift)
+    g = np.empty((members, _TILE))
+    v = np.empty((members, _TILE))
+    sd = np.empty(_TILE)
+    sdd = np.empty(_TILE)
+    sum_log, sum_r1, sum_dr1 = 0.0, 0.0, 0.0
+    for i0 in range(start, stop, _TILE):
+        rows = min(_TILE, stop - i0)
+        for m in range(members):
+            _load_tile(logits, i0, rows, m, shifted, top)
+            for r in range(rows):
+                s[m, r] = 0.0
+                sd[r] = 0.0
+                sdd[r] = 0.0
+            for c in range(classes):
+                for r in range(rows):
+                    d = shifted[c, r]
+                    e = _exp_nonpositive(beta * d)
+                    s[m, r] += e
+                    sd[r] += e * d
+                    sdd[r] += e * d * d
+            for r in range(rows):
+                dy = shifted[labels[i0 + r], r]
+                mean = sd[r] / s[m, r]
+                x[m, r] = beta * dy
+                g[m, r] = dy - mean
+                v[m, r] = sdd[r] / s[m, r] - mean * mean
+        for r in range(rows):
+            big = x[0, r]
+            for m in range(1, members):
+                big = max(big, x[m, r])
+            total, r1, r2 = 0.0, 0.0, 0.0
+            for m in range(members):
+                a = _exp_nonpositive(x[m, r]) / s[m, r]
+                total += a
+                r1 += a * g[m, r]
+                r2 += a * (g[m, r] * g[m, r] - v[m, r])
+            r1 /= total
+            r2 /= total
+            # Far below -600 every a_m is near the exp floor: take the exact log-space path.
+            sum_log += math.log(total) if big > -600.0 else _log_mixture(x, s, r, members)
+            sum_r1 += r1
+            sum_dr1 += r2 - r1 * r1
+    return sum_log, sum_r1, sum_dr1
+
+
+@numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _row_statistics(logits, labels, betas, start, stop, confidence, predicted, log_py, brier, valid):  # pragma: no cover - compiled
+    """For rows [start, stop), at inverse temperature betas[i], of the ensemble mean ``p``: top
+    confidence, predicted class (lowest index on ties), log p[y] (log space) and the Brier term
+    sum_c (p_c - 1[c = y])^2. Rows holding a NaN or inf get valid = False, NaN and -1."""
+    members, classes = logits.shape[1], logits.shape[2]
+    shifted = np.empty((classes, _TILE))
+    top = np.empty(_TILE)
+    e = np.empty((classes, _TILE))
+    p = np.empty((classes, _TILE))
+    x = np.empty((members, _TILE))
+    s = np.empty((members, _TILE))
+    check = np.empty(_TILE)
+    for i0 in range(start, stop, _TILE):
+        rows = min(_TILE, stop - i0)
+        for c in range(classes):
+            for r in range(rows):
+                p[c, r] = 0.0
+        for r in range(rows):
+            check[r] = 0.0
+        for m in range(members):
+            _load_tile(logits, i0, rows, m, shifted, top)
+            for r in range(rows):
+                check[r] += top[r] - top[r]  # NaN once a NaN or inf entered the row's max
+                s[m, r] = 0.0
+            for c in range(classes):
+                for r in range(rows):
+                    check[r] += shifted[c, r] - shifted[c, r]
+                    ec = _exp_nonpositive(betas[i0 + r] * shifted[c, r])
+                    e[c, r] = ec
+                    s[m, r] += ec
+            for c in range(classes):
+                for r in range(rows):
+                    p[c, r] += e[c, r] / s[m, r]
+            for r in range(rows):
+                x[m, r] = betas[i0 + r] * shifted[labels[i0 + r], r]
+        for r in range(rows):
+            i = i0 + r
+            if not check[r] == 0.0:
+                valid[i] = False
+                confidence[i] = np.nan
+                predicted[i] = -1
+                log_py[i] = np.nan
+                brier[i] = np.nan
+                continue
+            best = 0
+            sq = 0.0
+            for c in range(classes):
+                pc = p[c, r] / members
+                sq += pc * pc
+                if pc > p[best, r] / members:
+                    best = c
+            big = x[0, r]
+            for m in range(1, members):
+                big = max(big, x[m, r])
+            if big > -600.0:
+                total = 0.0
+                for m in range(members):
+                    total += _exp_nonpositive(x[m, r]) / s[m, r]
+                lp = math.log(total)
+            else:
+                lp = _log_mixture(x, s, r, members)
+            valid[i] = True
+            confidence[i] = p[best, r] / members
+            predicted[i] = best
+            log_py[i] = lp - math.log(members)
+            brier[i] = sq - 2.0 * p[labels[i], r] / members + 1.0
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _chunks(rows: int):
+    return [(start, min(rows, start + _CHUNK_ROWS)) for start in range(0, rows, _CHUNK_ROWS)]
+
+
+def _map_chunks(fn, rows: int):
+    """fn(start, stop) over fixed chunks of rows, on a thread pool (the kernels release the GIL)."""
+    global _POOL
+    chunks = _chunks(rows)
+    if len(chunks) <= 1:
+        return [fn(a, b) for a, b in chunks]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS), thread_name_prefix="calibration")
+    return list(_POOL.map(lambda ab: fn(*ab), chunks))
+
+
+def _derivative_sums(logits: np.ndarray, labels: np.ndarray, beta: float) -> np.ndarray:
+    parts = _map_chunks(lambda a, b: _nll_derivative_sums(logits, labels, beta, a, b), logits.shape[0])
+    return np.sum(np.array(parts, dtype=np.float64).reshape(-1, 3), axis=0)
+
+
+def _statistics(logits: np.ndarray, labels: np.ndarray, betas: np.ndarray):
+    """Per-row (confidence, predicted, log p[y], Brier term, valid) of the ensemble mean."""
+    rows = logits.shape[0]
+    confidence = np.empty(rows)
+    predicted = np.empty(rows, dtype=np.int64)
+    log_py = np.empty(rows)
+    brier = np.empty(rows)
+    valid = np.empty(rows, dtype=np.bool_)
+    betas = np.ascontiguousarray(betas, dtype=np.float64)
+    _map_chunks(
+        lambda a, b: _row_statistics(logits, labels, betas, a, b, confidence, predicted, log_py, brier, valid),
+        rows,
+    )
+    return confidence, predicted, log_py, brier, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _numpy(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(torch.float32)
+        return x.numpy()
+    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
+        return _numpy(torch.from_dlpack(x), name)
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the field named
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, found {type(x).__name__}") from exc
+
+
+def _check_logits(logits, name: str = "logits") -> np.ndarray:
+    """[N, M, C] float32 or float64, C-contiguous ([N, C] means M = 1; float16 is widened)."""
+    z = _numpy(logits, name)
+    if z.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, found dtype {z.dtype}")
+    if z.ndim == 2:
+        z = z[:, None, :]
+    if z.ndim != 3:
+        raise ValueError(f"{name}: expected shape [N, M, C] (or [N, C]), found {z.shape}")
+    if z.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least 1 ensemble member, found M={z.shape[1]}")
+    if z.shape[2] < 2:
+        raise ValueError(f"{name}: expected at least 2 classes, found C={z.shape[2]}")
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float32)
+    return np.ascontiguousarray(z)
+
+
+def _check_labels(labels, rows: int, classes: int) -> np.ndarray:
+    y = _numpy(labels, "labels")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"labels: expected integer class indices, found dtype {y.dtype}")
+    if y.shape != (rows,):
+        raise ValueError(f"labels: expected shape ({rows},) to match the predictions, found {y.shape}")
+    if rows:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(
+                f"labels: expected values in [0, {classes}) (drop unknown labels first), found range [{lo}, {hi}]"
+            )
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def _check_bounds(bounds) -> tuple[float, float]:
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bounds: expected two numbers (lowest, highest temperature), found {bounds!r}") from exc
+    if not (0 < lo < hi < math.inf):
+        raise ValueError(f"bounds: expected 0 < lowest < highest < inf, found ({lo}, {hi})")
+    return lo, hi
+
+
+def _source_array(sources, name: str) -> np.ndarray:
+    if hasattr(sources, "to_pylist"):  # a pyarrow Array or ChunkedArray
+        sources = np.asarray(sources.to_pylist(), dtype=object)
+    s = _numpy(sources, name)
+    if s.ndim != 1:
+        raise ValueError(f"{name}: expected a one-dimensional array of source names or codes, found shape {s.shape}")
+    if s.dtype.kind == "f":
+        raise TypeError(f"{name}: expected strings or integer codes, found dtype {s.dtype}")
+    if s.dtype.kind == "O":
+        if any(v is None for v in s):
+            raise ValueError(f"{name}: expected a source for every row, found None (use a name such as '' for 'unknown')")
+        s = s.astype(str)
+    return s
+
+
+def _plain_key(k):
+    """numpy scalar -> the plain Python str/int used as a dict key."""
+    return k.item() if hasattr(k, "item") else k
+
+
+def _per_row_betas(temperature, rows: int) -> np.ndarray:
+    t = np.asarray(_numpy(temperature, "temperature"), dtype=np.float64)
+    if t.ndim == 0:
+        t = np.full(rows, float(t))
+    elif t.shape != (rows,):
+        raise ValueError(f"temperature: expected a scalar or one per row ({rows},), found shape {t.shape}")
+    bad = ~(np.isfinite(t) & (t > 0))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"temperature: expected positive finite values, found {t[first]} at row {first}")
+    return 1.0 / t
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def calibration_metrics(
+    logits_or_probabilities,
+    labels,
+    temperature=1.0,
+    temperature_index=None,
+    *,
+    probabilities: bool = False,
+    n_bins: int = DEFAULT_BINS,
+) -> CalibrationMetrics:
+    """ECE, NLL, Brier score, accuracy and reliability bins of a set of predictions.
+
+    Args:
+        logits_or_probabilities: logits [N, M, C] (or [N, C] for M = 1), any float dtype, numpy
+            or torch; or, with ``probabilities=True``, class probabilities [N, C] whose rows sum
+            to 1 (within 1e-3).
+        labels: int [N] in [0, C).
+        temperature: for logits, a positive scalar, a table [K] indexed per row by
+            ``temperature_index`` (int [N], as in ``ensemble_signals``), or one T per row [N].
+        n_bins: equal-width confidence bins of the ECE (15 by default).
+
+    Rows whose logits (or probabilities) are not all finite are left out and counted in
+    ``invalid_rows``. Definitions are in the module docstring.
+    """
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins: expected a positive integer, found {n_bins!r}")
+    if probabilities:
+        p = _numpy(logits_or_probabilities, "probabilities")
+        if p.dtype.kind != "f" or p.ndim != 2 or p.shape[1] < 2:
+            raise ValueError(f"probabilities: expected a float array [N, C] with C >= 2, found {p.dtype} {p.shape}")
+        y = _check_labels(labels, p.shape[0], p.shape[1])
+        confidence, correct, log_py, brier, valid = _probability_statistics(p.astype(np.float64), y)
+    else:
+        if isinstance(logits_or_probabilities, tuple) or type(logits_or_probabilities).__name__ == "EnsembleSignals":
+            raise TypeError(
+                "logits_or_probabilities: expected logits [N, M, C] (NLL and Brier need every class's "
+                f"probability), found {type(logits_or_probabilities).__name__}"
+            )
+        z = _check_logits(logits_or_probabilities)
+        y = _check_labels(labels, z.shape[0], z.shape[2])
+        if temperature_index is not None:
+            table = np.asarray(_numpy(temperature, "temperature"), dtype=np.float64).reshape(-1)
+            index = _numpy(temperature_index, "temperature_index")
+            if index.dtype.kind not in "iu" or index.shape != (z.shape[0],):
+                raise ValueError(
+                    f"temperature_index: expected integers of shape ({z.shape[0]},), found {index.dtype} {index.shape}"
+                )
+            if len(index) and (index.min() < 0 or index.max() >= len(table)):
+                raise ValueError(
+                    f"temperature_index: expected values in [0, {len(table)}), found range [{index.min()}, {index.max()}]"
+                )
+            temperature = table[index]
+        elif np.ndim(temperature) == 1 and np.size(temperature) == 1:
+            temperature = float(np.asarray(_numpy(temperature, "temperature")).reshape(-1)[0])
+        betas = _per_row_betas(temperature, z.shape[0])
+        confidence, predicted, log_py, brier, valid = _statistics(z, y, betas)
+        correct = predicted == y
+    return _metrics_from_rows(confidence[valid], correct[valid], log_py[valid], brier[valid], int((~valid).sum()), n_bins)
+
+
+def _probability_statistics(p: np.ndarray, y: np.ndarray):
+    valid = np.isfinite(p).all(axis=1)
+    q = np.where(valid[:, None], p, 0.0)
+    if (q < 0).any():
+        row = int(np.flatnonzero((q < 0).any(axis=1))[0])
+        raise ValueError(f"probabilities: expected non-negative values, found a negative one in row {row}")
+    off = np.abs(q.sum(axis=1) - 1.0) > 1e-3
+    if (off & valid).any():
+        row = int(np.flatnonzero(off & valid)[0])
+        raise ValueError(f"probabilities: expected rows summing to 1 (within 1e-3), found {q[row].sum()} in row {row}")
+    rows = np.arange(len(y))
+    confidence = q.max(axis=1)
+    correct = q.argmax(axis=1) == y  # argmax returns the lowest index among ties
+    py = q[rows, y]
+    log_py = np.log(np.clip(py, np.finfo(np.float64).eps, None))
+    brier = (q * q).sum(axis=1) - 2.0 * py + 1.0
+    return confidence, correct, log_py, brier, valid
+
+
+def _metrics_from_rows(confidence, correct, log_py, brier, invalid: int, n_bins: int) -> CalibrationMetrics:
+    rows = len(confidence)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bin b holds edges[b] <= confidence < edges[b + 1]; confidence 1 goes to the last bin.
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
+    hit_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
+        accuracy = np.where(count > 0, hit_sum / np.maximum(count, 1), np.nan)
+    if rows:
+        ece = float(np.sum(np.abs(hit_sum - conf_sum)) / rows)
+        nll = float(-np.mean(log_py))
+        brier_mean = float(np.mean(brier))
+        acc = float(np.mean(correct))
+    else:
+        ece = nll = brier_mean = acc = math.nan
+    return CalibrationMetrics(
+        ece=ece, nll=nll, brier=brier_mean, accuracy=acc, rows=rows, invalid_rows=invalid,
+        bins=ReliabilityBins(
+            lower=edges[:-1].tolist(), upper=edges[1:].tolist(), count=count.tolist(),
+            mean_confidence=mean_conf.tolist(), accuracy=accuracy.tolist(),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The fit
+# ------------------------------------------------------------------------------------------------
+
+
+class _Objective:
+    """Mean NLL of ``labels`` and its first two derivatives in u = log T, on a set of rows."""
+
+    def __init__(self, logits: np.ndarray, labels: np.ndarray):
+        self.logits = logits
+        self.labels = labels
+        self.rows = logits.shape[0]
+        self.log_members = math.log(logits.shape[1])
+        self.evaluations = 0
+
+    def __call__(self, u: float) -> tuple[float, float, float]:
+        beta = math.exp(-u)
+        sums = _derivative_sums(self.logits, self.labels, beta)
+        self.evaluations += 1
+        mean_log, r1, dr1 = sums / self.rows
+        f = self.log_members - mean_log
+        # F(beta) = -mean log S: F' = -r1, F'' = -dr1; with beta = e^-u, dbeta/du = -beta.
+        df_dbeta, d2f_dbeta2 = -r1, -dr1
+        return f, -beta * df_dbeta, beta * beta * d2f_dbeta2 + beta * df_dbeta
+
+
+def _newton(objective: _Objective, u0: float, lo: float, hi: float, a: float, b: float) -> tuple[float, float]:
+    """Safeguarded Newton on the derivative in u = log T, from u0, inside [lo, hi].
+
+    [a, b] holds the minimum of u0's basin: an end equal to lo / hi is a hard bound, any other end
+    has been seen with the derivative's sign pointing inward. Each evaluation narrows the bracket;
+    a Newton step that is not downhill-convex or leaves the bracket is replaced by bisection, or
+    by a step to the bound when the bound is the bracket's end. Returns (u, NLL at u).
+    """
+    u = u0
+    best_u, best_f = u0, math.inf
+    for _ in range(_MAX_NEWTON):
+        f, g, h = objective(u)
+        if f < best_f:
+            best_u, best_f = u, f
+        if g == 0:
+            return u, f
+        if g > 0:
+            b = u
+        else:
+            a = u
+        if (u <= lo and g > 0) or (u >= hi and g < 0):
+            return u, f  # the minimum is on the bound (KKT): nothing beyond it is allowed
+        # The step always points against the slope, so it heads for the bracket's other end.
+        step = -g / h if h > 0 else -math.copysign(_MAX_STEP, g)
+        step = max(-_MAX_STEP, min(_MAX_STEP, step))
+        candidate = u + step
+        if not a < candidate < b:
+            end = a if candidate <= a else b
+            candidate = end if end in (lo, hi) else 0.5 * (a + b)
+        if abs(candidate - u) < _LOG_T_TOL or b - a < _LOG_T_TOL:
+            return u, f
+        u = candidate
+    logger.warning("temperature fit: Newton did not converge in %d steps; keeping the best point", _MAX_NEWTON)
+    return best_u, best_f
+
+
+def _fit_one(logits: np.ndarray, labels: np.ndarray, lo: float, hi: float, seed: int) -> tuple[float, float, bool]:
+    """The temperature minimising the mean NLL on these rows. Returns (T, NLL at T, at_bound).
+
+    1. Coarse: the NLL on a grid of ``_GRID_POINTS`` values of log T over the bounds, on a seeded
+       subsample of ``_GRID_ROWS`` rows (cheap), locates the basins (local minima of the grid).
+    2. Each of the ``_MAX_BASINS`` lowest basins is refined by safeguarded Newton on the subsample,
+       bracketed by its grid neighbours, then on all rows from there (a few full passes, since the
+       subsample's optimum is already close); the lowest full-data NLL wins.
+    """
+    rows = logits.shape[0]
+    full = _Objective(logits, labels)
+    if rows > _GRID_ROWS:
+        pick = np.sort(np.random.default_rng(seed).choice(rows, _GRID_ROWS, replace=False))
+        sub = _Objective(np.ascontiguousarray(logits[pick]), labels[pick])
+    else:
+        sub = full
+    grid = np.linspace(lo, hi, _GRID_POINTS)
+    values = [sub(u) for u in grid]
+    f = np.array([v[0] for v in values])
+    g = np.array([v[1] for v in values])
+    basins = [
+        i for i in range(_GRID_POINTS)
+        if (i == 0 or f[i] <= f[i - 1]) and (i == _GRID_POINTS - 1 or f[i] <= f[i + 1])
+    ]
+    basins = sorted(basins, key=lambda i: f[i])[:_MAX_BASINS]
+    best = (math.inf, math.nan)
+    for i in basins:
+        # A grid neighbour is a valid bracket end only where the slope there points inward.
+        a = grid[i - 1] if i > 0 and g[i - 1] < 0 else lo
+        b = grid[i + 1] if i < _GRID_POINTS - 1 and g[i + 1] > 0 else hi
+        u, nll = _newton(sub, float(grid[i]), lo, hi, float(a), float(b))
+        if sub is not full:
+            u, nll = _newton(full, u, lo, hi, lo, hi)
+        if nll < best[0]:
+            best = (nll, u)
+    nll, u = best
+    at_bound = u - lo < 1e-6 or hi - u < 1e-6
+    logger.debug("temperature fit: %d rows, T=%.6g, NLL=%.6g, %d full and %d subsample evaluations",
+                 rows, math.exp(u), nll, full.evaluations, sub.evaluations if sub is not full else 0)
+    return math.exp(u), nll, at_bound
+
+
+def fit_temperature(
+    logits,
+    labels,
+    *,
+    sources=None,
+    min_rows_per_source: int = 1000,
+    bounds: tuple[float, float] = (0.05, 20.0),
+) -> TemperatureFit:
+    """Fit the temperature T of ``softmax(z / T)`` shared by the ensemble members (mean of the
+    members' probabilities) that minimises the labels' negative log-likelihood, in float64.
+
+    Args:
+        logits: [N, M, C] (or [N, C] for M = 1), any float dtype, numpy or torch (any device).
+        labels: int [N] in [0, C); the caller has already dropped unknown labels.
+        sources: optional [N] source names (strings) or integer codes: each source with at least
+            ``min_rows_per_source`` usable rows gets its own T, the others the global one.
+        bounds: (lowest, highest) temperature searched.
+
+    Rows with a non-finite logit are left out (counted in ``invalid_rows``, logged).
+
+    Method: optimise u = log T (scale-free steps; T > 0 by construction). The NLL and its first
+    two derivatives come from one pass over the rows (numba, float64, the per-member max shift
+    computed once per pass because it does not depend on T), in blocks added in a fixed order so
+    the result does not depend on the thread count. A coarse grid on a subsample finds the basins,
+    safeguarded Newton refines each on the subsample and then on all rows, and the best basin
+    wins (:func:`_fit_one`). The optimum is exact to ~1e-8 in log T; the NLL's own sampling
+    noise is far larger.
+    """
+    started = time.perf_counter()
+    lo, hi = _check_bounds(bounds)
+    if not isinstance(min_rows_per_source, (int, np.integer)) or min_rows_per_source < 1:
+        raise ValueError(f"min_rows_per_source: expected a positive integer, found {min_rows_per_source!r}")
+    z = _check_logits(logits)
+    y = _check_labels(labels, z.shape[0], z.shape[2])
+    keys = None
+    if sources is not None:
+        keys = _source_array(sources, "sources")
+        if keys.shape != (z.shape[0],):
+            raise ValueError(f"sources: expected shape ({z.shape[0]},) to match the logits, found {keys.shape}")
+
+    ones = np.ones(z.shape[0])
+    conf, pred, log_py, brier, valid = _statistics(z, y, ones)
+    invalid = int((~valid).sum())
+    if invalid:
+        logger.warning("temperature fit: %d of %d rows have non-finite logits and are left out", invalid, len(valid))
+        conf, pred, log_py, brier = conf[valid], pred[valid], log_py[valid], brier[valid]
+        z, y = np.ascontiguousarray(z[valid]), y[valid]
+        keys = keys[valid] if keys is not None else None
+    if z.shape[0] == 0:
+        raise ValueError("logits: expected at least one row with finite logits and a label, found none")
+    before = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS)
+
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    temperature, nll, at_bound = _fit_one(z, y, log_lo, log_hi, seed=0)
+    if at_bound:
+        logger.warning("temperature fit: the optimum T=%.4g lies on the search bounds %s", temperature, (lo, hi))
+
+    per_source, fallback, source_rows = {}, [], {}
+    row_temperature = np.full(z.shape[0], temperature)
+    if keys is not None:
+        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for k, key in enumerate(uniq):
+            name = _plain_key(key)
+            source_rows[name] = int(counts[k])
+            if counts[k] < min_rows_per_source:
+                per_source[name] = temperature
+                fallback.append(name)
+                continue
+            idx = order[starts[k]:starts[k + 1]]
+            t_k, _, bound_k = _fit_one(np.ascontiguousarray(z[idx]), y[idx], log_lo, log_hi, seed=k + 1)
+            if bound_k:
+                logger.warning("temperature fit: source %r's optimum T=%.4g lies on the bounds", name, t_k)
+            per_source[name] = t_k
+            row_temperature[idx] = t_k
+        if fallback:
+            logger.info("temperature fit: %d sources below %d rows use the global T", len(fallback), min_rows_per_source)
+
+    conf, pred, log_py, brier, _ = _statistics(z, y, 1.0 / row_temperature)
+    after = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS)
+    return TemperatureFit(
+        temperature=temperature, per_source=per_source, fallback_sources=fallback, source_rows=source_rows,
+        before=before, after=after, nll=nll, bounds=(lo, hi), min_rows_per_source=int(min_rows_per_source),
+        rows=int(z.shape[0]), invalid_rows=invalid, at_bound=at_bound,
+        fit_seconds=time.perf_counter() - started,
+    )
+
+
+__all__ = [
+    "CalibrationMetrics",
+    "DEFAULT_BINS",
+    "ReliabilityBins",
+    "TemperatureFit",
+    "calibration_metrics",
+    "fit_temperature",
+]
