@@ -28,7 +28,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 # Rows per case: the reference is pure Python and Triton's interpreter runs each program in numpy,
 # so both get small inputs; numba gets enough rows to spread over threads.
-ROWS = {"reference": 300, "triton": 300, "numba": 4000}
+ROWS = {"reference": 300, "triton": 160, "numba": 4000}
 
 # Code points for random ids: ASCII, Latin-1, Greek/Cyrillic, CJK and emoji, so that ids hold
 # 1-, 2-, 3- and 4-byte UTF-8 characters.
@@ -53,14 +53,14 @@ def random_ints(rng, n: int) -> np.ndarray:
 
 
 def random_strings(rng, n: int) -> list[str]:
-    """n random unicode strings; the first 101 have every length 0..100 characters."""
-    lengths = np.concatenate([np.arange(101), rng.integers(0, 101, size=max(n - 101, 0))])[:n]
-    out = []
-    for length in lengths:
+    """n random strings: first ASCII ones of every byte length 0..100 (every path of XXH64:
+    each tail after 0..3 stripes), then unicode ones of 0..100 characters of 1 to 4 UTF-8 bytes."""
+    out = ["".join(map(chr, rng.integers(0x20, 0x7F, size=length))) for length in range(min(n, 101))]
+    for length in rng.integers(0, 101, size=max(n - 101, 0)):
         which = rng.integers(0, len(CODE_POINT_RANGES), size=length)
         lo = np.array([CODE_POINT_RANGES[w][0] for w in which], dtype=np.int64)
         hi = np.array([CODE_POINT_RANGES[w][1] for w in which], dtype=np.int64)
-        out.append("".join(map(chr, rng.integers(lo, hi))) if length else "")
+        out.append("".join(map(chr, rng.integers(lo, hi))))
     return out
 
 
@@ -84,9 +84,9 @@ def assert_same(got, want, label: str) -> None:
 def test_int64_ids_match_xxhash(backend, seed, rng):
     ids = random_ints(rng, ROWS[backend])
     want = expected_uniform(int_keys(ids), seed)
-    assert_same(audit_uniform(pa.array(ids), seed, backend=backend), want, f"{backend} arrow int64 seed={seed}")
-    assert_same(audit_uniform(ids, seed, backend=backend), want, f"{backend} numpy int64 seed={seed}")
-    assert_same(audit_uniform(torch.from_numpy(ids), seed, backend=backend), want, f"{backend} torch int64 seed={seed}")
+    for label, given in [("arrow", pa.array(ids)), ("numpy", ids), ("torch", torch.from_numpy(ids))]:
+        got = audit_uniform(given, seed, backend=backend)
+        assert_same(got, want, f"{backend} {label} int64 seed={seed}")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -104,7 +104,8 @@ def test_string_ids_match_xxhash(backend, arrow_type, seed, rng):
         assert np.any((byte_lengths >= lo) & (byte_lengths <= hi)), f"no id of {lo}..{hi} bytes"
     assert set(range(32)) <= set((byte_lengths[byte_lengths >= 32] % 32).tolist()), "a tail length is missing"
     arr = pa.array(ids, type=getattr(pa, arrow_type)())
-    assert_same(audit_uniform(arr, seed, backend=backend), expected_uniform(keys, seed), f"{backend} {arrow_type} seed={seed}")
+    got = audit_uniform(arr, seed, backend=backend)
+    assert_same(got, expected_uniform(keys, seed), f"{backend} {arrow_type} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -113,7 +114,7 @@ def test_sliced_arrays_use_their_own_rows(backend, rng):
     strings = random_strings(rng, ROWS[backend])
     for full, keys in [(pa.array(ints), int_keys(ints)), (pa.array(strings), [s.encode() for s in strings]),
                        (pa.array(strings, pa.large_string()), [s.encode() for s in strings])]:
-        for _ in range(4):
+        for _ in range(2 if backend == "triton" else 4):
             start = int(rng.integers(0, len(full)))
             stop = int(rng.integers(start, len(full) + 1))
             got = audit_uniform(full[start:stop], 42, backend=backend)
@@ -129,12 +130,15 @@ def split_points(rng, n: int, parts: int) -> list[int]:
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_chunked_arrays_and_batch_splits_give_the_same_draws(backend, rng):
     strings = random_strings(rng, ROWS[backend])
-    for full in [pa.array(random_ints(rng, ROWS[backend])), pa.array(strings), pa.array(strings).dictionary_encode()]:
+    ints = random_ints(rng, ROWS[backend])
+    for full in [pa.array(ints), pa.array(strings), pa.array(strings).dictionary_encode()]:
         whole = audit_uniform(full, 7, backend=backend)
         cuts = split_points(rng, len(full), 5)
         batches = [full[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
         chunked = pa.chunked_array(batches, type=full.type)
         assert_same(audit_uniform(chunked, 7, backend=backend), whole, f"{backend} chunked {full.type}")
+        if backend == "triton" and triton_interpreting():
+            continue  # the same kernel calls as the chunked array, and slow in the interpreter
         one_by_one = np.concatenate([audit_uniform(batch, 7, backend=backend) for batch in batches])
         assert_same(one_by_one, whole, f"{backend} batches {full.type}")
 
@@ -220,10 +224,13 @@ def test_another_process_draws_the_same_bits(tmp_path, rng):
     )
     # Another hash randomisation for Python's own str hashing: the draw must not depend on it.
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same(np.load(tmp_path / "int.npy"), audit_uniform(pa.array(ints), 2**64 - 5), "int64 ids, other process")
-    assert_same(np.load(tmp_path / "str.npy"), audit_uniform(pa.array(strings), 2**64 - 5), "string ids, other process")
+    for name, ids in [("int", pa.array(ints)), ("str", pa.array(strings))]:
+        here = audit_uniform(ids, 2**64 - 5)
+        assert_same(np.load(tmp_path / f"{name}.npy"), here, f"{name} ids, other process")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +247,10 @@ N_DRAWS = 200_000
 def uniformity_inputs():
     """Sequential ids, the common real-world pattern and the hardest for a weak hash."""
     sequential = np.arange(N_DRAWS, dtype=np.int64)
-    return {"sequential int64": pa.array(sequential), "sequential strings": pa.array([f"pred-{i}" for i in range(N_DRAWS)])}
+    return {
+        "sequential int64": pa.array(sequential),
+        "sequential strings": pa.array([f"pred-{i}" for i in range(N_DRAWS)]),
+    }
 
 
 @pytest.mark.parametrize("label", ["sequential int64", "sequential strings"])
@@ -259,7 +269,8 @@ def test_draws_are_uniform(label):
 
     # An audit rate of 1%: the number sampled is Binomial(n, 0.01); the interval holds all but
     # ALPHA of its mass. The lowest bit of the 53 is checked the same way (Binomial(n, 0.5)).
-    for name, count, p in [("below 0.01", int(np.sum(u < 0.01)), 0.01), ("lowest bit set", int(np.sum(scaled % 2 == 1)), 0.5)]:
+    checks = [("below 0.01", int(np.sum(u < 0.01)), 0.01), ("lowest bit set", int(np.sum(scaled % 2 == 1)), 0.5)]
+    for name, count, p in checks:
         lo, hi = stats.binom.interval(1 - ALPHA, N_DRAWS, p)
         assert lo <= count <= hi, f"{label}: {count} draws {name}, expected {lo:.0f}..{hi:.0f} of {N_DRAWS}"
 
@@ -299,7 +310,8 @@ def test_null_ids_are_refused_with_their_count(ids, nulls):
     "ids",
     [pa.array([1.5, 2.0]), np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), pa.array([True, False]),
      pa.array([b"x"]), np.array(["a", "b"]), ["a", "b"], pa.array([1.0]).dictionary_encode()],
-    ids=["arrow-float", "numpy-float", "torch-float", "arrow-bool", "arrow-binary", "numpy-str", "list", "dictionary-float"],
+    ids=["arrow-float", "numpy-float", "torch-float", "arrow-bool", "arrow-binary", "numpy-str", "list",
+         "dictionary-float"],
 )
 def test_non_integer_non_string_ids_are_refused(ids):
     with pytest.raises(TypeError, match=r"\bid\b: expected"):
@@ -313,7 +325,9 @@ def test_uint64_ids_above_int64_max_are_refused():
             audit_uniform(ids, 0)
 
 
-@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**64, ValueError), (1.0, TypeError), (True, TypeError), ("1", TypeError)])
+@pytest.mark.parametrize(
+    "seed, error", [(-1, ValueError), (2**64, ValueError), (1.0, TypeError), (True, TypeError), ("1", TypeError)]
+)
 def test_bad_seeds_are_refused(seed, error):
     with pytest.raises(error, match=r"seed: expected an int in \[0, 2\*\*64\)"):
         audit_uniform(pa.array([1, 2]), seed)
@@ -370,9 +384,10 @@ def test_triton_kernels_compile_for_hopper():
         from hitl_triage.kernels.audit import triton_gpu as tg
 
         target = GPUTarget("cuda", 90, 32)
-        strings = {"data_ptr": "*u8", "seed_ptr": "*i64", "out_ptr": "*fp64", "base": "i64", "n_data": "i64", "BLOCK": "constexpr"}
+        common = {"seed_ptr": "*i64", "out_ptr": "*fp64", "BLOCK": "constexpr"}
+        strings = dict(common, data_ptr="*u8", base="i64", n_data="i64")
         cases = [
-            (tg._uniform_ints_kernel, {"values_ptr": "*i64", "seed_ptr": "*i64", "out_ptr": "*fp64", "n_rows": "i32", "BLOCK": "constexpr"}, tg.INT_BLOCK),
+            (tg._uniform_ints_kernel, dict(common, values_ptr="*i64", n_rows="i32"), tg.INT_BLOCK),
             (tg._uniform_strings_kernel, dict(strings, offsets_ptr="*i32", n_rows="i32"), tg.STR_BLOCK),
             (tg._uniform_strings_kernel, dict(strings, offsets_ptr="*i64", n_rows="i64"), tg.STR_BLOCK),
         ]
@@ -399,8 +414,11 @@ def test_triton_on_cuda_matches_numba(seed, rng):
     n = 1_000_003
     ints = random_ints(rng, n)
     strings = pa.array([f"pred-{i:09d}-{'x' * int(k)}" for i, k in enumerate(rng.integers(0, 70, size=n))])
-    for label, ids in [("arrow int64", pa.array(ints)), ("cuda tensor", torch.from_numpy(ints).cuda()),
-                       ("string", strings), ("sliced string", strings[17:]), ("dictionary", strings[:1000].dictionary_encode())]:
+    cases = [
+        ("arrow int64", pa.array(ints)), ("cuda tensor", torch.from_numpy(ints).cuda()), ("string", strings),
+        ("sliced string", strings[17:]), ("dictionary", strings[:1000].dictionary_encode()),
+    ]
+    for label, ids in cases:
         got = audit_uniform(ids, seed, device="cuda", backend="triton")
         assert isinstance(got, torch.Tensor) and got.is_cuda and got.dtype == torch.float64, label
         want = audit_uniform(ids.cpu() if isinstance(ids, torch.Tensor) else ids, seed, backend="numba")

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .._arrays import as_tensor
 from .._dispatch import Backend, PassRegistry, cpu_and_cuda, triton_devices
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def _run(impl, piece, seed: int, device: torch.device):
     values = _concat([impl(p, seed, device) for p in piece.dictionary], device)
     if device.type == "cpu":
         return values[indices]
-    return values[torch.from_numpy(indices.astype(np.int64, copy=False)).to(device)]
+    return values[as_tensor(indices, FIELD).to(device=device, dtype=torch.int64)]
 
 
 def _piece_length(piece) -> int:

@@ -154,7 +154,8 @@ def audit_uniform_backend(piece, seed: int, device: torch.device):
         out = audit_uniform_reference_ints(values, seed)
     else:
         bounds = piece.offsets.astype(np.int64)
-        bad = int(np.count_nonzero((bounds[:-1] < 0) | (bounds[1:] < bounds[:-1]) | (bounds[1:] > piece.data.shape[0])))
+        start, end = bounds[:-1], bounds[1:]
+        bad = int(np.count_nonzero((start < 0) | (end < start) | (end > piece.data.shape[0])))
         if bad:
             raise bad_offsets_error(bad)
         out = audit_uniform_reference_strings(piece.offsets, piece.data, seed)
