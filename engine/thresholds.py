@@ -1,0 +1,594 @@
+"""Choosing the triggers' thresholds from labelled calibration data.
+
+Conventions (the same as the engine's rules in :mod:`hitl_triage.engine.policy`):
+
+- CONFIDENCE fires when ``confidence < t_conf``.
+- DISAGREEMENT fires when ``mutual_info > t_mi``, or when ``vote_agreement < vote_floor``
+  (``vote_floor = 0`` turns that part off; ``t_mi = +inf`` turns the mutual-information part off).
+- ANOMALY fires when ``ood_score > t_ood`` (``t_ood = +inf``: off, e.g. without a reference bank).
+- A NaN score never counts as passing: it fires its trigger whenever that trigger is on (a
+  NaN confidence always fires). A row that cannot be scored is never auto-accepted.
+
+Three ways to choose thresholds:
+
+- :func:`ood_threshold`: the anomaly threshold that lets a given share of in-distribution rows
+  pass.
+- :func:`budget_thresholds` (review-budget mode): escalate about ``budget`` of the traffic,
+  shared among the triggers by ``split``.
+- :func:`target_risk_threshold` (target-risk mode): the lowest confidence threshold whose
+  auto-accepted rows have an error rate <= alpha with probability >= 1 - delta (selective
+  classification with guaranteed risk, Geifman & El-Yaniv 2017).
+
+:func:`escalation_rates` gives the share of rows each trigger fires on, alone and together, for
+any set of thresholds (the expected escalation rate a profile reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+from scipy.stats import beta as beta_distribution
+
+logger = logging.getLogger(__name__)
+
+TRIGGERS = ("confidence", "disagreement", "anomaly")
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _scores(x, name: str, rows: int | None = None) -> np.ndarray:
+    """A one-dimensional float64 copy-free view of a numpy / torch / list score array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected numbers, found dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a one-dimensional array, found shape {arr.shape}")
+    if rows is not None and arr.shape[0] != rows:
+        raise ValueError(f"{name}: expected {rows} rows to match confidence, found {arr.shape[0]}")
+    return arr
+
+
+def _mask(x, name: str, rows: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.shape != (rows,):
+        raise ValueError(f"{name}: expected shape ({rows},), found {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr
+    if arr.dtype.kind in "iu" and np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    raise TypeError(f"{name}: expected booleans (or 0/1), found dtype {arr.dtype} with other values")
+
+
+def _fraction(value, name: str, *, low_open: bool, high_open: bool) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: expected a number, found {type(value).__name__}") from exc
+    lo_ok = v > 0 if low_open else v >= 0
+    hi_ok = v < 1 if high_open else v <= 1
+    if not (lo_ok and hi_ok):
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name}: expected a value in {interval}, found {value!r}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------
+# Applying thresholds
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TriggerThresholds:
+    """A set of thresholds in the conventions of the module docstring (defaults: trigger off)."""
+
+    confidence: float
+    mutual_info: float = math.inf
+    ood: float = math.inf
+    vote_floor: float = 0.0
+
+
+@dataclasses.dataclass
+class EscalationRates:
+    """Share of rows each trigger fires on alone (``solo``, keyed by trigger name) and the share on
+    which at least one fires (``union``); ``rows`` the number of rows measured."""
+
+    solo: dict
+    union: float
+    rows: int
+
+    def to_dict(self) -> dict:
+        return {"solo": {k: float(v) for k, v in self.solo.items()}, "union": float(self.union), "rows": int(self.rows)}
+
+
+def trigger_masks(
+    thresholds,
+    confidence,
+    mutual_info=None,
+    ood_score=None,
+    *,
+    vote_agreement=None,
+    predicted_class=None,
+) -> dict[str, np.ndarray]:
+    """Boolean [N] mask of the rows each trigger fires on, keyed by trigger name.
+
+    ``thresholds``: any object with ``confidence``, ``mutual_info``, ``ood`` and ``vote_floor``
+    attributes (:class:`TriggerThresholds`, :class:`BudgetThresholds`, the engine's
+    ``policy.Thresholds``); where it has a non-empty ``per_class_confidence`` list, row i's
+    confidence threshold is that list's entry for ``predicted_class[i]``.
+    """
+    c = _scores(confidence, "confidence")
+    rows = c.shape[0]
+    t_conf = np.float64(thresholds.confidence)
+    per_class = getattr(thresholds, "per_class_confidence", None)
+    if per_class:
+        if predicted_class is None:
+            raise ValueError("predicted_class: required with per-class confidence thresholds, found None")
+        pred = _scores(predicted_class, "predicted_class", rows).astype(np.int64)
+        table = np.asarray(per_class, dtype=np.float64)
+        t_conf = np.where((pred >= 0) & (pred < len(table)), table[np.clip(pred, 0, len(table) - 1)], np.inf)
+    masks = {"confidence": ~(c >= t_conf)}  # NaN fires
+
+    t_mi, floor = float(thresholds.mutual_info), float(getattr(thresholds, "vote_floor", 0.0))
+    disagreement = np.zeros(rows, dtype=bool)
+    if t_mi < math.inf:
+        if mutual_info is None:
+            raise ValueError(f"mutual_info: required when the mutual-information threshold is finite ({t_mi}), found None")
+        disagreement |= ~(_scores(mutual_info, "mutual_info", rows) <= t_mi)
+    if floor > 0 and vote_agreement is not None:
+        disagreement |= ~(_scores(vote_agreement, "vote_agreement", rows) >= floor)
+    masks["disagreement"] = disagreement
+
+    t_ood = float(thresholds.ood)
+    anomaly = np.zeros(rows, dtype=bool)
+    if t_ood < math.inf:
+        if ood_score is None:
+            raise ValueError(f"ood_score: required when the anomaly threshold is finite ({t_ood}), found None")
+        anomaly = ~(_scores(ood_score, "ood_score", rows) <= t_ood)
+    masks["anomaly"] = anomaly
+    return masks
+
+
+def escalation_rates(
+    thresholds,
+    confidence,
+    mutual_info=None,
+    ood_score=None,
+    *,
+    vote_agreement=None,
+    predicted_class=None,
+) -> EscalationRates:
+    """The expected escalation rate of ``thresholds`` on these signals: each trigger's share of
+    rows alone and the union's (policy and audit rows come on top). Arguments as
+    :func:`trigger_masks`."""
+    masks = trigger_masks(
+        thresholds, confidence, mutual_info, ood_score, vote_agreement=vote_agreement, predicted_class=predicted_class
+    )
+    rows = len(masks["confidence"])
+    union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
+    rate = (lambda m: float(m.mean())) if rows else (lambda m: math.nan)
+    return EscalationRates(solo={k: rate(m) for k, m in masks.items()}, union=rate(union), rows=rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Anomaly threshold
+# ------------------------------------------------------------------------------------------------
+
+
+def ood_threshold(in_distribution_scores, pass_rate: float = 0.95) -> float:
+    """The anomaly threshold t under which ``pass_rate`` of in-distribution rows pass (score <= t).
+
+    t is the empirical quantile of type 1 in Hyndman & Fan (1996), "inverted CDF" in numpy: the
+    smallest score s with #{scores <= s} >= ceil(pass_rate * n), so at least ``pass_rate`` of the
+    n rows pass and t is one of the scores. NaN scores count in n and never pass; where they are
+    so many that the rate cannot be met, t = +inf (every scored row passes) and a warning is
+    logged. +inf scores are ordinary scores that never pass.
+    """
+    scores = _scores(in_distribution_scores, "in_distribution_scores")
+    rate = _fraction(pass_rate, "pass_rate", low_open=True, high_open=False)
+    rows = scores.shape[0]
+    if rows == 0:
+        raise ValueError("in_distribution_scores: expected at least one score, found none")
+    finite = np.sort(scores[~np.isnan(scores)])
+    # The small slack keeps 0.95 * 100 from becoming 96 through rounding of the product.
+    need = max(1, math.ceil(rate * rows - 1e-9))
+    if need > finite.shape[0]:
+        logger.warning(
+            "ood_threshold: %d of %d in-distribution scores are NaN, so at most %.4f of rows can pass "
+            "(asked %.4f); the threshold lets every scored row pass", rows - finite.shape[0], rows,
+            finite.shape[0] / rows, rate,
+        )
+        return math.inf
+    return float(finite[need - 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Budget mode
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BudgetThresholds:
+    """Thresholds of the review-budget mode and what they do on the calibration rows.
+
+    ``confidence``, ``mutual_info``, ``ood``, ``vote_floor``: the thresholds (conventions in the
+    module docstring; ``+inf`` turns mutual information / anomaly off). ``shares``: each trigger's
+    share of the budget after the shares of triggers without data were handed on; ``scale``: the
+    factor s of the rule in :func:`budget_thresholds`; ``solo_rates``: share of rows each trigger
+    fires on alone; ``union_rate``: share on which at least one fires (the escalation rate
+    before policy and audit rows).
+    """
+
+    confidence: float
+    mutual_info: float
+    ood: float
+    vote_floor: float
+    budget: float
+    split: tuple
+    shares: dict
+    scale: float
+    solo_rates: dict
+    union_rate: float
+    rows: int
+
+    def to_dict(self) -> dict:
+        """TOML-friendly (plain floats, ints, lists, dicts; ``inf`` where a trigger is off)."""
+        return {
+            "confidence": float(self.confidence),
+            "mutual_info": float(self.mutual_info),
+            "ood": float(self.ood),
+            "vote_floor": float(self.vote_floor),
+            "budget": float(self.budget),
+            "split": [float(w) for w in self.split],
+            "shares": {k: float(v) for k, v in self.shares.items()},
+            "scale": float(self.scale),
+            "solo_rates": {k: float(v) for k, v in self.solo_rates.items()},
+            "union_rate": float(self.union_rate),
+            "rows": int(self.rows),
+        }
+
+
+@dataclasses.dataclass
+class _Ranked:
+    """One trigger as budget mode sees it: ``oriented`` scores (higher = more suspicious) of the
+    rows whose firing depends on the threshold, sorted in decreasing order, and ``always`` the
+    rows that fire whatever the threshold (NaN scores, votes under the floor)."""
+
+    oriented: np.ndarray
+    ordered: np.ndarray
+    always: np.ndarray
+
+    @property
+    def tunable(self) -> bool:
+        return self.ordered.shape[0] > 0 and self.ordered[0] > self.ordered[-1]
+
+    def threshold_for(self, fire_rows: int) -> float:
+        """Oriented threshold at which the trigger alone fires on about ``fire_rows`` rows
+        (exactly, when no scores tie): ``always`` plus those with oriented score > threshold."""
+        extra = fire_rows - int(self.always.sum())
+        if self.ordered.shape[0] == 0:
+            return math.inf
+        if extra <= 0:
+            return float(self.ordered[0])
+        if extra >= self.ordered.shape[0]:
+            return -math.inf
+        return float(self.ordered[extra])
+
+    def fires(self, threshold: float) -> np.ndarray:
+        return self.always | (self.oriented > threshold)
+
+
+def _ranked(oriented: np.ndarray, always: np.ndarray) -> _Ranked:
+    always = always | np.isnan(oriented)
+    ordered = np.sort(oriented[~always])[::-1]
+    return _Ranked(oriented=oriented, ordered=ordered, always=always)
+
+
+def budget_thresholds(
+    confidence,
+    mutual_info,
+    ood_score,
+    budget: float,
+    split=(0.5, 0.25, 0.25),
+    *,
+    vote_agreement=None,
+    vote_floor: float = 0.0,
+) -> BudgetThresholds:
+    """Thresholds that escalate about ``budget`` of the calibration rows, shared among triggers.
+
+    Args:
+        confidence: float [N] calibrated confidence.
+        mutual_info: float [N], or None when there is no disagreement signal (M = 1).
+        ood_score: float [N], or None without a reference bank.
+        budget: share of rows to escalate, in [0, 1].
+        split: weights (confidence, disagreement, anomaly), non-negative with a positive sum.
+        vote_agreement, vote_floor: optional; rows with vote agreement < floor fire the
+            disagreement trigger whatever its threshold (the floor is a fixed policy, not fitted).
+
+    The rule. Let b be the budget and w_i the split normalised over the triggers that have data;
+    a trigger without data (``None``, or scores that are all equal and so cannot rank rows) gets
+    no threshold (+inf, off) and its weight goes to the others in proportion to theirs. For a
+    scale s >= 0, trigger i alone gets the threshold at which it fires on a share
+    r_i(s) = min(1, w_i * s * b) of the rows: the order statistic of its scores that leaves
+    floor(r_i * N) rows on the firing side (rows that fire regardless, such as NaN scores, count
+    towards that number). The union U(s) of the three triggers grows with s; bisection on s finds
+    where U crosses b and keeps whichever side is closer to b (the lower one on a tie). Without
+    overlaps s = 1 and each trigger gets exactly its share; since triggers do overlap (a low
+    confidence row often has high mutual information), s > 1 in practice, and every trigger keeps
+    the proportion of the split in its solo rate. Scores tie in real data, so U moves in steps and
+    the union rate lands as close to b as the data allow.
+    """
+    c = _scores(confidence, "confidence")
+    rows = c.shape[0]
+    if rows == 0:
+        raise ValueError("confidence: expected at least one row, found none")
+    b = _fraction(budget, "budget", low_open=False, high_open=False)
+    try:
+        weights = [float(w) for w in split]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"split: expected three non-negative weights, found {split!r}") from exc
+    if len(weights) != 3 or any(not (w >= 0) or math.isinf(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"split: expected three non-negative weights (confidence, disagreement, anomaly) with a "
+            f"positive sum, found {list(split)}"
+        )
+    floor = float(vote_floor)
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"vote_floor: expected a value in [0, 1], found {vote_floor!r}")
+
+    no_rows = np.zeros(rows, dtype=bool)
+    low_vote = no_rows
+    if floor > 0 and vote_agreement is not None:
+        low_vote = ~(_scores(vote_agreement, "vote_agreement", rows) >= floor)
+    ranked = {"confidence": _ranked(-c, no_rows)}
+    if mutual_info is not None:
+        ranked["disagreement"] = _ranked(_scores(mutual_info, "mutual_info", rows), low_vote)
+    if ood_score is not None:
+        ranked["anomaly"] = _ranked(_scores(ood_score, "ood_score", rows), no_rows)
+    raw = dict(zip(TRIGGERS, weights))
+    # A trigger takes part when it has scores that rank rows and a positive weight; the others
+    # are off (threshold +inf) and their weight goes to the ones that take part.
+    active = {name: r for name, r in ranked.items() if r.tunable and raw[name] > 0}
+    for name, r in ranked.items():
+        if not r.tunable and raw[name] > 0:
+            logger.info("budget thresholds: the %s trigger has no scores to rank; its share goes to the others", name)
+    total = sum(raw[name] for name in active)
+    if total <= 0:
+        raise ValueError(
+            f"split: expected a positive weight for at least one trigger with scores to rank "
+            f"({', '.join(n for n, r in ranked.items() if r.tunable) or 'none'}), found {list(split)}"
+        )
+    shares = {name: (raw[name] / total if name in active else 0.0) for name in TRIGGERS}
+    # Rows that fire whatever the thresholds: a NaN confidence, votes under the floor, and a NaN
+    # score of a trigger that takes part.
+    base = np.isnan(c) | low_vote
+    for r in active.values():
+        base |= r.always
+
+    def thresholds_at(s: float) -> dict[str, float]:
+        return {
+            name: r.threshold_for(math.floor(min(1.0, shares[name] * s * b) * rows + 1e-9))
+            for name, r in active.items()
+        }
+
+    def union_rows(th: dict[str, float]) -> int:
+        fired = base.copy()
+        for name, r in active.items():
+            fired |= r.fires(th[name])
+        return int(fired.sum())
+
+    target = b * rows
+    lo = 0.0
+    th_lo = thresholds_at(lo)
+    u_lo = union_rows(th_lo)
+    if b == 0 or u_lo > target:
+        if u_lo > target:
+            logger.warning(
+                "budget thresholds: %d of %d rows fire whatever the thresholds (NaN scores, low votes), "
+                "more than the budget %.4f", u_lo, rows, b,
+            )
+        chosen, scale = th_lo, 0.0
+    else:
+        # At hi every active trigger alone fires on every row, so U(hi) = 1 >= b.
+        hi = 1.0 / (min(shares[name] for name in active) * b)
+        th_hi = thresholds_at(hi)
+        u_hi = union_rows(th_hi)
+        while hi - lo > 1e-12 * hi:
+            mid = 0.5 * (lo + hi)
+            th_mid = thresholds_at(mid)
+            # U only changes where a threshold does: skip the union when none did.
+            u_mid = u_lo if th_mid == th_lo else u_hi if th_mid == th_hi else union_rows(th_mid)
+            if u_mid <= target:
+                lo, th_lo, u_lo = mid, th_mid, u_mid
+            else:
+                hi, th_hi, u_hi = mid, th_mid, u_mid
+        if u_hi <= target or abs(u_hi - target) < abs(u_lo - target):
+            chosen, scale = th_hi, hi
+        else:
+            chosen, scale = th_lo, lo
+
+    t_conf = -chosen["confidence"] if "confidence" in chosen else -math.inf
+    t_mi = chosen.get("disagreement", math.inf)
+    t_ood = chosen.get("anomaly", math.inf)
+    result_thresholds = TriggerThresholds(confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor)
+    rates = escalation_rates(result_thresholds, c, mutual_info, ood_score, vote_agreement=vote_agreement)
+    return BudgetThresholds(
+        confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor, budget=b, split=tuple(weights),
+        shares=shares, scale=scale, solo_rates=rates.solo, union_rate=rates.union, rows=rows,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Target-risk mode
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RiskThreshold:
+    """The confidence threshold of the target-risk mode.
+
+    ``threshold``: auto-accept rows with confidence >= this (+inf when ``feasible`` is False:
+    escalate everything). ``coverage``: share of all rows auto-accepted; ``accepted_rows``,
+    ``errors``, ``empirical_risk`` (errors / accepted) and ``risk_bound`` (the Clopper-Pearson
+    upper bound at level 1 - ``delta_per_test``) describe the accepted calibration rows (NaN when
+    none). ``tests``: binary-search steps budgeted, ``delta_per_test = delta / tests``.
+    ``eligible_rows``: rows with a finite confidence not escalated by other triggers.
+    """
+
+    threshold: float
+    feasible: bool
+    alpha: float
+    delta: float
+    tests: int
+    delta_per_test: float
+    coverage: float
+    accepted_rows: int
+    errors: int
+    empirical_risk: float
+    risk_bound: float
+    rows: int
+    eligible_rows: int
+    method: str = "binary search over calibration confidences, Clopper-Pearson bound at delta / tests"
+
+    def to_dict(self) -> dict:
+        """TOML-friendly (plain floats, ints, bools, strings)."""
+        return {
+            "threshold": float(self.threshold),
+            "feasible": bool(self.feasible),
+            "alpha": float(self.alpha),
+            "delta": float(self.delta),
+            "tests": int(self.tests),
+            "delta_per_test": float(self.delta_per_test),
+            "coverage": float(self.coverage),
+            "accepted_rows": int(self.accepted_rows),
+            "errors": int(self.errors),
+            "empirical_risk": float(self.empirical_risk),
+            "risk_bound": float(self.risk_bound),
+            "rows": int(self.rows),
+            "eligible_rows": int(self.eligible_rows),
+            "method": self.method,
+        }
+
+
+def clopper_pearson_upper(errors, trials, level_delta: float):
+    """One-sided Clopper-Pearson upper bound on a binomial error rate: the largest p with
+    P(Binomial(trials, p) <= errors) >= level_delta, i.e. the (1 - level_delta) quantile of
+    Beta(errors + 1, trials - errors); 1 when errors == trials. Works on arrays."""
+    e = np.asarray(errors, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = beta_distribution.ppf(1.0 - level_delta, e + 1.0, np.maximum(n - e, 1e-300))
+    return np.where(e >= n, 1.0, bound)
+
+
+def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, escalated=None) -> RiskThreshold:
+    """The lowest confidence threshold whose auto-accepted rows have risk <= alpha w.p. >= 1 - delta.
+
+    Args:
+        confidence: float [N] calibrated confidence of the calibration rows.
+        correct: bool [N], whether the predicted class equals the label.
+        alpha: target error rate among auto-accepted rows, in [0, 1].
+        delta: allowed probability that the guarantee fails, in (0, 1).
+        escalated: optional bool [N], rows other triggers escalate anyway; they are never
+            auto-accepted, so they neither count as accepted nor spend the risk.
+
+    Auto-accepted at threshold t: rows with confidence >= t that are not escalated (a NaN
+    confidence is never accepted). Candidates are the distinct confidences of those rows. For a
+    candidate with n accepted rows and e errors, the selective risk is bounded by the one-sided
+    Clopper-Pearson upper bound U(e, n, delta') (see :func:`clopper_pearson_upper`).
+
+    Search and multiple testing: as in Geifman & El-Yaniv (2017), "Selective classification for
+    deep neural networks" (SGR), a binary search walks from the median candidate towards the
+    lowest threshold that passes (U <= alpha), with at most k = ceil(log2(K + 1)) tests for K
+    candidates (K + 1 outcomes, including "accept nothing"). Each test is run at
+    delta' = delta / k, so by the union bound the probability that any tested threshold passes
+    while its true risk exceeds alpha is at most delta, and the returned one (which passed) has
+    risk <= alpha with probability >= 1 - delta. Why this and not a scan of all K candidates:
+    the scan would need delta / K (Bonferroni), far more conservative than delta / log2 K;
+    the binary search is exact when risk grows as the threshold falls, and stays valid (only less
+    tight) when it does not, since it only ever returns a threshold that passed its own test.
+    Caveat shared with SGR: candidates are the sample's own confidences, so each test is
+    conditional on its threshold; the repeated-split test in tests/test_thresholds.py checks the
+    guarantee empirically.
+
+    If no tested threshold passes, the result says so (``feasible=False``) and sets the
+    threshold to +inf: escalate everything rather than raise.
+    """
+    c = _scores(confidence, "confidence")
+    rows = c.shape[0]
+    ok = _mask(correct, "correct", rows)
+    a = _fraction(alpha, "alpha", low_open=False, high_open=False)
+    d = _fraction(delta, "delta", low_open=True, high_open=True)
+    skip = _mask(escalated, "escalated", rows) if escalated is not None else np.zeros(rows, dtype=bool)
+
+    eligible = ~np.isnan(c) & ~skip
+    order = np.argsort(-c[eligible], kind="stable")
+    conf_sorted = c[eligible][order]
+    wrong_cum = np.cumsum(~ok[eligible][order])
+    # Last position of each distinct confidence (descending): accepting c >= v takes the prefix
+    # up to the last row equal to v.
+    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    candidates = conf_sorted[ends]
+    accepted = ends + 1
+    errors = wrong_cum[ends] if ends.size else np.zeros(0, dtype=np.int64)
+    count = candidates.shape[0]
+    tests = max(1, math.ceil(math.log2(count + 1)))
+    delta_per_test = d / tests
+
+    # Binary search for the largest index j (lowest threshold) that passes; index -1 means
+    # "accept nothing" and passes trivially.
+    lo, hi = -1, count - 1
+    tested = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        bound = float(clopper_pearson_upper(errors[mid], accepted[mid], delta_per_test))
+        tested += 1
+        if bound <= a:
+            lo = mid
+        else:
+            hi = mid - 1
+    assert tested <= tests, "binary search ran more tests than the correction budgeted"
+
+    if lo < 0:
+        logger.warning(
+            "target risk: no confidence threshold bounds the risk of %d eligible rows by %.4g at delta %.4g; "
+            "escalating everything", int(eligible.sum()), a, d,
+        )
+        return RiskThreshold(
+            threshold=math.inf, feasible=False, alpha=a, delta=d, tests=tests, delta_per_test=delta_per_test,
+            coverage=0.0, accepted_rows=0, errors=0, empirical_risk=math.nan, risk_bound=math.nan,
+            rows=rows, eligible_rows=int(eligible.sum()),
+        )
+    n_acc, n_err = int(accepted[lo]), int(errors[lo])
+    return RiskThreshold(
+        threshold=float(candidates[lo]), feasible=True, alpha=a, delta=d, tests=tests,
+        delta_per_test=delta_per_test, coverage=n_acc / rows, accepted_rows=n_acc, errors=n_err,
+        empirical_risk=n_err / n_acc, risk_bound=float(clopper_pearson_upper(n_err, n_acc, delta_per_test)),
+        rows=rows, eligible_rows=int(eligible.sum()),
+    )
+
+
+__all__ = [
+    "BudgetThresholds",
+    "EscalationRates",
+    "RiskThreshold",
+    "TRIGGERS",
+    "TriggerThresholds",
+    "budget_thresholds",
+    "clopper_pearson_upper",
+    "escalation_rates",
+    "ood_threshold",
+    "target_risk_threshold",
+    "trigger_masks",
+]
