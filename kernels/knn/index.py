@@ -56,22 +56,27 @@ FORMAT_VERSION = 1
 
 
 def default_nlist(n: int) -> int:
-    """Inverted lists for ``n`` vectors: the power of two nearest 4 * sqrt(n) (FAISS's guideline
-    is 4 to 16 * sqrt(n)), capped so every list has at least 39 training points."""
+    """Inverted lists for ``n`` vectors: the power of two nearest sqrt(n), capped so that every
+    list has at least 39 training points (256 lists at 100k vectors, 1024 at 1M).
+
+    Measured on clustered synthetic data (100k x 128, 10 classes, 2-core CPU): 256 lists probed
+    16 at a time erred by 0.3-0.5% on the k-th distance at 6x the exact speed, where 1024 lists
+    needed 64 probes for the same error at half that speed, and trained 3.5x longer.
+    """
     if n < MIN_POINTS_PER_LIST:
         return 1
-    target = 2 ** round(math.log2(4.0 * math.sqrt(n)))
+    target = 2 ** round(math.log2(math.sqrt(n)))
     return max(1, min(target, n // MIN_POINTS_PER_LIST))
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed per query: one eighth of the lists, at least 16 (all when fewer).
+    """Lists probed per query: a sixteenth of the lists, at least 8 (all when fewer).
 
-    Measured on clustered data (tests/test_knn.py, and the report of issue 2): with this rule
-    the mean relative error of the k-th distance stays well under 1% for k up to 50, where
-    nprobe=1 misses neighbours outright (PERF-NOTES).
+    The mean relative error of the k-th distance against exact search follows the probed
+    fraction: on the data above 1/32 gave 1.0-1.5%, 1/16 0.3-0.5%, 1/8 under 0.05% (k = 5 and
+    50). nprobe=1 misses neighbours outright (PERF-NOTES); raise ``nprobe`` for harder data.
     """
-    return min(nlist, max(16, nlist // 8))
+    return min(nlist, max(8, nlist // 16))
 
 
 def check_bank_rows(x: torch.Tensor, field: str) -> None:
