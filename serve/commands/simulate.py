@@ -1,0 +1,97 @@
+"""`triage simulate`: write a simulated fleet (predictions, calibration, bank, truth) as Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..fleet import FleetConfig, simulate_fleet
+
+_DEFAULTS = FleetConfig()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="write a simulated fleet's predictions (plus calibration, bank and truth files)",
+        description=(
+            "Simulate one day of a fleet of deployed models: FLEET.parquet (the predictions to triage) "
+            "and, beside it, FLEET.calibration.parquet (labelled, in-distribution), FLEET.bank.parquet "
+            "(reference embeddings) and FLEET.truth.parquet (what really happened to each row). "
+            "The same seed and arguments give the same files."
+        ),
+    )
+    parser.add_argument("--rows", required=True, type=int, metavar="N", help="fleet predictions to write")
+    parser.add_argument("--out", required=True, type=Path, metavar="FLEET.parquet", help="the fleet file")
+    parser.add_argument("--sources", type=int, default=_DEFAULTS.sources, metavar="S",
+                        help=f"deployed model instances, with unequal traffic (default {_DEFAULTS.sources})")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help=f"seed (default {_DEFAULTS.seed})")
+    parser.add_argument("--members", type=int, default=_DEFAULTS.members, metavar="M",
+                        help=f"ensemble members (default {_DEFAULTS.members})")
+    parser.add_argument("--classes", type=int, default=_DEFAULTS.classes, metavar="C",
+                        help=f"classes (default {_DEFAULTS.classes})")
+    parser.add_argument("--dim", type=int, default=_DEFAULTS.dim, metavar="D",
+                        help=f"embedding dimension (default {_DEFAULTS.dim})")
+    parser.add_argument("--calibration-rows", type=int, default=_DEFAULTS.calibration_rows, metavar="N",
+                        help=f"labelled calibration rows (default {_DEFAULTS.calibration_rows})")
+    parser.add_argument("--bank-rows", type=int, default=_DEFAULTS.bank_rows, metavar="N",
+                        help=f"reference bank rows (default {_DEFAULTS.bank_rows})")
+    parser.add_argument("--row-group-rows", type=int, default=_DEFAULTS.row_group_rows, metavar="N",
+                        help=f"rows per Parquet row group; layout only, never the data (default {_DEFAULTS.row_group_rows})")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    try:
+        config = FleetConfig(
+            rows=args.rows, sources=args.sources, seed=args.seed, members=args.members, classes=args.classes,
+            dim=args.dim, calibration_rows=args.calibration_rows, bank_rows=args.bank_rows,
+            row_group_rows=args.row_group_rows,
+        )
+    except ValueError as exc:
+        console.print(f"[red]triage simulate:[/red] {exc}")
+        return 2
+
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]simulating fleet"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as bar:
+        task = bar.add_task("simulate", total=config.rows + config.calibration_rows + config.bank_rows, rate="")
+
+        def progress(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - start
+            rate = f"{done / elapsed / 1e6:.2f} M rows/s" if done and elapsed > 0 else ""
+            bar.update(task, completed=done, total=total, rate=rate)
+
+        files = simulate_fleet(args.out, config, progress=progress)
+    elapsed = time.perf_counter() - start
+
+    table = Table(title=f"Simulated fleet (seed {config.seed}) in {elapsed:.1f} s", title_justify="left")
+    table.add_column("file", style="bold")
+    table.add_column("rows", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("path")
+    for role, path, rows in (
+        ("fleet", files.fleet, config.rows),
+        ("calibration", files.calibration, config.calibration_rows),
+        ("bank", files.bank, config.bank_rows),
+        ("truth", files.truth, config.rows),
+    ):
+        table.add_row(role, f"{rows:,}", _size(path.stat().st_size), str(path))
+    console.print(table)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
