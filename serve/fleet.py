@@ -359,6 +359,10 @@ class _World:
     drift_shift: np.ndarray  # [C, D]: class mean displacement at full drift
     heads: np.ndarray  # [D, M * C]: member heads side by side, logits = x @ heads + biases
     biases: np.ndarray  # [M * C]
+    noise_heads: np.ndarray  # [r + k, M * C] = noise_basis @ heads
+    class_logits: np.ndarray  # [C, M * C] = class_means @ heads + biases
+    unseen_logits: np.ndarray  # [U, M * C] = unseen_means @ heads + biases
+    drift_logits: np.ndarray  # [C, M * C] = drift_shift @ heads
     source_cdf: np.ndarray  # [S] float64, cumulative traffic share
 
 
@@ -439,6 +443,10 @@ def _world(config: FleetConfig) -> _World:
         drift_shift=f32(drift_shift),
         heads=f32(heads),
         biases=f32(biases),
+        noise_heads=f32(noise_basis @ heads),
+        class_logits=f32(class_means @ heads + biases),
+        unseen_logits=f32(unseen_means @ heads + biases),
+        drift_logits=f32(drift_shift @ heads),
         source_cdf=np.cumsum(source_share / source_share.sum()),
     )
 
@@ -530,30 +538,35 @@ def _generate_block(config: FleetConfig, stream: int, block: int, total: int) ->
 
     # Embeddings: class (or unseen class) mean + noise in the class and nuisance subspaces. All
     # rows draw the same numbers whatever their kind, so the kinds only change what is added.
+    # Logits are the heads applied to the embedding; the heads are linear, so they are built from
+    # the same parts (noise through noise_heads, a per-class table for the means) at a quarter of
+    # the multiply-adds of embedding @ heads. Only corrupted rows, whose noise spans all D
+    # dimensions, go through the full product.
     coords = rng.standard_normal((n, world.noise_basis.shape[0]), dtype=np.float32)
     embedding = coords @ world.noise_basis
+    logits = coords @ world.noise_heads
     unseen_rows = np.flatnonzero(kind == _UNSEEN)
     unseen_pick = rng.integers(0, world.unseen_means.shape[0], size=n)
     centre = world.class_means[label]
+    centre_logits = world.class_logits[label]
     if unseen_rows.size:
         centre[unseen_rows] = world.unseen_means[unseen_pick[unseen_rows]]
+        centre_logits[unseen_rows] = world.unseen_logits[unseen_pick[unseen_rows]]
     embedding += centre
+    logits += centre_logits
     drift_rows = np.flatnonzero(kind == _DRIFT)
     if drift_rows.size:
-        embedding[drift_rows] += drift_amount[drift_rows, None] * world.drift_shift[label[drift_rows]]
+        amount = drift_amount[drift_rows, None]
+        embedding[drift_rows] += amount * world.drift_shift[label[drift_rows]]
+        logits[drift_rows] += amount * world.drift_logits[label[drift_rows]]
     corrupted_rows = np.flatnonzero(kind == _CORRUPTED)
     if corrupted_rows.size:
-        # Drawn from a generator of its own so the (variable) count of corrupted rows does not
-        # shift the draws above: only this block's corrupted rows depend on it.
-        crng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(config.seed, spawn_key=(stream, block, 1))))
         low, high = config.corruption_scale
-        factor = np.exp(crng.uniform(math.log(low), math.log(high), size=corrupted_rows.size)).astype(np.float32)
-        noise = crng.standard_normal((corrupted_rows.size, config.dim), dtype=np.float32)
+        factor = np.exp(rng.uniform(math.log(low), math.log(high), size=corrupted_rows.size)).astype(np.float32)
+        noise = rng.standard_normal((corrupted_rows.size, config.dim), dtype=np.float32)
         noise *= np.float32(config.corruption_noise)
         embedding[corrupted_rows] = embedding[corrupted_rows] * factor[:, None] + noise
-
-    logits = embedding @ world.heads
-    logits += world.biases
+        logits[corrupted_rows] = embedding[corrupted_rows] @ world.heads + world.biases
 
     label[kind == _UNSEEN] = -1
     label[kind == _CORRUPTED] = -1

@@ -280,6 +280,23 @@ def test_truth_is_consistent_with_the_logits(day):
     assert 0.01 < ood_share < 0.05, ood_share  # 2% base plus the burst
 
 
+def test_logits_are_the_member_heads_applied_to_the_embedding(day):
+    # The simulator assembles logits from parts (a linear map is applied to noise and means
+    # separately); they must equal the heads applied to the final embedding for every kind of row.
+    # Tolerance: float32 products of length <= D with |terms| up to the row's largest logit, so a
+    # few ulps of that (1e-5 relative) - a forgotten part (drift, corruption) is off by far more.
+    fleet_table, truth, _, _ = day
+    world = fleet._world(CONFIG)
+    z = logits_of(fleet_table, CONFIG).reshape(fleet_table.num_rows, -1)
+    expected = embeddings_of(fleet_table, CONFIG) @ world.heads.astype(np.float64) + world.biases
+    scale = np.abs(expected).max(axis=1, keepdims=True)
+    kind = column(truth, "kind")
+    for name in KINDS:
+        rows = kind == name
+        worst = (np.abs(z[rows] - expected[rows]) / scale[rows]).max()
+        assert worst < 1e-5, f"{name}: logits off the heads by {worst:.2e} of the row's largest logit"
+
+
 def test_error_rate_and_overconfidence(day):
     _, _, calibration, _ = day
     z = logits_of(calibration, CONFIG)
