@@ -55,7 +55,8 @@ MAX_MEMBERS_TILED = 1024
 # Shrink row blocks so that mid-sized batches still spread over the GPU: at least this many
 # programs (two per SM of an H100 / H200, which have 132) when the batch allows it.
 MIN_PROGRAMS = 264
-_INT32_MAX = 2**31 - 1
+# Row indices, and offsets inside a row plus one tile, must stay below 2**31 (int32 arithmetic).
+_INT32_SPAN = 2**31 - 2**15
 # Largest tile a plan may ask for (Triton's own limit is 2**20 elements; registers give out sooner).
 _MAX_TILE = 2**14
 
@@ -87,8 +88,8 @@ def _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX: tl.constexpr, BL
 def _load_tile(ptrs, mask, IS_FP64: tl.constexpr):
     """Load a [BLOCK_R, BLOCK_C] logit tile as float32, padding -inf outside ``mask``.
 
-    Also returns, per row, 0.0 when every loaded value is finite and NaN otherwise
-    (x * 0 is 0 for finite x and NaN for NaN and ±inf), summed over the tile.
+    Also returns the tile of ``logit * 0``: 0.0 where the logit is finite (or padding), NaN for
+    NaN and ±inf, so that any sum it joins turns NaN exactly when the row is invalid.
     """
     raw = tl.load(ptrs, mask=mask, other=0.0)
     # tl.maximum does not propagate NaN (maxnum): NaN becomes -FLT_MAX. Invalid rows are thrown
@@ -96,14 +97,54 @@ def _load_tile(ptrs, mask, IS_FP64: tl.constexpr):
     # reductions as all NaN, which the interpreter (numpy's nanargmax) refuses.
     if IS_FP64:
         # Judge finiteness in float64: 1e300 is a valid logit that float32 would call inf.
-        poison = tl.sum((raw * 0.0).to(tl.float32), axis=1)
+        zero = (raw * 0.0).to(tl.float32)
         x = tl.minimum(tl.maximum(raw, -_FLT_MAX), _FLT_MAX).to(tl.float32)
     else:
         x = raw.to(tl.float32)
-        poison = tl.sum(x * 0.0, axis=1)
+        zero = x * 0.0
         x = tl.maximum(x, -_FLT_MAX)
     x = tl.where(mask, x, float("-inf"))
-    return x, poison
+    return x, zero
+
+
+@triton.jit
+def _tile_ptrs(logits_ptr, row_start, offset, tile_cols, ALIGN: tl.constexpr):
+    """Pointers [BLOCK_R, BLOCK_C] to ``tile_cols`` of each row at ``row_start + offset``
+    (int64 row starts: B * M * C may pass 2**31). ALIGN, a power of two dividing C (so M * C and
+    every member's and tile's start), lets the compiler vectorise the loads and give each thread
+    ALIGN adjacent classes of a row, which shortens every reduction over classes."""
+    start = tl.multiple_of(row_start + offset, ALIGN)
+    return logits_ptr + start[:, None] + tile_cols[None, :]
+
+
+@triton.jit
+def _tile_mask(row_mask, cols, n_classes, ALIGN: tl.constexpr):
+    """[BLOCK_R, BLOCK_C] mask of real rows and classes; constant over aligned groups of ALIGN."""
+    return row_mask[:, None] & tl.max_constancy(cols < n_classes, ALIGN)[None, :]
+
+
+@triton.jit
+def _max_first_argmax(x, cols, BLOCK_C: tl.constexpr):
+    """Row max of ``x`` [BLOCK_R, BLOCK_C] and the lowest column index ``cols`` holding it.
+
+    Two plain reductions (max.f32, then min.s32) rather than one over (value, index) pairs,
+    whose combine costs about seven instructions per shuffle step on sm_90.
+    """
+    mx = tl.max(x, axis=1)
+    arg = tl.min(tl.where(x == mx[:, None], cols[None, :], BLOCK_C), axis=1)
+    return mx, arg
+
+
+@triton.jit
+def _times_and_renormalise(product, exponent, factor):
+    """Multiply the running ``product`` (in [1, 2)) by ``factor`` >= 1 and move the result's
+    binary exponent into the integer ``exponent``, so that log2 of the full product is
+    ``exponent + log2(product)`` and never overflows: one log per row at the end instead of one
+    per member (libdevice's log2f is about 20 instructions, and every lane of a row pays it)."""
+    bits = (product * factor).to(tl.int32, bitcast=True)
+    exponent += (bits >> 23) - 127
+    product = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    return product, exponent
 
 
 @triton.jit
@@ -141,42 +182,48 @@ def _signals_fused_kernel(
     n_rows, n_members, n_classes,
     stride_row, stride_member,
     HAS_INDEX: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_R rows, every member's row tile [BLOCK_R, BLOCK_C >= C] loaded once."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_C)
-    mask = row_mask[:, None] & (cols < n_classes)[None, :]
+    mask = _tile_mask(row_mask, cols, n_classes, ALIGN)
     scale = _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX, BLOCK_R)
-    # int64 row offsets: B * M * C may pass 2**31; offsets inside a row (M * C) may not (_plan).
-    ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    row_start = rows.to(tl.int64) * stride_row
 
-    poison = tl.zeros([BLOCK_R], dtype=tl.float32)
-    log2_s_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    pd_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # A row's classes are spread over several lanes of a warp, so every reduction over classes
+    # costs shuffles: per member only the max, the argmax and the softmax denominator are
+    # reduced; everything else accumulates element-wise in [BLOCK_R, BLOCK_C] registers and is
+    # reduced once after the loop.
+    s_product = tl.full([BLOCK_R], 1.0, dtype=tl.float32)  # prod_m s_m = s_product * 2**s_exponent
+    s_exponent = tl.zeros([BLOCK_R], dtype=tl.int32)
     p_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    pd_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     votes = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
     for m in range(n_members):
-        x, bad = _load_tile(ptrs + m * stride_member, mask, IS_FP64)
-        poison += bad
+        x, zero = _load_tile(_tile_ptrs(logits_ptr, row_start, m * stride_member, cols, ALIGN), mask, IS_FP64)
         # Max and argmax of the RAW logits (T > 0 keeps the argmax; dividing first could round
         # two distinct logits into a tie).
-        mx, arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        mx, arg = _max_first_argmax(x, cols, BLOCK_C)
         d = tl.maximum((x - mx[:, None]) * scale[:, None], _EXP2_FLOOR)
         e = tl.exp2(d)
         s = tl.sum(e, axis=1)
-        inv_s = 1.0 / s
-        p_sum += e * inv_s[:, None]
-        pd_sum += tl.sum(e * d, axis=1) * inv_s
-        log2_s_sum += tl.log2(s)
+        p_m = e * (1.0 / s)[:, None]
+        # `zero` carries a non-finite logit into p_sum as NaN: validity without a reduction.
+        p_sum += p_m + zero
+        pd_acc += p_m * d
+        s_product, s_exponent = _times_and_renormalise(s_product, s_exponent, s)
         votes += (cols[None, :] == arg[:, None]).to(tl.int32)
 
+    poison = tl.sum(p_sum * 0.0, axis=1)
+    pd_sum = tl.sum(pd_acc, axis=1)
+    log2_s_sum = s_exponent.to(tl.float32) + tl.log2(s_product)
     # maxnum again: turns the NaN of invalid rows into 0 before the argmax (see _load_tile).
     p = tl.maximum(p_sum * (1.0 / n_members), 0.0)
     # Padded classes hold p = 0, never above a real class (C >= 2 and p sums to 1).
-    top1, pred = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    top1, pred = _max_first_argmax(p, cols, BLOCK_C)
     is_pred = cols[None, :] == pred[:, None]
     top2 = tl.max(tl.where(is_pred, -1.0, p), axis=1)
     total_log2 = -tl.sum(tl.where(p > 0.0, p * tl.log2(p), 0.0), axis=1)
@@ -195,7 +242,7 @@ def _signals_tiled_kernel(
     n_rows, n_members, n_classes,
     stride_row, stride_member,
     HAS_INDEX: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_R rows, classes in tiles of BLOCK_C, two sweeps (see module doc)."""
     pid = tl.program_id(0)
@@ -204,7 +251,7 @@ def _signals_tiled_kernel(
     tile_cols = tl.arange(0, BLOCK_C)
     members = tl.arange(0, BLOCK_M)
     scale = _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX, BLOCK_R)
-    row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    row_start = rows.to(tl.int64) * stride_row
 
     # Sweep 1, per member: online max, softmax denominator and raw argmax over class tiles.
     poison = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -217,11 +264,11 @@ def _signals_tiled_kernel(
         run_s = tl.zeros([BLOCK_R], dtype=tl.float32)
         run_arg = tl.zeros([BLOCK_R], dtype=tl.int32)
         for c0 in range(0, n_classes, BLOCK_C):
-            cols = c0 + tile_cols
-            mask = row_mask[:, None] & (cols < n_classes)[None, :]
-            x, bad = _load_tile(row_ptrs + m * stride_member + cols[None, :], mask, IS_FP64)
-            poison += bad
-            tile_max, tile_arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            mask = _tile_mask(row_mask, c0 + tile_cols, n_classes, ALIGN)
+            ptrs = _tile_ptrs(logits_ptr, row_start, m * stride_member + c0, tile_cols, ALIGN)
+            x, zero = _load_tile(ptrs, mask, IS_FP64)
+            poison += tl.sum(zero, axis=1)
+            tile_max, tile_arg = _max_first_argmax(x, tile_cols, BLOCK_C)
             new_max = tl.maximum(run_max, tile_max)
             # Strictly greater: an equal maximum in a later tile keeps the lower index.
             run_arg = tl.where(tile_max > run_max, tile_arg + c0, run_arg)
@@ -243,14 +290,14 @@ def _signals_tiled_kernel(
     top2 = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
     pred = tl.zeros([BLOCK_R], dtype=tl.int32)
     for c0 in range(0, n_classes, BLOCK_C):
-        cols = c0 + tile_cols
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        mask = _tile_mask(row_mask, c0 + tile_cols, n_classes, ALIGN)
         p_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for m in range(n_members):
             is_m = members[None, :] == m
             mx = tl.sum(tl.where(is_m, member_max, 0.0), axis=1)
             inv_s = tl.sum(tl.where(is_m, member_inv_s, 0.0), axis=1)
-            x, _ = _load_tile(row_ptrs + m * stride_member + cols[None, :], mask, IS_FP64)
+            ptrs = _tile_ptrs(logits_ptr, row_start, m * stride_member + c0, tile_cols, ALIGN)
+            x, _zero = _load_tile(ptrs, mask, IS_FP64)
             d = tl.maximum((x - mx[:, None]) * scale[:, None], _EXP2_FLOOR)
             e = tl.exp2(d)
             p_sum += e * inv_s[:, None]
@@ -258,7 +305,7 @@ def _signals_tiled_kernel(
         p = tl.maximum(p_sum * inv_members, 0.0)  # NaN of invalid rows -> 0 (see _load_tile)
         total_log2 -= tl.sum(tl.where(p > 0.0, p * tl.log2(p), 0.0), axis=1)
         # Padded classes hold p = 0, which can at most tie a real class's value: harmless.
-        t1, t_arg = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        t1, t_arg = _max_first_argmax(p, tile_cols, BLOCK_C)
         t2 = tl.max(tl.where(tile_cols[None, :] == t_arg[:, None], -1.0, p), axis=1)
         better = t1 > top1  # strictly: the earlier tile keeps ties (lowest index)
         top2 = tl.where(better, tl.maximum(top1, t2), tl.maximum(top2, t1))
@@ -287,6 +334,7 @@ class _Plan:
     block_c: int
     block_m: int  # members' register tile of the tiled kernel (1 for the fused one)
     num_warps: int
+    align: int  # power of two dividing C (and BLOCK_C): the load-vectorisation hint
 
     def grid(self, batch: int) -> tuple[int]:
         return (triton.cdiv(batch, self.block_r),)
@@ -304,15 +352,15 @@ def _plan(batch: int, members: int, classes: int, *, tiled: bool | None = None,
     tile and row-block boundaries where they want). Raises ValueError naming the size that is out
     of range.
     """
-    if not 1 <= batch <= _INT32_MAX:
-        raise ValueError(f"logits: expected 1 <= B <= {_INT32_MAX} rows, found B={batch}")
+    if not 1 <= batch <= _INT32_SPAN:
+        raise ValueError(f"logits: expected 1 <= B <= {_INT32_SPAN} rows, found B={batch}")
     if members < 1:
         raise ValueError(f"logits: expected at least 1 ensemble member, found M={members}")
     if classes < 2:
         raise ValueError(f"logits: expected at least 2 classes, found C={classes}")
-    if members * classes > _INT32_MAX:
+    if members * classes > _INT32_SPAN:
         raise ValueError(
-            f"logits: expected M * C <= {_INT32_MAX} (offsets inside a row are 32-bit), "
+            f"logits: expected M * C <= {_INT32_SPAN} (offsets inside a row are 32-bit), "
             f"found M * C = {members} * {classes} = {members * classes}"
         )
     if tiled is None:
@@ -341,8 +389,11 @@ def _plan(batch: int, members: int, classes: int, *, tiled: bool | None = None,
             f"found block_r={block_r}, block_c={block_c}"
         )
     block_m = triton.next_power_of_2(members) if tiled else 1
+    # The largest power of two dividing C, at most 16 (more than any vector load) and BLOCK_C.
+    align = min(classes & -classes, 16, block_c)
     num_warps = min(8, max(1, triton.next_power_of_2(block_r * block_c // TILE_ELEMENTS_PER_WARP)))
-    return _Plan(tiled=tiled, block_r=block_r, block_c=block_c, block_m=block_m, num_warps=num_warps)
+    return _Plan(tiled=tiled, block_r=block_r, block_c=block_c, block_m=block_m, num_warps=num_warps,
+                 align=align)
 
 
 def _check_inputs(logits: torch.Tensor, temperatures: torch.Tensor, temperature_index) -> None:
@@ -398,7 +449,7 @@ def _launch(logits: torch.Tensor, temperatures: torch.Tensor, temperature_index:
         logits.stride(0), logits.stride(1),
     )
     meta = dict(HAS_INDEX=index is not None, IS_FP64=logits.dtype == torch.float64,
-                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, ALIGN=plan.align, num_warps=plan.num_warps)
     logger.debug("signals triton: B=%d M=%d C=%d %s", batch, members, classes, plan)
     # Triton launches on the current CUDA device; make it the logits' one.
     with torch.cuda.device(device) if logits.is_cuda else contextlib.nullcontext():

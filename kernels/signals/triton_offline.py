@@ -43,6 +43,7 @@ class CompiledCase:
     block_c: int
     block_m: int
     num_warps: int
+    align: int
     registers: int  # per thread, as ptxas allocated them
     stack_bytes: int  # > 0 means spills to local memory
 
@@ -50,6 +51,15 @@ class CompiledCase:
 def compile_case(shape: tuple[int, int, int], dtype: torch.dtype, has_index: bool,
                  arch: int = 90) -> CompiledCase:
     """Compile the kernel :func:`_plan` picks for logits ``shape`` / ``dtype`` to a cubin."""
+    plan, name, compiled = compile_kernel(shape, dtype, has_index, arch)
+    registers, stack = _resource_usage(compiled.asm["cubin"])
+    label = f"{'x'.join(map(str, shape))}:{str(dtype).removeprefix('torch.')}{':index' if has_index else ''}"
+    return CompiledCase(label, name, plan.block_r, plan.block_c, plan.block_m, plan.num_warps,
+                        plan.align, registers, stack)
+
+
+def compile_kernel(shape: tuple[int, int, int], dtype: torch.dtype, has_index: bool, arch: int = 90):
+    """(plan, kernel name, Triton's compiled kernel with its ``asm`` dict: ttgir, ptx, cubin)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET: expected unset for an offline compile, found it set")
     import triton
@@ -61,21 +71,26 @@ def compile_case(shape: tuple[int, int, int], dtype: torch.dtype, has_index: boo
     batch, members, classes = shape
     plan = triton_gpu._plan(batch, members, classes)
     fn = triton_gpu._signals_tiled_kernel if plan.tiled else triton_gpu._signals_fused_kernel
-    signature = {"logits_ptr": f"*{_TRITON_DTYPES[dtype]}", "temps_ptr": "*fp32", "index_ptr": "*i32"}
-    signature.update({name: "*fp32" for name in _OUTPUTS})
-    signature["pred_ptr"], signature["valid_ptr"] = "*i32", "*i1"
-    signature.update({name: "i32" for name in ("n_rows", "n_members", "n_classes", "stride_row", "stride_member")})
+    # As a launch specialises them: pointers from torch's allocator are 16-byte aligned, integers
+    # divisible by 16 are marked so, and integers equal to 1 become constants.
+    pointers = {"logits_ptr": f"*{_TRITON_DTYPES[dtype]}", "temps_ptr": "*fp32", "index_ptr": "*i32"}
+    pointers.update({name: "*fp32" for name in _OUTPUTS})
+    pointers["pred_ptr"], pointers["valid_ptr"] = "*i32", "*i1"
+    integers = {"n_rows": batch, "n_members": members, "n_classes": classes,
+                "stride_row": members * classes, "stride_member": classes}
+    signature = dict(pointers)
+    signature.update({name: "i32" for name in integers})
     constants = {"HAS_INDEX": has_index, "IS_FP64": dtype == torch.float64,
-                 "BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c}
+                 "BLOCK_R": plan.block_r, "BLOCK_C": plan.block_c, "ALIGN": plan.align}
     if plan.tiled:
         constants["BLOCK_M"] = plan.block_m
+    constants.update({name: 1 for name, value in integers.items() if value == 1})
     signature.update({name: "constexpr" for name in constants})
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32),
+    aligned = [name for name in pointers] + [n for n, v in integers.items() if v % 16 == 0]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": plan.num_warps})
-    registers, stack = _resource_usage(compiled.asm["cubin"])
-    label = f"{'x'.join(map(str, shape))}:{str(dtype).removeprefix('torch.')}{':index' if has_index else ''}"
-    return CompiledCase(label, fn.__name__, plan.block_r, plan.block_c, plan.block_m, plan.num_warps,
-                        registers, stack)
+    return plan, fn.__name__, compiled
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         sys.stdout.write(
             f"ok {case.label} {case.kernel} BLOCK_R={case.block_r} BLOCK_C={case.block_c} "
-            f"BLOCK_M={case.block_m} warps={case.num_warps} registers={case.registers} "
+            f"BLOCK_M={case.block_m} ALIGN={case.align} warps={case.num_warps} registers={case.registers} "
             f"stack={case.stack_bytes}\n"
         )
     return 1 if failed else 0
