@@ -1,0 +1,47 @@
+"""Helpers every suite uses: timing settings per mode, failure text, the shared rooflines."""
+
+from __future__ import annotations
+
+from ..timing import Timing, device_copy_roofline, host_copy_roofline, measure, measure_cuda_events, torch_host_copy_roofline
+
+
+def failure(exc: BaseException, prefix: str = "failed") -> str:
+    """'failed: TypeName: first line of the message' (tables stay one line a row)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{prefix}: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def not_yet(exc: BaseException) -> str:
+    """The status of one of our implementations that has not landed yet."""
+    return failure(exc, "not available yet")
+
+
+def time_call(ctx, fn, *, cuda: bool = False, budget_s: float | None = None, warmup: int = 1) -> Timing:
+    """Best of 5 after ``warmup`` untimed calls (0 when the caller already made the first call).
+    Quick mode stops after 3 timed calls once ``budget_s`` (default 2.5 s) is spent, so one slow
+    peer cannot take the whole run; full mode always does 5."""
+    if cuda:
+        return measure_cuda_events(fn, repeats=10 if not ctx.quick else 5, warmup=max(warmup, 1))
+    if ctx.quick:
+        return measure(fn, repeats=5, min_repeats=3, budget_s=budget_s if budget_s is not None else 2.5,
+                       min_sample_s=0.02, warmup=warmup)
+    return measure(fn, repeats=5, min_repeats=5, min_sample_s=0.05, warmup=warmup)
+
+
+def host_roofline(ctx):
+    """The CPU memory roof of this run (a large numpy copy), measured once and shared."""
+    if "cpu" not in ctx.rooflines:
+        ctx.rooflines["cpu"] = host_copy_roofline()
+        ctx.rooflines["cpu_torch"] = torch_host_copy_roofline()
+        r, t = ctx.rooflines["cpu"], ctx.rooflines["cpu_torch"]
+        ctx.console.print(f"  memory roof: numpy copy {r.gbps:.1f} GB/s (torch copy_ {t.gbps:.1f} GB/s, for reference)")
+    return ctx.rooflines["cpu"]
+
+
+def device_roofline(ctx):
+    """The GPU memory roof of this run (a device-to-device copy timed with events)."""
+    if "cuda" not in ctx.rooflines:
+        ctx.rooflines["cuda"] = device_copy_roofline()
+        ctx.console.print(f"  device memory roof: copy {ctx.rooflines['cuda'].gbps:.0f} GB/s")
+    return ctx.rooflines["cuda"]
