@@ -36,7 +36,14 @@ The latent world (all of it drawn from the seed):
 Determinism: rows are generated in fixed blocks of :data:`GENERATION_BLOCK_ROWS`, each from its own
 generator derived from (seed, file stream, block index). The data therefore depend only on the
 configuration's data fields, never on batch size, row-group size or threading; the file layout
-knobs (``row_group_rows``) change the layout, not a single value.
+knobs (``row_group_rows``) change the layout, not a single value. Files are byte-identical for
+the same configuration on the same platform and library versions; another numpy (whose
+generators may change between releases) or another BLAS kernel may change values in the last
+bits, never the statistics.
+
+Speed, measured on the shared 2-core VM (M=5, C=10, D=128): about 1.1 us of CPU per row to
+generate and 1.6 us to encode and write as Parquet (pyarrow's nested-list encoding is most of it),
+the two overlapping on two threads; 10M rows are 7.4 GB.
 """
 
 from __future__ import annotations
@@ -350,10 +357,7 @@ class _World:
     """Everything drawn once per seed. Row-major float32 arrays, shapes in the names' comments."""
 
     class_means: np.ndarray  # [C, D]
-    class_log_prior: np.ndarray  # [C] float64
     class_cdf: np.ndarray  # [C] float64, cumulative class prior
-    class_basis: np.ndarray  # [r, D], orthonormal rows
-    nuisance_basis: np.ndarray  # [k, D], orthonormal rows, orthogonal to class_basis
     noise_basis: np.ndarray  # [r + k, D]: class rows then nuisance rows scaled by nuisance_std
     unseen_means: np.ndarray  # [U, D]
     drift_shift: np.ndarray  # [C, D]: class mean displacement at full drift
@@ -399,8 +403,9 @@ def _world(config: FleetConfig) -> _World:
     unseen_out = _random_unit_rows(rng, config.unseen_classes, outside_basis)
     unseen_means = unseen_in @ class_basis + config.unseen_offset * config.class_separation * unseen_out
 
-    # Drift: each class mean moves half towards the class subspace's other classes (more errors)
-    # and half off the subspace (farther from the bank), reaching drift_strength separations.
+    # Drift: each class mean moves along a random direction that is half inside the class
+    # subspace (towards some other classes: more errors) and half off it (farther from the bank
+    # and where the members disagree), reaching drift_strength separations.
     shift_in = rng.standard_normal((c, r)) @ class_basis
     shift_in /= np.linalg.norm(shift_in, axis=1, keepdims=True)
     shift_out = _random_unit_rows(rng, c, outside_basis)
@@ -434,10 +439,7 @@ def _world(config: FleetConfig) -> _World:
 
     return _World(
         class_means=f32(class_means),
-        class_log_prior=np.log(prior),
         class_cdf=np.cumsum(prior),
-        class_basis=f32(class_basis),
-        nuisance_basis=f32(nuisance_basis),
         noise_basis=f32(noise_basis),
         unseen_means=f32(unseen_means),
         drift_shift=f32(drift_shift),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import logging
 import time
 from pathlib import Path
 
@@ -13,6 +16,28 @@ from rich.table import Table
 from ..fleet import FleetConfig, simulate_fleet
 
 _DEFAULTS = FleetConfig()
+logger = logging.getLogger(__name__)
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_blocks_mapped() -> None:
+    """Let glibc reuse freed multi-megabyte blocks instead of returning them to the kernel.
+
+    Why: every generation block allocates a few 2-8 MB arrays and frees them once written. By
+    default glibc serves those with fresh mmaps (or trims them off the heap), so each block pays
+    its page faults again: on the 2-core VM, 2M rows took 0.61 s of system time and 228k faults,
+    against 0.05 s and 16k with these thresholds. This process exists to run this command, so it
+    may set them; the library never does. A libc without mallopt (musl, macOS) is left alone."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.debug("no mallopt in this libc: malloc left at its defaults")
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def register(subparsers) -> None:
@@ -58,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]triage simulate:[/red] {exc}")
         return 2
 
+    _keep_freed_blocks_mapped()
     start = time.perf_counter()
     with Progress(
         TextColumn("[bold]simulating fleet"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
