@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .numba_math import bf16_to_f32, bits_f32, exp32, f16_to_f32, f32_bits, log_parts, split_exponent
+from .numba_math import bf16_to_f32, bits_f32, exp32, f16_to_f32, fmax, log_parts, split_exponent
 
 logger = logging.getLogger(__name__)
 
@@ -83,48 +83,100 @@ _F64_EXP = np.int64(0x7FF0000000000000)
 # Blocked kernel (few classes)
 # ---------------------------------------------------------------------------------------------
 
+# Rows of the per-row float32 scratch ``fv`` [_NF, BLOCK_ROWS] and int32 scratch ``iv``.
+_TOP, _TOP2, _INV_T, _S, _SD, _LP_M, _H_SUM, _W, _ENT = 0, 1, 2, 3, 4, 5, 6, 7, 8
+_CONF, _MARGIN, _TOTAL, _EXPECTED, _MI, _VOTE = 9, 10, 11, 12, 13, 14
+_NF = 15
+_BEST, _BAD, _LP_E, _CLASS, _VOTES = 0, 1, 2, 3, 4
+_NI = 5
+
+# Every loop over the rows of a block indexes a row view (``x[j]``) from 0: with a computed flat
+# index (``x[j * R + r]``) numba's negative-index wraparound can hide the affine access from LLVM
+# and the loop stays scalar.
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _bits_at(raw, kind, k):
+    """Bits of logit ``k`` of a float32 (KIND_F32) or 16-bit input, as int32 (slow paths only)."""
+    if kind == KIND_F32:
+        return i32(raw.view(np.int32)[k])
+    return i32(raw.view(np.uint16)[k])
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _nonfinite_narrow(kind, bits):
+    """True for the bits of a NaN or +-inf float32 (KIND_F32) or 16-bit float."""
+    if kind == KIND_F32:
+        return (bits & _F32_EXP) == _F32_EXP
+    if kind == KIND_BF16:
+        return (bits & _BF16_EXP) == _BF16_EXP
+    return (bits & _F16_EXP) == _F16_EXP
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _widen_narrow(kind, bits):
+    """float32 value of the bits of a float32 (KIND_F32) or 16-bit float."""
+    if kind == KIND_F32:
+        return bits_f32(bits)
+    if kind == KIND_BF16:
+        return bf16_to_f32(bits)
+    return f16_to_f32(bits)
+
+
 @njit(fastmath=_FLAGS, cache=True)
 def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
     """Transpose rows [row0, row0 + nrows) of the logits into ``x`` [member*class, BLOCK_ROWS]
-    as float32, zero-padding the rest of the block; flag rows with a non-finite logit in ``bad``.
+    as float32, zero-padding the rest of the block; ``bad[r]`` = 1 for a row with a non-finite
+    logit (whose logits are loaded as 0).
 
     For float64 input the member max is subtracted in float64 and the member argmax is stored in
     ``arg`` [member, BLOCK_ROWS]; returns True in that case (``x`` is then already shifted)."""
     width = members * classes
     R = BLOCK_ROWS
-    if kind == KIND_F32:
-        src = raw.view(np.int32)
-        for r in range(nrows):
-            off = (row0 + r) * width
-            flag = i32(0)
-            for j in range(width):
-                bits = i32(src[off + j])
-                nonfinite = (bits & _F32_EXP) == _F32_EXP
-                flag |= i32(nonfinite)
-                x[j * R + r] = _ZERO if nonfinite else bits_f32(bits)
-            bad[r] = flag
-    elif kind == KIND_BF16:
-        src = raw.view(np.uint16)
-        for r in range(nrows):
-            off = (row0 + r) * width
-            flag = i32(0)
-            for j in range(width):
-                h = i32(src[off + j])
-                nonfinite = (h & _BF16_EXP) == _BF16_EXP
-                flag |= i32(nonfinite)
-                x[j * R + r] = _ZERO if nonfinite else bf16_to_f32(h)
-            bad[r] = flag
-    elif kind == KIND_F16:
-        src = raw.view(np.uint16)
-        for r in range(nrows):
-            off = (row0 + r) * width
-            flag = i32(0)
-            for j in range(width):
-                h = i32(src[off + j])
-                nonfinite = (h & _F16_EXP) == _F16_EXP
-                flag |= i32(nonfinite)
-                x[j * R + r] = _ZERO if nonfinite else f16_to_f32(h)
-            bad[r] = flag
+    start = row0 * width
+    stop = (row0 + nrows) * width
+    if kind != KIND_F64:
+        # Common case first: one vectorised OR over the block's bits, then a plain transposing
+        # copy (a gather per class, vectorised across rows).
+        flag = i32(0)
+        if kind == KIND_F32:
+            src = raw.view(np.int32)[start:stop]
+            for k in range(stop - start):
+                flag |= i32((src[k] & _F32_EXP) == _F32_EXP)
+        else:
+            src16 = raw.view(np.uint16)[start:stop]
+            mask = _BF16_EXP if kind == KIND_BF16 else _F16_EXP
+            for k in range(stop - start):
+                flag |= i32((i32(src16[k]) & mask) == mask)
+        if flag == 0:
+            for r in range(R):
+                bad[r] = 0
+            if kind == KIND_F32:
+                srcf = raw.view(np.float32)[start:stop]
+                for j in range(width):
+                    xj = x[j]
+                    for r in range(nrows):
+                        xj[r] = srcf[r * width + j]
+            elif kind == KIND_BF16:
+                for j in range(width):
+                    xj = x[j]
+                    for r in range(nrows):
+                        xj[r] = bf16_to_f32(i32(src16[r * width + j]))
+            else:
+                for j in range(width):
+                    xj = x[j]
+                    for r in range(nrows):
+                        xj[r] = f16_to_f32(i32(src16[r * width + j]))
+        else:
+            # Some row holds NaN or inf: flag rows and load their logits as 0, element by element.
+            for r in range(nrows):
+                row_flag = i32(0)
+                for j in range(width):
+                    bits = _bits_at(raw, kind, start + r * width + j)
+                    nonfinite = _nonfinite_narrow(kind, bits)
+                    row_flag |= i32(nonfinite)
+                    x[j, r] = _ZERO if nonfinite else _widen_narrow(kind, bits)
+                bad[r] = row_flag
     else:
         src = raw.view(np.float64)
         bits = raw.view(np.int64)
@@ -144,95 +196,117 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
                         if src[base + c] > top:
                             top = src[base + c]
                             best = c
-                arg[m * R + r] = best
+                arg[m, r] = best
                 for c in range(classes):
                     v = src[base + c] - top if flag == 0 else 0.0
-                    x[(m * classes + c) * R + r] = f32(v)
+                    x[m * classes + c, r] = f32(v)
     for r in range(nrows, R):
         bad[r] = 0
         for j in range(width):
-            x[j * R + r] = _ZERO
+            x[j, r] = _ZERO
         for m in range(members):
-            arg[m * R + r] = 0
+            arg[m, r] = 0
     return kind == KIND_F64
 
 
 @njit(fastmath=_FLAGS, cache=True)
-def _block_signals(x, arg, shifted, inv_t, members, classes, pbar, top, best, s, sd, lp_m, lp_e,
-                   h_sum, tmp):
-    """Signals of one full block: reads ``x`` (overwritten with exp values) and ``arg``; leaves
-    the mean probabilities in ``pbar`` [class, BLOCK_ROWS] and per-row partial results in the
-    [BLOCK_ROWS] arrays: ``lp_m``/``lp_e`` the product of the softmax denominators as mantissa and
-    exponent, ``h_sum`` sum_m sum_c p_mc d_mc."""
+def _block_signals(x, arg, shifted, members, classes, pbar, fv, iv):
+    """Softmax of every member of a full block: reads ``x`` [member*class, BLOCK_ROWS] (then
+    overwritten with exp values) and, when ``shifted``, ``arg`` [member, BLOCK_ROWS] (else fills
+    it); leaves the mean probabilities in ``pbar`` [class, BLOCK_ROWS] and per row, in ``fv``/``iv``,
+    the product of the softmax denominators as mantissa and exponent (_LP_M, _LP_E) and
+    sum_m (sum_c e_mc d_mc) / s_m (_H_SUM)."""
     R = BLOCK_ROWS
     w_mean = _ONE / f32(members)
-    for k in range(classes * R):
-        pbar[k] = _ZERO
+    top = fv[_TOP]
+    inv_t = fv[_INV_T]
+    s = fv[_S]
+    sd = fv[_SD]
+    lp_m = fv[_LP_M]
+    h_sum = fv[_H_SUM]
+    w = fv[_W]
+    best = iv[_BEST]
+    lp_e = iv[_LP_E]
+    for c in range(classes):
+        pc = pbar[c]
+        for r in range(R):
+            pc[r] = _ZERO
     for r in range(R):
         lp_m[r] = _ONE
         lp_e[r] = 0
         h_sum[r] = _ZERO
     for m in range(members):
-        base = m * classes * R
+        am = arg[m]
         if shifted:
             for r in range(R):
                 top[r] = _ZERO
         else:
             # Member max and first argmax on the raw logits, across the rows of the block.
+            x0 = x[m * classes]
             for r in range(R):
-                top[r] = x[base + r]
+                top[r] = x0[r]
                 best[r] = 0
             for c in range(1, classes):
-                row = base + c * R
+                xc = x[m * classes + c]
                 for r in range(R):
-                    v = x[row + r]
+                    v = xc[r]
                     gt = v > top[r]
                     top[r] = v if gt else top[r]
                     best[r] = i32(c) if gt else best[r]
             for r in range(R):
-                arg[m * R + r] = best[r]
+                am[r] = best[r]
         for r in range(R):
             s[r] = _ZERO
             sd[r] = _ZERO
         for c in range(classes):
-            row = base + c * R
+            xc = x[m * classes + c]
             for r in range(R):
-                d = (x[row + r] - top[r]) * inv_t[r]
+                d = (xc[r] - top[r]) * inv_t[r]
                 d = d if d > D_FLOOR else D_FLOOR
                 e = exp32(d)
-                x[row + r] = e
+                xc[r] = e
                 s[r] += e
                 sd[r] += e * d
         for r in range(R):
             inv_s = _ONE / s[r]
             h_sum[r] += sd[r] * inv_s
-            tmp[r] = inv_s * w_mean
+            w[r] = inv_s * w_mean
             # Running product of the denominators, renormalised to [1, 2) so it never overflows.
             mant, ex = split_exponent(lp_m[r] * s[r])
             lp_m[r] = mant
             lp_e[r] += ex
         for c in range(classes):
-            row = base + c * R
-            prow = c * R
+            xc = x[m * classes + c]
+            pc = pbar[c]
             for r in range(R):
-                pbar[prow + r] += x[row + r] * tmp[r]
+                pc[r] += xc[r] * w[r]
 
 
 @njit(fastmath=_FLAGS, cache=True)
-def _block_finish(pbar, arg, bad, members, classes, row0, nrows, lp_m, lp_e, h_sum, top, top2,
-                  best, ent, out_class, out_conf, out_margin, out_total, out_expected, out_mi,
-                  out_vote, out_valid):
-    """Top-1/top-2/argmax and entropy of the mean probabilities, then the outputs of the block."""
+def _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class, out_conf, out_margin,
+                  out_total, out_expected, out_mi, out_vote, out_valid):
+    """Top-1, top-2, argmax and entropy of the mean probabilities, and the signals of a full
+    block into the [BLOCK_ROWS] output views (-1 / NaN where ``bad``)."""
     R = BLOCK_ROWS
+    top = fv[_TOP]
+    top2 = fv[_TOP2]
+    ent = fv[_ENT]
+    lp_m = fv[_LP_M]
+    h_sum = fv[_H_SUM]
+    best = iv[_BEST]
+    lp_e = iv[_LP_E]
+    votes = iv[_VOTES]
+    p0 = pbar[0]
     for r in range(R):
-        top[r] = pbar[r]
+        top[r] = p0[r]
         top2[r] = _NEG_BIG
         best[r] = 0
         ent[r] = _ZERO
+        votes[r] = 0
     for c in range(1, classes):
-        prow = c * R
+        pc = pbar[c]
         for r in range(R):
-            v = pbar[prow + r]
+            v = pc[r]
             gt = v > top[r]
             # The second largest is the larger of the old second and min(v, old first): ties with
             # the first give a zero margin, as top-k does.
@@ -241,31 +315,30 @@ def _block_finish(pbar, arg, bad, members, classes, row0, nrows, lp_m, lp_e, h_s
             top[r] = v if gt else top[r]
             best[r] = i32(c) if gt else best[r]
     for c in range(classes):
-        prow = c * R
+        pc = pbar[c]
         for r in range(R):
-            p = pbar[prow + r]
+            p = pc[r]
             # p >= e^-70 / (C*M) is a normal float32 (D_FLOOR), so split_exponent applies.
             mant, ex = split_exponent(p)
             ent[r] -= p * log_parts(mant, f32(ex))
+    for m in range(members):
+        am = arg[m]
+        for r in range(R):
+            votes[r] += i32(am[r] == best[r])
     inv_members = _ONE / f32(members)
-    for r in range(nrows):
-        votes = 0
-        for m in range(members):
-            votes += arg[m * R + r] == best[r]
-        total = ent[r]
-        expected = (log_parts(lp_m[r], f32(lp_e[r])) - h_sum[r]) * inv_members
-        mi = total - expected
-        mi = mi if mi > _ZERO else _ZERO
+    for r in range(R):
         ok = bad[r] == 0
-        i = row0 + r
-        out_class[i] = best[r] if ok else i32(-1)
-        out_conf[i] = top[r] if ok else _NAN
-        out_margin[i] = top[r] - top2[r] if ok else _NAN
-        out_total[i] = total if ok else _NAN
-        out_expected[i] = expected if ok else _NAN
-        out_mi[i] = mi if ok else _NAN
-        out_vote[i] = f32(votes) * inv_members if ok else _NAN
-        out_valid[i] = ok
+        exp_r = (log_parts(lp_m[r], f32(lp_e[r])) - h_sum[r]) * inv_members
+        mi_r = ent[r] - exp_r
+        mi_r = mi_r if mi_r > _ZERO else _ZERO
+        out_vote[r] = f32(votes[r]) * inv_members if ok else _NAN
+        out_class[r] = best[r] if ok else i32(-1)
+        out_conf[r] = top[r] if ok else _NAN
+        out_margin[r] = top[r] - top2[r] if ok else _NAN
+        out_total[r] = ent[r] if ok else _NAN
+        out_expected[r] = exp_r if ok else _NAN
+        out_mi[r] = mi_r if ok else _NAN
+        out_valid[r] = ok
 
 
 @njit(fastmath=_FLAGS, cache=True, parallel=True)
@@ -276,37 +349,52 @@ def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
     R = BLOCK_ROWS
     nblocks = (batch + R - 1) // R
     nchunks = min(num_threads, nblocks)
+    inv_t0 = _ONE / temps[0]
     for chunk in prange(nchunks):
         b0 = chunk * nblocks // nchunks
         b1 = (chunk + 1) * nblocks // nchunks
-        x = np.empty(members * classes * R, np.float32)
-        pbar = np.empty(classes * R, np.float32)
-        arg = np.empty(members * R, np.int32)
-        bad = np.empty(R, np.int32)
-        inv_t = np.empty(R, np.float32)
-        top = np.empty(R, np.float32)
-        top2 = np.empty(R, np.float32)
-        best = np.empty(R, np.int32)
-        s = np.empty(R, np.float32)
-        sd = np.empty(R, np.float32)
-        lp_m = np.empty(R, np.float32)
-        lp_e = np.empty(R, np.int32)
-        h_sum = np.empty(R, np.float32)
-        tmp = np.empty(R, np.float32)
+        x = np.empty((members * classes, R), np.float32)
+        pbar = np.empty((classes, R), np.float32)
+        arg = np.empty((members, R), np.int32)
+        fv = np.empty((_NF, R), np.float32)
+        iv = np.empty((_NI, R), np.int32)
+        tail_valid = np.empty(R, np.bool_)
+        bad = iv[_BAD]
+        inv_t = fv[_INV_T]
         for blk in range(b0, b1):
             row0 = blk * R
             nrows = min(R, batch - row0)
             shifted = _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad)
-            for r in range(R):
-                t = temps[0]
-                if has_index and r < nrows:
-                    t = temps[t_index[row0 + r]]
-                inv_t[r] = _ONE / t
-            _block_signals(x, arg, shifted, inv_t, members, classes, pbar, top, best, s, sd,
-                           lp_m, lp_e, h_sum, tmp)
-            _block_finish(pbar, arg, bad, members, classes, row0, nrows, lp_m, lp_e, h_sum, top,
-                          top2, best, tmp, out_class, out_conf, out_margin, out_total,
-                          out_expected, out_mi, out_vote, out_valid)
+            if has_index:
+                for r in range(nrows):
+                    inv_t[r] = _ONE / temps[t_index[row0 + r]]
+                for r in range(nrows, R):
+                    inv_t[r] = _ONE
+            else:
+                for r in range(R):
+                    inv_t[r] = inv_t0
+            _block_signals(x, arg, shifted, members, classes, pbar, fv, iv)
+            if nrows == R:
+                end = row0 + R
+                _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class[row0:end],
+                              out_conf[row0:end], out_margin[row0:end], out_total[row0:end],
+                              out_expected[row0:end], out_mi[row0:end], out_vote[row0:end],
+                              out_valid[row0:end])
+            else:
+                # The last, partial block: full-width results into scratch, then the live rows.
+                _block_finish(pbar, arg, bad, members, classes, fv, iv, iv[_CLASS], fv[_CONF],
+                              fv[_MARGIN], fv[_TOTAL], fv[_EXPECTED], fv[_MI], fv[_VOTE],
+                              tail_valid)
+                for r in range(nrows):
+                    i = row0 + r
+                    out_class[i] = iv[_CLASS, r]
+                    out_conf[i] = fv[_CONF, r]
+                    out_margin[i] = fv[_MARGIN, r]
+                    out_total[i] = fv[_TOTAL, r]
+                    out_expected[i] = fv[_EXPECTED, r]
+                    out_mi[i] = fv[_MI, r]
+                    out_vote[i] = fv[_VOTE, r]
+                    out_valid[i] = tail_valid[r]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,95 +408,88 @@ def _load_row(raw, kind, row, members, classes, z, arg):
     max in float64 (stored argmax in ``arg``); other dtypes are widened exactly."""
     width = members * classes
     off = row * width
+    end = off + width
     if kind == KIND_F32:
-        src = raw.view(np.int32)
+        src = raw.view(np.int32)[off:end]
         flag = i32(0)
         for j in range(width):
-            bits = i32(src[off + j])
+            bits = i32(src[j])
             flag |= i32((bits & _F32_EXP) == _F32_EXP)
             z[j] = bits_f32(bits)
         return flag != 0
     if kind == KIND_BF16:
-        src = raw.view(np.uint16)
+        src16 = raw.view(np.uint16)[off:end]
         flag = i32(0)
         for j in range(width):
-            h = i32(src[off + j])
+            h = i32(src16[j])
             flag |= i32((h & _BF16_EXP) == _BF16_EXP)
             z[j] = bf16_to_f32(h)
         return flag != 0
     if kind == KIND_F16:
-        src = raw.view(np.uint16)
+        src16 = raw.view(np.uint16)[off:end]
         flag = i32(0)
         for j in range(width):
-            h = i32(src[off + j])
+            h = i32(src16[j])
             flag |= i32((h & _F16_EXP) == _F16_EXP)
             z[j] = f16_to_f32(h)
         return flag != 0
-    src = raw.view(np.float64)
-    bits = raw.view(np.int64)
+    src64 = raw.view(np.float64)[off:end]
+    bits64 = raw.view(np.int64)[off:end]
     flag = i32(0)
     for j in range(width):
-        flag |= i32((bits[off + j] & _F64_EXP) == _F64_EXP)
+        flag |= i32((bits64[j] & _F64_EXP) == _F64_EXP)
     if flag != 0:
         return True
     for m in range(members):
-        base = off + m * classes
-        top = _max64(src, base, classes)
-        arg[m] = _first_equal64(src, base, classes, top)
+        seg = src64[m * classes:(m + 1) * classes]
+        top = _max(seg)
+        arg[m] = _first_equal(seg, top)
+        zm = z[m * classes:(m + 1) * classes]
         for c in range(classes):
-            z[m * classes + c] = f32(src[base + c] - top)
+            zm[c] = f32(seg[c] - top)
     return False
 
 
+# The reductions take 1-D views and index them from 0 (see the note on wraparound above); maxima
+# go through ``fmax`` (LLVM's maxnum) and the first-index search is an integer min, so that LLVM
+# turns each loop into a vector reduction.
+
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _max64(a, start, n):
-    top = a[start]
-    for k in range(start + 1, start + n):
-        top = a[k] if a[k] > top else top
+def _max(a):
+    """Largest element of a finite 1-D array."""
+    top = a[0]
+    for k in range(1, a.size):
+        top = fmax(top, a[k])
     return top
 
 
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _first_equal64(a, start, n, value):
+def _first_equal(a, value):
+    """Lowest k with a[k] == value (a.size if none)."""
+    n = a.size
     first = n
     for k in range(n):
-        first = k if (a[start + k] == value and k < first) else first
+        cand = k if a[k] == value else n
+        first = cand if cand < first else first
     return first
 
 
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _max32(a, start, n):
-    top = a[start]
-    for k in range(start + 1, start + n):
-        top = a[k] if a[k] > top else top
-    return top
-
-
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _first_equal32(a, start, n, value):
-    """Lowest k with a[start + k] == value (n if none): a min-reduction, so it vectorises."""
-    first = n
-    for k in range(n):
-        first = k if (a[start + k] == value and k < first) else first
-    return first
-
-
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _max32_except(a, n, skip):
+def _max_except(a, skip):
+    """Largest element of a finite 1-D array other than a[skip]."""
     top = _NEG_BIG
-    for k in range(n):
-        v = a[k] if k != skip else _NEG_BIG
-        top = v if v > top else top
+    for k in range(a.size):
+        top = fmax(top, a[k] if k != skip else _NEG_BIG)
     return top
 
 
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _member_exp(z, start, n, top, inv_t, e):
-    """e[k] = exp(max((z[start+k] - top)/T, D_FLOOR)); returns (sum e, sum e*d) in float64."""
+def _member_exp(z, top, inv_t, e):
+    """e[k] = exp(max((z[k] - top)/T, D_FLOOR)); returns (sum e, sum e*d) in float64."""
     s = 0.0
     sd = 0.0
-    for k in range(n):
-        d = (z[start + k] - top) * inv_t
+    for k in range(z.size):
+        d = (z[k] - top) * inv_t
         d = d if d > D_FLOOR else D_FLOOR
         v = exp32(d)
         e[k] = v
@@ -418,16 +499,16 @@ def _member_exp(z, start, n, top, inv_t, e):
 
 
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _accumulate(pbar, e, n, w):
-    for k in range(n):
+def _accumulate(pbar, e, w):
+    for k in range(pbar.size):
         pbar[k] += e[k] * w
 
 
 @njit(fastmath=_REDUCE_FLAGS, cache=True)
-def _entropy(p, n):
+def _entropy(p):
     """-sum p log p in float64 for float32 p >= e^-70/(C*M) (normal numbers, see D_FLOOR)."""
     h = 0.0
-    for k in range(n):
+    for k in range(p.size):
         mant, ex = split_exponent(p[k])
         h -= np.float64(p[k] * log_parts(mant, f32(ex)))
     return h
@@ -465,20 +546,20 @@ def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
             log_sum = 0.0
             h_sum = 0.0
             for m in range(members):
-                start = m * classes
+                zm = z[m * classes:(m + 1) * classes]
                 if kind == KIND_F64:
                     top = _ZERO
                 else:
-                    top = _max32(z, start, classes)
-                    arg[m] = _first_equal32(z, start, classes, top)
-                s, sd = _member_exp(z, start, classes, top, inv_t, e)
+                    top = _max(zm)
+                    arg[m] = _first_equal(zm, top)
+                s, sd = _member_exp(zm, top, inv_t, e)
                 log_sum += np.log(s)
                 h_sum += sd / s
-                _accumulate(pbar, e, classes, f32(inv_members / s))
-            best_p = _max32(pbar, 0, classes)
-            best = _first_equal32(pbar, 0, classes, best_p)
-            second = _max32_except(pbar, classes, best)
-            total = _entropy(pbar, classes)
+                _accumulate(pbar, e, f32(inv_members / s))
+            best_p = _max(pbar)
+            best = _first_equal(pbar, best_p)
+            second = _max_except(pbar, best)
+            total = _entropy(pbar)
             expected = (log_sum - h_sum) * inv_members
             votes = 0
             for m in range(members):

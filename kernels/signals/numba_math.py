@@ -56,6 +56,22 @@ def bits_f32(typingctx, x):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def fmax(typingctx, a, b):
+    """max(a, b) of two float32 or two float64 as LLVM's ``maxnum``: LLVM vectorises a loop
+    reduction of it without fast-math flags (a compare-and-select maximum stays scalar when numba
+    compiles it). If one argument is NaN the other is returned."""
+    if a != b or a not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+
+    return a(a, a), codegen
+
+
 # exp: x = n*ln2 + r with |r| <= ln2/2, exp(x) = 2^n * P(r). ln2 is split in two (C1 has few
 # mantissa bits, so n*C1 is exact) to keep r accurate for |n| up to 150.
 _LOG2E = f32(1.44269504088896341)
