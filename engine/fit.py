@@ -32,7 +32,7 @@ from .decode import BatchError, decode_batch, validate_labels
 from .lookup import lookup_codes
 from .policy import Thresholds
 from .profile import Profile
-from .thresholds import budget_thresholds, ood_threshold, target_risk_threshold
+from .thresholds import budget_thresholds, escalation_rates, ood_threshold, target_risk_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,10 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
     correct = np.asarray(s.predicted_class) == labels[eval_rows]
     report["calibration"] = {
         "temperature": temp.to_dict(),
-        "holdout_before": _metrics_dict(calibration_metrics(ensemble_signals(eval_logits, 1.0), labels[eval_rows], eval_logits, 1.0)),
-        "holdout_after": _metrics_dict(calibration_metrics(s, labels[eval_rows], eval_logits, table, index)),
+        "holdout_before": calibration_metrics(eval_logits, labels[eval_rows], 1.0).to_dict(),
+        "holdout_after": calibration_metrics(
+            eval_logits, labels[eval_rows], np.asarray(table), index if index is not None else np.zeros(len(eval_idx), np.int32)
+        ).to_dict(),
     }
 
     # -- bank ----------------------------------------------------------------------------------------
@@ -131,7 +133,10 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
     tc = config.thresholds
     use_mi = members > 1
     if tc.mode == "budget":
-        chosen = budget_thresholds(confidence, mutual_info if use_mi else None, ood, tc.budget, split=tc.split)
+        chosen = budget_thresholds(
+            confidence, mutual_info if use_mi else None, ood, tc.budget, split=tc.split,
+            vote_agreement=vote if use_mi else None, vote_floor=tc.vote_floor,
+        )
         thresholds = Thresholds(
             confidence=float(chosen.confidence),
             mutual_info=float(chosen.mutual_info) if use_mi else math.inf,
@@ -149,7 +154,12 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
         thresholds = Thresholds(confidence=float(risk.threshold), mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood)
         report["thresholds"] = {"mode": "target_risk", **risk.to_dict()}
 
-    report["expected_rates"] = _trigger_rates(thresholds, confidence, mutual_info, vote, ood, use_mi, config.audit.base_rate)
+    rates = escalation_rates(thresholds, confidence, mutual_info if use_mi else None, ood, vote_agreement=vote if use_mi else None)
+    report["expected_rates"] = {
+        **rates.solo,
+        "union_before_policy_and_audit": rates.union,
+        "with_audit": rates.union + (1 - rates.union) * config.audit.base_rate,
+    }
     report["fit_seconds"] = time.perf_counter() - started
     _report(progress, "done", 1, 1)
     return Profile(
@@ -157,22 +167,3 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
         temperature=float(temp.temperature), source_temperatures=source_temperatures,
         thresholds=thresholds, config=config, class_names=list(config.class_names), fit_report=report, bank=index_obj,
     )
-
-
-def _trigger_rates(th: Thresholds, confidence, mutual_info, vote, ood, use_mi: bool, audit_rate: float) -> dict:
-    """Share of the holdout rows each trigger fires on alone, and their union (expected traffic)."""
-    conf = confidence < th.confidence
-    dis = (mutual_info > th.mutual_info) | (vote < th.vote_floor) if use_mi else np.zeros_like(conf)
-    anomaly = ~(ood <= th.ood) if ood is not None else np.zeros_like(conf)
-    union = conf | dis | anomaly
-    return {
-        "confidence": float(conf.mean()),
-        "disagreement": float(dis.mean()),
-        "anomaly": float(anomaly.mean()),
-        "union_before_policy_and_audit": float(union.mean()),
-        "with_audit": float(union.mean() + (1 - union.mean()) * audit_rate),
-    }
-
-
-def _metrics_dict(metrics) -> dict:
-    return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)

@@ -76,7 +76,7 @@ def print_fit(profile: Profile, directory) -> None:
     mode = r.get("thresholds", {})
     if mode.get("mode") == "target_risk":
         table.add_row("risk guarantee", f"error among auto-accepted <= {profile.config.thresholds.target_risk} with "
-                      f"probability >= {1 - profile.config.thresholds.delta:.2f} (bound {mode.get('bound', math.nan):.4f}, "
+                      f"probability >= {1 - profile.config.thresholds.delta:.2f} (bound {mode.get('risk_bound', math.nan):.4f}, "
                       f"coverage {fmt_rate(mode.get('coverage', math.nan))})")
     rates = r.get("expected_rates", {})
     if rates:
