@@ -376,13 +376,16 @@ def test_burst_and_drift_are_where_configured(day):
     def displacement(rows):
         return np.linalg.norm(emb[rows] - class_means[label[rows]], axis=1).mean()
 
+    # Expected growth on the drift source: noise of norm ~sqrt(32) plus a shift of ~0.9 x 4.3 late
+    # in the day gives about x1.22 (and errors from ~10% to ~30%); a steady source stays within
+    # sampling noise (~0.3% for a mean over thousands of rows).
     early, late = when < CONFIG.drift_start, when > 0.85
     steady = source == names[0]
     for src, moves in ((drift_source, True), (steady, False)):
         a, b = src & early & ~is_ood, src & late & ~is_ood
         grow = displacement(b) / displacement(a)
-        assert (grow > 1.2) if moves else (abs(grow - 1) < 0.05), f"displacement x{grow:.3f} (drifting: {moves})"
-    assert is_error[drift_source & late & ~is_ood].mean() > is_error[drift_source & early & ~is_ood].mean() + 0.03
+        assert (grow > 1.1) if moves else (abs(grow - 1) < 0.03), f"displacement x{grow:.3f} (drifting: {moves})"
+    assert is_error[drift_source & late & ~is_ood].mean() > is_error[drift_source & early & ~is_ood].mean() + 0.1
 
 
 # ------------------------------------------------------------------------------------------------
