@@ -884,7 +884,10 @@ def simulate_fleet(
             progress(done, total)
 
     plan = [
-        (_fleet_block_batches(config), [(files.fleet, fleet_schema(config), "fleet"), (files.truth, TRUTH_SCHEMA, "truth")]),
+        (
+            _fleet_block_batches(config),
+            [(files.fleet, fleet_schema(config), "fleet"), (files.truth, TRUTH_SCHEMA, "truth")],
+        ),
         (_calibration_block_batches(config), [(files.calibration, calibration_schema(config), "calibration")]),
         (_bank_block_batches(config), [(files.bank, bank_schema(config), "bank")]),
     ]

@@ -139,7 +139,8 @@ def test_schema_is_the_contract_for_odd_shapes(members, classes, dim):
     bank = pa.Table.from_batches(list(generate_bank_batches(cfg)))
     case = f"M={members} C={classes} D={dim}"
     assert_types(table.schema, ["id", "logits", "embedding", "source", "category", "ts"], cfg, f"fleet {case}")
-    assert_types(cal.schema, ["id", "logits", "embedding", "source", "category", "ts", "label"], cfg, f"calibration {case}")
+    assert_types(cal.schema, ["id", "logits", "embedding", "source", "category", "ts", "label"], cfg,
+                 f"calibration {case}")
     assert_types(bank.schema, ["id", "embedding", "label"], cfg, f"bank {case}")
     assert truth.schema.equals(TRUTH_SCHEMA), case
     assert (table.num_rows, truth.num_rows, cal.num_rows, bank.num_rows) == (3_001, 3_001, 257, 123), case
@@ -154,13 +155,15 @@ def test_schema_is_the_contract_for_odd_shapes(members, classes, dim):
     truth_label = column(truth, "label")
     known = truth_label >= 0
     predicted = member_probs(z).mean(axis=1).argmax(axis=1)
-    np.testing.assert_array_equal(column(truth, "is_error")[known], predicted[known] != truth_label[known], err_msg=case)
+    np.testing.assert_array_equal(column(truth, "is_error")[known], predicted[known] != truth_label[known],
+                                  err_msg=case)
 
 
 def test_files_are_the_contract_and_read_back_equal(tmp_path, day):
     cfg = FleetConfig(rows=25_000, sources=3, calibration_rows=2_000, bank_rows=1_500, seed=4, row_group_rows=10_000)
     files = simulate_fleet(tmp_path / "fleet.parquet", cfg)
-    assert [p.name for p in files] == ["fleet.parquet", "fleet.calibration.parquet", "fleet.bank.parquet", "fleet.truth.parquet"]
+    assert [p.name for p in files] == [
+        "fleet.parquet", "fleet.calibration.parquet", "fleet.bank.parquet", "fleet.truth.parquet"]
     fleet_file = pq.ParquetFile(files.fleet)
     assert fleet_file.metadata.num_row_groups == 3
     assert [fleet_file.metadata.row_group(i).num_rows for i in range(3)] == [10_000, 10_000, 5_000]
@@ -181,7 +184,8 @@ def test_files_are_the_contract_and_read_back_equal(tmp_path, day):
 
 
 def test_same_seed_same_rows_whatever_the_batch_size():
-    cfg = FleetConfig(rows=2 * GENERATION_BLOCK_ROWS + 1_234, sources=4, calibration_rows=3_000, bank_rows=2_000, seed=7)
+    cfg = FleetConfig(rows=2 * GENERATION_BLOCK_ROWS + 1_234, sources=4, calibration_rows=3_000, bank_rows=2_000,
+                      seed=7)
 
     def fleet_and_truth(batch_rows):
         pairs = list(generate_fleet_with_truth(cfg, batch_rows))
@@ -424,7 +428,8 @@ def test_cli_writes_the_four_files(tmp_path, capsys, monkeypatch):
                  "--calibration-rows", "300", "--bank-rows", "400", "--members", "3", "--classes", "4", "--dim", "16"])
     assert code == 0
     printed = capsys.readouterr().out
-    expected = {"day.parquet": 2_500, "day.calibration.parquet": 300, "day.bank.parquet": 400, "day.truth.parquet": 2_500}
+    expected = {"day.parquet": 2_500, "day.calibration.parquet": 300, "day.bank.parquet": 400,
+                "day.truth.parquet": 2_500}
     for name, rows in expected.items():
         path = tmp_path / name
         assert pq.ParquetFile(path).metadata.num_rows == rows, name

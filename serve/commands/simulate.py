@@ -67,7 +67,8 @@ def register(subparsers) -> None:
     parser.add_argument("--bank-rows", type=int, default=_DEFAULTS.bank_rows, metavar="N",
                         help=f"reference bank rows (default {_DEFAULTS.bank_rows})")
     parser.add_argument("--row-group-rows", type=int, default=_DEFAULTS.row_group_rows, metavar="N",
-                        help=f"rows per Parquet row group; layout only, never the data (default {_DEFAULTS.row_group_rows})")
+                        help="rows per Parquet row group; layout only, never the data "
+                        f"(default {_DEFAULTS.row_group_rows})")
     parser.set_defaults(handler=run)
 
 
