@@ -197,3 +197,104 @@ def bank_table(embedding: np.ndarray):
 
     emb = np.ascontiguousarray(embedding, dtype=np.float32)
     return pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])})
+
+
+# -- the fleet simulator, with the synthetic set as a stand-in -----------------------------------
+
+
+@dataclasses.dataclass
+class FleetData:
+    """Fleet predictions with ground truth, labelled calibration rows and a reference bank, as
+    Arrow tables in the data contract (what ``triage fit`` / ``triage run`` read) and as arrays.
+
+    ``logits`` float32 [N, M, C], ``embedding`` float32 [N, D], ``is_ood`` / ``is_error`` bool [N]
+    (``is_error``: the ensemble's prediction is wrong; True on every OOD row), ``label`` int32 [N]
+    (-1 on OOD rows); ``calibration_logits`` [Nc, M, C] and ``calibration_labels`` [Nc];
+    ``bank_embedding`` float32 [Nb, D]. ``origin`` says which generator made them.
+    """
+
+    fleet: object
+    calibration: object
+    bank: object
+    logits: np.ndarray
+    embedding: np.ndarray
+    label: np.ndarray
+    is_ood: np.ndarray
+    is_error: np.ndarray
+    calibration_logits: np.ndarray
+    calibration_labels: np.ndarray
+    bank_embedding: np.ndarray
+    origin: str
+
+
+def fixed_list_values(column, *shape: int) -> np.ndarray:
+    """The float values of a (nested) fixed-size-list column as an array [N, *shape] (zero-copy
+    where Arrow allows)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column
+    for _ in shape:
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
+
+
+def fleet_data(
+    rows: int,
+    *,
+    bank_rows: int,
+    calibration_rows: int,
+    members: int = 5,
+    classes: int = 10,
+    dim: int = 128,
+    seed: int = 0,
+    **fleet_overrides,
+) -> FleetData:
+    """Data from ``hitl_triage.serve.fleet`` (``FleetConfig(**fleet_overrides)``), or, where the
+    fleet simulator is not installed, from :func:`make_triage_data` (``ood_share`` carried over)."""
+    import pyarrow as pa
+
+    try:
+        from hitl_triage.serve.fleet import (
+            FleetConfig,
+            generate_bank_batches,
+            generate_calibration_batches,
+            generate_fleet_with_truth,
+        )
+    except ImportError as exc:
+        return _synthetic_fleet(rows, bank_rows, calibration_rows, members, classes, dim, seed,
+                                fleet_overrides.get("ood_share", 0.1), f"synthetic clustered set (fleet simulator: {exc})")
+    config = FleetConfig(rows=rows, bank_rows=bank_rows, calibration_rows=calibration_rows, members=members,
+                         classes=classes, dim=dim, seed=seed, **fleet_overrides)
+    pairs = list(generate_fleet_with_truth(config, batch_rows=min(max(rows, 1), 262_144)))
+    fleet = pa.Table.from_batches([p[0] for p in pairs])
+    truth = pa.Table.from_batches([p[1] for p in pairs])
+    calibration = pa.Table.from_batches(list(generate_calibration_batches(config))) if calibration_rows else None
+    bank = pa.Table.from_batches(list(generate_bank_batches(config))) if bank_rows else None
+    return FleetData(
+        fleet=fleet, calibration=calibration, bank=bank,
+        logits=fixed_list_values(fleet.column("logits"), members, classes),
+        embedding=fixed_list_values(fleet.column("embedding"), dim),
+        label=truth.column("label").to_numpy(),
+        is_ood=truth.column("is_ood").to_numpy(zero_copy_only=False),
+        is_error=truth.column("is_error").to_numpy(zero_copy_only=False),
+        calibration_logits=fixed_list_values(calibration.column("logits"), members, classes) if calibration is not None else np.empty((0, members, classes), np.float32),
+        calibration_labels=calibration.column("label").to_numpy() if calibration is not None else np.empty(0, np.int32),
+        bank_embedding=fixed_list_values(bank.column("embedding"), dim) if bank is not None else np.empty((0, dim), np.float32),
+        origin=f"fleet simulator (hitl_triage.serve.fleet, seed {seed}"
+        + "".join(f", {k}={v}" for k, v in fleet_overrides.items()) + ")",
+    )
+
+
+def _synthetic_fleet(rows, bank_rows, calibration_rows, members, classes, dim, seed, ood_share, origin) -> FleetData:
+    test = make_triage_data(rows, members, classes, dim, ood_fraction=ood_share, seed=3 * seed + 1)
+    calib = make_triage_data(max(calibration_rows, 1), members, classes, dim, ood_fraction=0.0, seed=3 * seed + 2)
+    bank = make_triage_data(max(bank_rows, 1), members, classes, dim, ood_fraction=0.0, seed=3 * seed + 3)
+    is_error = (test.predicted != test.label) | test.is_ood
+    return FleetData(
+        fleet=to_arrow(test), calibration=to_arrow(calib, with_label=True), bank=bank_table(bank.embedding),
+        logits=test.logits, embedding=test.embedding, label=test.label, is_ood=test.is_ood, is_error=is_error,
+        calibration_logits=calib.logits, calibration_labels=calib.label, bank_embedding=bank.embedding,
+        origin=origin,
+    )

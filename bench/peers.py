@@ -121,6 +121,7 @@ def load_peer(name: str):
 
 # Set when pytorch-ood's KNN had to be loaded past its package __init__ (see below).
 PYTORCH_OOD_NOTE = ""
+_PYTORCH_OOD_KNN = None
 
 
 def _pytorch_ood_knn():
@@ -133,11 +134,14 @@ def _pytorch_ood_knn():
     ``pytorch_ood.detector.knn`` (unchanged) with its two parent packages as empty shells, and say
     so in the table's notes.
     """
-    global PYTORCH_OOD_NOTE
+    global PYTORCH_OOD_NOTE, _PYTORCH_OOD_KNN
+    if _PYTORCH_OOD_KNN is not None:
+        return _PYTORCH_OOD_KNN
     try:
         from pytorch_ood.detector import KNN
 
         PYTORCH_OOD_NOTE = ""
+        _PYTORCH_OOD_KNN = KNN
         return KNN
     except ImportError as exc:
         if "torchvision" not in str(exc):
@@ -157,6 +161,7 @@ def _pytorch_ood_knn():
     except ImportError as exc:
         raise PeerMissing(f"not installed: pytorch-ood's KNN could not be loaded without torchvision: {exc}") from exc
     PYTORCH_OOD_NOTE = "pytorch_ood.detector.knn loaded without the package __init__ (torchvision absent)"
+    _PYTORCH_OOD_KNN = module.KNN
     return module.KNN
 
 

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 OK = "ok"
@@ -142,9 +143,10 @@ def _quality_cell(d: dict) -> str:
     return " ".join(parts)
 
 
-def suite_table(title: str, rows: list[Row], quality_keys=None) -> Table:
-    """A rich table of one suite's rows (columns that are empty for every row are left out;
-    ``quality_keys`` picks the quality metrics shown, the JSON and CSV keep them all)."""
+def suite_table(title: str, rows: list[Row], quality_keys=None, hide=()) -> Table:
+    """A rich table of one suite's rows (columns that are empty for every row, or named in
+    ``hide``, are left out; ``quality_keys`` picks the quality metrics shown; the JSON and CSV
+    keep everything)."""
     columns = [
         ("case", lambda r: r.case),
         ("implementation", lambda r: r.implementation),
@@ -160,7 +162,10 @@ def suite_table(title: str, rows: list[Row], quality_keys=None) -> Table:
         ("status", lambda r: "" if r.ok else r.status),
     ]
     cells = [[fn(r) for _, fn in columns] for r in rows]
-    keep = [i for i in range(len(columns)) if any(c[i] for c in cells) or columns[i][0] in ("case", "implementation")]
+    keep = [
+        i for i in range(len(columns))
+        if columns[i][0] not in hide and (any(c[i] for c in cells) or columns[i][0] in ("case", "implementation"))
+    ]
     table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
     for i in keep:
         name = columns[i][0]
@@ -168,5 +173,5 @@ def suite_table(title: str, rows: list[Row], quality_keys=None) -> Table:
         table.add_column(name, justify=justify, overflow="fold", no_wrap=name not in ("quality", "status"))
     for r, row_cells in zip(rows, cells):
         style = None if r.ok else "yellow"
-        table.add_row(*[row_cells[i] for i in keep], style=style)
+        table.add_row(*[escape(row_cells[i]) for i in keep], style=style)  # "[bench]" is no markup
     return table

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import machine
@@ -70,7 +71,7 @@ class Context:
     def note(self, text: str) -> None:
         """A sentence about the current suite that belongs in the report (sizes lowered, data used)."""
         self.suite_info.setdefault(self.current, {}).setdefault("notes", []).append(text)
-        self.console.print(f"  [dim]note: {text}[/dim]")
+        self.console.print(f"  [dim]note: {escape(text)}[/dim]")
 
     def task(self, description: str, total: int):
         return self.progress.add_task(description, total=total)
@@ -168,10 +169,11 @@ def main(argv=None) -> int:
             first_row = len(ctx.rows)
             t0 = time.perf_counter()
             status = OK
-            quality_keys = None
+            quality_keys, hide = None, ()
             try:
                 module = _import_suite(name)
                 quality_keys = getattr(module, "TABLE_QUALITY", None)
+                hide = getattr(module, "TABLE_HIDE", ())
                 module.run(ctx)
             except NotAvailableYet as exc:
                 status = f"not available yet: {exc}"
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
             if status != OK:
                 ctx.add(Row(suite=name, case="-", implementation="-", status=status))
             rows = ctx.rows[first_row:]
-            console.print(suite_table(f"{name} ({seconds:.0f} s)", rows, quality_keys))
+            console.print(suite_table(f"{name} ({seconds:.0f} s)", rows, quality_keys, hide))
             _write(ctx, args, info, started, t_start)  # after every suite: a crash later keeps these
 
     json_path, csv_path = _write(ctx, args, info, started, t_start)

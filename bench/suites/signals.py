@@ -29,6 +29,7 @@ from .common import device_roofline, failure, host_roofline, not_yet, time_call
 
 SUITE = "signals"
 TABLE_QUALITY = ("GB/s", "max_err", "class_mismatch")  # the rest is in the JSON
+TABLE_HIDE = ("best s",)
 TEMPERATURE = 1.5
 OUTPUT_BYTES_PER_ROW = 4 + 6 * 4 + 1
 QUALITY_ROWS = 2048

@@ -1,0 +1,231 @@
+"""knn: the k-NN out-of-distribution score (distance to the k-th nearest normalised bank vector)
+of ours against scikit-learn's exact neighbour search, pytorch-ood's KNN detector and cleanlab's
+OutOfDistribution, on the same bank and the same held-out queries.
+
+Data: the fleet simulator's reference bank (in-distribution embeddings) and held-out fleet rows,
+a fifth of them out of distribution (unseen classes and corrupted inputs), with no drift or
+burst so the split is clean; a synthetic clustered set where the simulator is missing.
+
+Per (bank size, k, implementation): fit seconds (index build; normalising the bank for the
+peers), score seconds per 1,000 queries and queries/s (best of several after a warm-up), the
+score speed-up against each peer of the same case, AUROC of the score for OOD against
+in-distribution queries, and for every distance the mean relative error of the k-th distance
+against an exact search (the quality gate for approximate indexes: PERF-NOTES found that an
+approximate index can raise AUROC, so AUROC says nothing about its correctness).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import peers
+from ..factories import fleet_data, normalise
+from ..report import Row
+from ..runner import NotAvailableYet
+from .common import failure, not_yet, time_call
+
+SUITE = "knn"
+TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "kth_rel_err")
+TABLE_HIDE = ("sizes", "dtype", "best s", "compile s")  # the case names bank and k; the JSON has all
+KS = (5, 50)
+PEERS = ("sklearn brute", "pytorch-ood KNN", "cleanlab OOD")
+
+
+def _sizes(quick: bool) -> list[tuple[int, int]]:
+    """(bank rows, queries) per case; fewer queries where each costs more."""
+    if quick:
+        return [(10_000, 2_000), (100_000, 1_000)]
+    return [(10_000, 20_000), (100_000, 10_000), (1_000_000, 2_000)]
+
+
+def run(ctx) -> None:
+    try:
+        from hitl_triage.kernels.knn import KnnIndex, knn_distance, set_faiss_threads  # noqa: F401
+    except ImportError as exc:
+        raise NotAvailableYet(f"hitl_triage.kernels.knn: {exc}") from exc
+    set_faiss_threads(ctx.threads)
+    sizes = _sizes(ctx.quick)
+    max_bank = max(b for b, _ in sizes)
+    max_queries = max(q for _, q in sizes)
+    ctx.console.print(f"  generating a bank of {max_bank:,} and {max_queries:,} queries ...")
+    data = fleet_data(max_queries, bank_rows=max_bank, calibration_rows=0, seed=ctx.seed + 7,
+                      ood_share=0.2, burst_ood_share=0.0, drift_strength=0.0)
+    ctx.note(f"data: {data.origin}; {data.is_ood.mean():.1%} of the queries are OOD")
+    if ctx.quick:
+        ctx.note("quick mode: banks 10k (2,000 queries) and 100k (1,000 queries); cleanlab at 10k only")
+
+    task = ctx.task(SUITE, total=len(sizes) * len(KS))
+    for bank_rows, queries in sizes:
+        bank = data.bank_embedding[:bank_rows]
+        q = data.embedding[:queries]
+        is_ood = data.is_ood[:queries]
+        for k in KS:
+            ctx.progress.update(task, description=f"{SUITE}: bank {bank_rows:,}, k={k}, exact reference")
+            exact = exact_kth_distance(q, bank, k)
+            rows = []
+            for label, fit, score, kind in _implementations(ctx, bank_rows, k):
+                ctx.progress.update(task, description=f"{SUITE}: bank {bank_rows:,}, k={k}, {label}")
+                rows.append(_measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact))
+            _ratios(rows)
+            for r in rows:
+                ctx.add(r)
+            ctx.advance(task)
+    ctx.progress.remove_task(task)
+
+
+def exact_kth_distance(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Exact k-th neighbour distance between normalised rows: float32 matmul picks k + 16
+    candidates per query (float32 cosines err by ~1e-7, far below the gaps it could misorder),
+    float64 recomputes their distances, and the k-th smallest is taken. float64 [B]."""
+    import torch
+
+    b = torch.from_numpy(normalise(bank))
+    b64 = b.double()
+    out = np.empty(len(queries))
+    extra = min(k + 16, len(bank))
+    for start in range(0, len(queries), chunk):
+        qc = torch.from_numpy(normalise(queries[start:start + chunk]))
+        cand = (qc @ b.T).topk(extra, dim=1).indices
+        q64 = qc.double()
+        cos = (b64[cand] * q64[:, None, :]).sum(dim=2)
+        d = torch.sqrt(torch.clamp(2 - 2 * cos, min=0))
+        out[start:start + chunk] = d.sort(dim=1).values[:, k - 1].numpy()
+    return out
+
+
+def _implementations(ctx, bank_rows: int, k: int):
+    """(label, fit(bank) -> model, score(model, queries) -> scores, kind) where kind is
+    "distance" (comparable with the exact k-th distance), "higher-is-ood" or "lower-is-ood";
+    or (label, None, status, None) for one that cannot run."""
+    from hitl_triage.kernels.knn import KnnIndex, knn_distance
+
+    impls = []
+
+    def ours(kind_of_index: str, backend: str):
+        def fit(bank):
+            return KnnIndex.build(bank, kind=kind_of_index)
+
+        def score(index, queries):
+            return knn_distance(queries, index, k, backend=backend)
+        return fit, score
+
+    for label, kind_of_index, backend in (
+        ("ours: faiss flat", "flat", "faiss"),
+        ("ours: faiss IVF", "ivf", "faiss"),
+        ("ours: torch exact", "flat", "torch"),
+    ):
+        fit, score = ours(kind_of_index, backend)
+        impls.append((label, fit, score, "distance"))
+
+    if ctx.cuda:
+        import torch
+
+        for backend in ("triton", "torch"):
+            def fit_cuda(bank):
+                return KnnIndex.build(bank, kind="flat")
+
+            def score_cuda(index, queries, backend=backend):
+                out = knn_distance(torch.from_numpy(queries).cuda(), index, k, backend=backend)
+                torch.cuda.synchronize()
+                return out.cpu().numpy()
+            impls.append((f"ours: {backend} (cuda)", fit_cuda, score_cuda, "distance"))
+
+    # scikit-learn: exact brute force on normalised features (its Euclidean distance on unit
+    # vectors is the same score as ours).
+    try:
+        nearest = peers.load_peer("sklearn")
+
+        def fit_sk(bank):
+            return nearest(n_neighbors=k, algorithm="brute", n_jobs=-1).fit(normalise(bank))
+
+        def score_sk(model, queries):
+            return model.kneighbors(normalise(queries), n_neighbors=k, return_distance=True)[0][:, -1]
+        impls.append(("sklearn brute", fit_sk, score_sk, "distance"))
+    except peers.PeerMissing as exc:
+        impls.append(("sklearn brute", None, str(exc), None))
+
+    try:
+        knn_detector = peers.load_peer("pytorch-ood")
+        import torch
+
+        def fit_pood(bank):
+            x = torch.from_numpy(np.ascontiguousarray(bank))
+            return knn_detector(None, k=k).fit_features(x, torch.zeros(len(bank), dtype=torch.long))
+
+        def score_pood(model, queries):
+            return model.predict_features(torch.from_numpy(np.ascontiguousarray(queries))).numpy()
+        impls.append(("pytorch-ood KNN", fit_pood, score_pood, "distance"))
+    except peers.PeerMissing as exc:
+        impls.append(("pytorch-ood KNN", None, str(exc), None))
+
+    if ctx.quick and bank_rows > 10_000:
+        impls.append(("cleanlab OOD", None, "skipped: quick mode (cleanlab's fit scores the bank against "
+                      "itself, quadratic: about 10 minutes at 100k on 2 cores); run --full", None))
+    elif bank_rows > 100_000:
+        impls.append(("cleanlab OOD", None, "skipped: cleanlab's fit scores the bank against itself "
+                      "(quadratic): about 100x its 100k time at 1M", None))
+    else:
+        try:
+            out_of_distribution = peers.load_peer("cleanlab")
+
+            def fit_cl(bank):
+                model = out_of_distribution(params={"k": k})
+                model.fit(features=normalise(bank), verbose=False)
+                return model
+
+            def score_cl(model, queries):
+                return model.score(features=normalise(queries))
+            impls.append(("cleanlab OOD", fit_cl, score_cl, "lower-is-ood"))
+        except peers.PeerMissing as exc:
+            impls.append(("cleanlab OOD", None, str(exc), None))
+    return impls
+
+
+def _measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact) -> Row:
+    from sklearn.metrics import roc_auc_score
+
+    row = Row(SUITE, f"bank {len(bank):,}, k={k}", label, {"N": len(bank), "queries": len(q), "k": k, "D": bank.shape[1]},
+              "float32", unit="queries/s")
+    if fit is None:
+        row.status = score
+        return row
+    if label == "pytorch-ood KNN" and peers.PYTORCH_OOD_NOTE:
+        row.notes = peers.PYTORCH_OOD_NOTE
+    try:
+        t0 = time.perf_counter()
+        model = fit(bank)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = np.asarray(score(model, q), dtype=np.float64)
+        row.compile_s = time.perf_counter() - t0
+        timing = time_call(ctx, lambda: score(model, q), warmup=0, budget_s=2.0)
+    except NotImplementedError as exc:
+        row.status = not_yet(exc)
+        return row
+    except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, never dropped
+        row.status = failure(exc)
+        return row
+    row.seconds, row.median_s, row.repeats = timing.best, timing.median, timing.repeats
+    row.throughput = len(q) / timing.best
+    finite = np.isfinite(scores)
+    oriented = -scores if kind == "lower-is-ood" else scores
+    row.quality = {
+        "s_per_1k": 1000 * timing.best / len(q),
+        "fit_s": fit_s,
+        "auroc": float(roc_auc_score(is_ood[finite], oriented[finite])) if finite.any() else float("nan"),
+    }
+    if kind == "distance":
+        row.quality["kth_rel_err"] = float(np.mean(np.abs(scores[finite] - exact[finite]) / np.maximum(exact[finite], 1e-12)))
+        row.quality["auroc_exact"] = float(roc_auc_score(is_ood, exact))
+    row.quality["non_finite"] = int((~finite).sum())
+    return row
+
+
+def _ratios(rows: list[Row]) -> None:
+    """Score speed-up of every row against each peer that ran on the same case."""
+    base = {r.implementation.split()[0]: r.seconds for r in rows if r.ok and r.implementation in PEERS}
+    for r in rows:
+        if r.ok and r.seconds:
+            r.ratios = {f"vs {name}": seconds / r.seconds for name, seconds in base.items()}
