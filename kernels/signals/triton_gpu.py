@@ -10,9 +10,9 @@ Three layers, as in Triton's fused-softmax tutorial and Liger-Kernel:
   sweep over class tiles keeps an online max / exp-sum / raw argmax; a second sweep (whose loads hit
   the cache) builds the mean probabilities tile by tile with top-1/top-2 and the entropies, so
   registers stay bounded for any C and nothing overflows.
-- :func:`_plan`, the one helper that picks the path, the block sizes and ``num_warps`` (and
-  raises, naming the offending size, for what it cannot serve); :func:`_launch` validates,
-  allocates and launches.
+- :func:`_plan`, the one helper that picks the path, the block sizes, ``num_warps`` and the
+  alignment hint (and raises, naming the offending size, for what it cannot serve);
+  :func:`_launch` validates, allocates and launches.
 - :func:`ensemble_signals_triton`, the backend entry registered as ``"triton"``.
 
 Arithmetic: logits are upcast to float32 in registers (float16 and bfloat16 exactly); float64
@@ -22,8 +22,17 @@ backend). Softmax uses exp2 with the temperature folded into one per-row scale `
 exponents are floored at -200 (exp2 of that is exactly 0 in float32), which keeps ``p * log p``
 terms free of ``0 * inf`` for padded classes, ±1e4 logits and tiny temperatures.
 
+Layout: a row's classes are spread over several lanes of a warp, so each reduction over classes
+costs warp shuffles. The fused kernel reduces only the max, the argmax and the softmax sum per
+member (the rest accumulates element-wise and is reduced once), and tells the compiler the
+largest power of two dividing C (``ALIGN``): the loads are then vectorised and each thread holds
+ALIGN adjacent classes, so fewer lanes share a row (C=16 float32: 4 lanes; C=10: 8 lanes).
+``python -m hitl_triage.kernels.signals.triton_offline`` compiles the kernels for sm_90 on a
+machine without a GPU and reports registers and spills.
+
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter
-(tests only; far too slow for real use).
+(tests only; far too slow for real use). There the plan keeps the largest row blocks (the
+interpreter's cost grows with the number of programs), otherwise it is the GPU's plan.
 """
 
 from __future__ import annotations
@@ -45,9 +54,9 @@ logger = logging.getLogger(__name__)
 FUSED_MAX_CLASSES = 2048
 # Class tile of the two-sweep kernel for C above FUSED_MAX_CLASSES.
 TILED_BLOCK_C = 1024
-# Elements of one [BLOCK_R, BLOCK_C] tile, and per warp (8 per thread). ptxas for sm_90a gives the
-# fused kernel about 11 registers per tile element per thread plus ~10: 8 per thread is ~92
-# registers without spills (16 per thread was 168 with spills), so an SM holds 5 programs.
+# Elements of one [BLOCK_R, BLOCK_C] tile, and per warp (8 per thread). With 8 per thread ptxas
+# (sm_90a) gives the fused kernel 63-80 registers and no spills (16 per thread took 168 registers
+# and spilled), so an SM holds 6 or more programs of 4 warps.
 TILE_ELEMENTS = 1024
 TILE_ELEMENTS_PER_WARP = 256
 # The tiled kernel keeps per-member max / 1/sum / argmax in [BLOCK_R, BLOCK_M] registers.
@@ -85,13 +94,23 @@ def _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX: tl.constexpr, BL
 
 
 @triton.jit
-def _load_tile(ptrs, mask, IS_FP64: tl.constexpr):
-    """Load a [BLOCK_R, BLOCK_C] logit tile as float32, padding -inf outside ``mask``.
+def _load_tile(logits_ptr, row_start, offset, tile_cols, first_col, row_mask, n_classes,
+               ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
+    """Load the logits of classes ``first_col + tile_cols`` of each row's slice starting at
+    ``row_start + offset`` (element offsets; int64 row starts, as B * M * C may pass 2**31) as a
+    float32 [BLOCK_R, BLOCK_C] tile, -inf outside the real rows and classes.
 
     Also returns the tile of ``logit * 0``: 0.0 where the logit is finite (or padding), NaN for
     NaN and ±inf, so that any sum it joins turns NaN exactly when the row is invalid.
+
+    ALIGN, a power of two dividing C (hence M * C and every member's and tile's start), is passed
+    on as alignment hints: the compiler then vectorises the loads and gives each thread ALIGN
+    adjacent classes of a row, which shortens every reduction over classes. (One helper rather
+    than three: the interpreter re-patches triton.language on every call of a jit function.)
     """
-    raw = tl.load(ptrs, mask=mask, other=0.0)
+    start = tl.multiple_of(row_start + offset, ALIGN)
+    mask = row_mask[:, None] & tl.max_constancy(first_col + tile_cols < n_classes, ALIGN)[None, :]
+    raw = tl.load(logits_ptr + start[:, None] + tile_cols[None, :], mask=mask, other=0.0)
     # tl.maximum does not propagate NaN (maxnum): NaN becomes -FLT_MAX. Invalid rows are thrown
     # away at the end, but a member row that is all NaN would otherwise reach the argmax
     # reductions as all NaN, which the interpreter (numpy's nanargmax) refuses.
@@ -105,22 +124,6 @@ def _load_tile(ptrs, mask, IS_FP64: tl.constexpr):
         x = tl.maximum(x, -_FLT_MAX)
     x = tl.where(mask, x, float("-inf"))
     return x, zero
-
-
-@triton.jit
-def _tile_ptrs(logits_ptr, row_start, offset, tile_cols, ALIGN: tl.constexpr):
-    """Pointers [BLOCK_R, BLOCK_C] to ``tile_cols`` of each row at ``row_start + offset``
-    (int64 row starts: B * M * C may pass 2**31). ALIGN, a power of two dividing C (so M * C and
-    every member's and tile's start), lets the compiler vectorise the loads and give each thread
-    ALIGN adjacent classes of a row, which shortens every reduction over classes."""
-    start = tl.multiple_of(row_start + offset, ALIGN)
-    return logits_ptr + start[:, None] + tile_cols[None, :]
-
-
-@triton.jit
-def _tile_mask(row_mask, cols, n_classes, ALIGN: tl.constexpr):
-    """[BLOCK_R, BLOCK_C] mask of real rows and classes; constant over aligned groups of ALIGN."""
-    return row_mask[:, None] & tl.max_constancy(cols < n_classes, ALIGN)[None, :]
 
 
 @triton.jit
@@ -189,7 +192,6 @@ def _signals_fused_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_C)
-    mask = _tile_mask(row_mask, cols, n_classes, ALIGN)
     scale = _row_scale(temps_ptr, index_ptr, rows, row_mask, HAS_INDEX, BLOCK_R)
     row_start = rows.to(tl.int64) * stride_row
 
@@ -203,7 +205,8 @@ def _signals_fused_kernel(
     pd_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     votes = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
     for m in range(n_members):
-        x, zero = _load_tile(_tile_ptrs(logits_ptr, row_start, m * stride_member, cols, ALIGN), mask, IS_FP64)
+        x, zero = _load_tile(logits_ptr, row_start, m * stride_member, cols, 0, row_mask, n_classes,
+                             ALIGN, IS_FP64)
         # Max and argmax of the RAW logits (T > 0 keeps the argmax; dividing first could round
         # two distinct logits into a tie).
         mx, arg = _max_first_argmax(x, cols, BLOCK_C)
@@ -264,9 +267,8 @@ def _signals_tiled_kernel(
         run_s = tl.zeros([BLOCK_R], dtype=tl.float32)
         run_arg = tl.zeros([BLOCK_R], dtype=tl.int32)
         for c0 in range(0, n_classes, BLOCK_C):
-            mask = _tile_mask(row_mask, c0 + tile_cols, n_classes, ALIGN)
-            ptrs = _tile_ptrs(logits_ptr, row_start, m * stride_member + c0, tile_cols, ALIGN)
-            x, zero = _load_tile(ptrs, mask, IS_FP64)
+            x, zero = _load_tile(logits_ptr, row_start, m * stride_member + c0, tile_cols, c0, row_mask,
+                                 n_classes, ALIGN, IS_FP64)
             poison += tl.sum(zero, axis=1)
             tile_max, tile_arg = _max_first_argmax(x, tile_cols, BLOCK_C)
             new_max = tl.maximum(run_max, tile_max)
@@ -290,14 +292,13 @@ def _signals_tiled_kernel(
     top2 = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
     pred = tl.zeros([BLOCK_R], dtype=tl.int32)
     for c0 in range(0, n_classes, BLOCK_C):
-        mask = _tile_mask(row_mask, c0 + tile_cols, n_classes, ALIGN)
         p_sum = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for m in range(n_members):
             is_m = members[None, :] == m
             mx = tl.sum(tl.where(is_m, member_max, 0.0), axis=1)
             inv_s = tl.sum(tl.where(is_m, member_inv_s, 0.0), axis=1)
-            ptrs = _tile_ptrs(logits_ptr, row_start, m * stride_member + c0, tile_cols, ALIGN)
-            x, _zero = _load_tile(ptrs, mask, IS_FP64)
+            x, _zero = _load_tile(logits_ptr, row_start, m * stride_member + c0, tile_cols, c0, row_mask,
+                                  n_classes, ALIGN, IS_FP64)
             d = tl.maximum((x - mx[:, None]) * scale[:, None], _EXP2_FLOOR)
             e = tl.exp2(d)
             p_sum += e * inv_s[:, None]
@@ -446,7 +447,8 @@ def _launch(logits: torch.Tensor, temperatures: torch.Tensor, temperature_index:
         logits, temps, index if index is not None else temps,  # unused pointer when no index
         pred, *floats.unbind(0), valid,
         batch, members, classes,
-        logits.stride(0), logits.stride(1),
+        members * classes, classes,  # strides of a contiguous tensor (torch may report any
+        # stride for a dimension of size 1, and the kernels promise ALIGN divides these)
     )
     meta = dict(HAS_INDEX=index is not None, IS_FP64=logits.dtype == torch.float64,
                 BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, ALIGN=plan.align, num_warps=plan.num_warps)
