@@ -24,7 +24,7 @@ from hitl_triage.engine.profile import Profile
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_ROWS = 262_144
+DEFAULT_BATCH_ROWS = 262_144  # rows per engine batch: amortises per-batch costs, bounded memory
 _DONE = object()
 
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from hitl_triage.engine.config import TriageConfig
-from hitl_triage.engine.profile import Profile
-
-from .. import report
+# Heavy imports (torch, the engine) happen inside run(), so `triage --help` and the other
+# subcommands do not pay for them.
 
 
 def register(subparsers) -> None:
@@ -30,7 +26,9 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def load_config(args) -> TriageConfig:
+def load_config(args):
+    from hitl_triage.engine.config import TriageConfig
+
     config = TriageConfig.from_toml(args.config) if args.config else TriageConfig()
     if args.budget is not None:
         config.thresholds.mode, config.thresholds.budget = "budget", args.budget
@@ -40,6 +38,12 @@ def load_config(args) -> TriageConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from hitl_triage.engine.profile import Profile
+
+    from .. import report
+
     config = load_config(args)
     calibration = pq.read_table(args.calibration)
     bank = pq.read_table(args.bank, columns=["embedding"]) if args.bank else None

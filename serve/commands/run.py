@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hitl_triage.engine.profile import Profile
-
-from .. import report
-from ..offline import DEFAULT_BATCH_ROWS, count_rows, run_offline
 
 
 def register(subparsers) -> None:
@@ -20,18 +16,24 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT.parquet")
     parser.add_argument("--out", required=True, type=Path, metavar="DECISIONS.parquet")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, help="rows per engine batch")
+    parser.add_argument("--batch-rows", type=int, default=None, help="rows per engine batch (default 262144)")
     parser.add_argument("--time-stages", action="store_true",
                         help="report seconds per stage (runs stages one after another)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from hitl_triage.engine.profile import Profile
+
+    from .. import report
+    from ..offline import count_rows, run_offline
+
     profile = Profile.load(args.profile)
     total = count_rows(args.inputs)
     with report.row_progress("triage", total) as update:
-        result = run_offline(profile, args.inputs, args.out, device=args.device, batch_rows=args.batch_rows,
-                             progress=update, time_stages=args.time_stages)
+        options = {"batch_rows": args.batch_rows} if args.batch_rows else {}
+        result = run_offline(profile, args.inputs, args.out, device=args.device, progress=update,
+                             time_stages=args.time_stages, **options)
     report.print_summary(result.summary)
     report.console.print(f"wall time {result.wall_seconds:.1f} s, {total / result.wall_seconds / 1e6:.2f} M rows/s "
                          f"end to end; decisions written to {result.output}")
