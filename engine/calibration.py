@@ -185,9 +185,10 @@ class TemperatureFit:
 
 _TILE = 64
 _CHUNK_ROWS = 8192
-# Contraction (FMA) and sign-of-zero freedom only: no reassociation, which would undo the
-# rounding trick in _exp_nonpositive, and no finite-math assumption, so NaN checks stay.
-_FASTMATH = {"contract", "nsz", "arcp"}
+# Contraction (FMA) and sign-of-zero freedom only: no reassociation, which would undo the rounding
+# trick in _exp_nonpositive, no approximate reciprocals, and no finite-math assumption, so the NaN
+# checks stay.
+_FASTMATH = {"contract", "nsz"}
 
 _ROUND_MAGIC = 6755399441055744.0  # 1.5 * 2**52: adding it rounds a double to an integer
 _LOG2E = 1.4426950408889634
