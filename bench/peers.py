@@ -176,7 +176,7 @@ def torch_lbfgs_temperature(logits: np.ndarray, labels: np.ndarray, *, init: flo
     ``logits`` [N, M, C], ``labels`` [N]."""
     import torch
 
-    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    z = torch.from_numpy(np.array(logits, dtype=np.float32))  # a writable copy (Arrow buffers are read-only)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     temperature = torch.nn.Parameter(torch.full((1,), init))
     optimiser = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
