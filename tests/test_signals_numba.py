@@ -1,0 +1,285 @@
+"""numba backend specifics: its float32 exp/log/widening against numpy, block boundaries, both
+kernels on every dtype, thread-count and position independence, extreme finite logits.
+
+The common harness (test_signals.py) already runs the dispatched numba backend against the float64
+reference on the shared shape sweep; these tests reach what dispatch alone does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+numba = pytest.importorskip("numba")
+
+from hitl_triage.kernels.signals import numba_cpu, numba_math  # noqa: E402
+from hitl_triage.kernels.signals.numba_cpu import BLOCK_ROWS, ensemble_signals_numba  # noqa: E402
+from hitl_triage.kernels.signals.reference import ensemble_signals_reference  # noqa: E402
+
+from signal_cases import assert_signals_match, make_logits  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+FLOAT_FIELDS = ("confidence", "margin", "total_entropy", "expected_entropy", "mutual_info", "vote_agreement")
+
+
+# --- the float32 building blocks -------------------------------------------------------------
+
+@numba.njit(fastmath=numba_math.MATH_FLAGS)
+def _exp_all(x, out):
+    for i in range(x.size):
+        out[i] = numba_math.exp32(x[i])
+
+
+@numba.njit(fastmath=numba_math.MATH_FLAGS)
+def _log_all(x, out):
+    for i in range(x.size):
+        out[i] = numba_math.log32(x[i])
+
+
+@numba.njit(fastmath=numba_math.MATH_FLAGS)
+def _widen_all(bits, bf16, out):
+    for i in range(bits.size):
+        h = np.int32(bits[i])
+        out[i] = numba_math.bf16_to_f32(h) if bf16 else numba_math.f16_to_f32(h)
+
+
+def _ulp_error(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|got - exact| in units of the float32 spacing at the correctly rounded result."""
+    spacing = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return np.abs(got.astype(np.float64) - exact) / spacing
+
+
+def _around(points, count=2000):
+    """The float32 neighbours of each point: the range edges where range reduction switches."""
+    out = []
+    for p in np.asarray(points, np.float32):
+        lo = hi = p
+        for _ in range(count):
+            lo = np.nextafter(lo, np.float32(-np.inf))
+            hi = np.nextafter(hi, np.float32(np.inf))
+            out += [lo, hi]
+        out.append(p)
+    return np.array(out, np.float32)
+
+
+def test_exp32_against_numpy_over_the_whole_range():
+    # Dense sweep of the finite-result range, plus the neighbours of its edges, of the denormal
+    # boundary (-87.34) and of points where the rounding of x*log2(e) flips.
+    x = np.concatenate([
+        np.linspace(-105.0, 89.0, 2_000_001, dtype=np.float32),
+        _around([numba_math.EXP_LO, numba_math.EXP_HI, -87.336544, 0.0, 0.34657359, -0.34657359, -70.0]),
+    ])
+    got = np.empty_like(x)
+    _exp_all(x, got)
+    exact = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        exact32 = exact.astype(np.float32)
+    normal = np.isfinite(exact32) & (exact >= np.finfo(np.float32).tiny)
+    # Cephes' float32 polynomial is good to about 1 ulp; 2 leaves room for FMA contraction
+    # differences between machines and still catches a wrong coefficient (~1e3 ulp).
+    worst = _ulp_error(got[normal], exact[normal]).max()
+    assert worst <= 2.0, f"exp32: {worst:.2f} ulp off numpy on normal results"
+    denormal = (exact < np.finfo(np.float32).tiny) & (exact32 > 0)
+    assert denormal.sum() > 1000, "the sweep must reach denormal results"
+    smallest = np.float64(np.finfo(np.float32).smallest_subnormal)
+    worst_den = (np.abs(got[denormal] - exact[denormal]) / smallest).max()
+    assert worst_den <= 1.0, f"exp32: denormal results {worst_den:.2f} denormal steps off"
+    assert np.all(got[x > numba_math.EXP_HI] == np.inf), "exp32 must overflow to +inf"
+    assert np.all(got[x < numba_math.EXP_LO] == 0.0), "exp32 must underflow to 0"
+    assert np.all(got[np.isinf(exact32) & (x <= numba_math.EXP_HI)] == np.inf)
+
+
+def test_log32_against_numpy_for_every_exponent_and_denormals(rng):
+    # Random mantissas under every float32 exponent (denormals are exponent field 0), plus 1 and
+    # its neighbours (cancellation), sqrt(2) (the reduction's switch point) and the extremes.
+    bits = (rng.integers(0, 255, size=3_000_000, dtype=np.int64) << 23) | rng.integers(0, 1 << 23, size=3_000_000)
+    x = bits.astype(np.int32).view(np.float32)
+    x = np.concatenate([
+        x[x > 0],
+        _around([1.0, 1.41421356, 0.70710678, np.finfo(np.float32).tiny], 5000),
+        np.array([np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal], np.float32),
+    ])
+    got = np.empty_like(x)
+    _log_all(x, got)
+    exact = np.log(x.astype(np.float64))
+    worst = _ulp_error(got, exact).max()
+    assert worst <= 2.0, f"log32: {worst:.2f} ulp off numpy (worst at x={x[_ulp_error(got, exact).argmax()]!r})"
+    special = np.array([0.0, np.inf], np.float32)
+    out = np.empty_like(special)
+    _log_all(special, out)
+    assert out[0] == -np.inf and out[1] == np.inf
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_16_bit_widening_is_exact_for_every_bit_pattern(fmt):
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(bits.size, np.float32)
+    _widen_all(bits, fmt == "bfloat16", got)
+    exact = torch.from_numpy(bits.view(np.int16)).view(getattr(torch, fmt)).float().numpy()
+    finite = np.isfinite(exact)
+    assert np.array_equal(got[finite].view(np.int32), exact[finite].view(np.int32)), (
+        f"{fmt}: widening differs at bits {bits[finite][got[finite].view(np.int32) != exact[finite].view(np.int32)][:5]}"
+    )
+
+
+# --- the kernels --------------------------------------------------------------------------------
+
+def _run(z, temps=1.3, index=None, **kwargs):
+    table = torch.as_tensor(np.atleast_1d(np.asarray(temps, np.float32)))
+    idx = None if index is None else torch.as_tensor(index, dtype=torch.int32)
+    return ensemble_signals_numba(z.contiguous(), table, idx, **kwargs)
+
+
+def _assert_identical(a, b, label):
+    for name in ("predicted_class", "valid") + FLOAT_FIELDS:
+        x, y = getattr(a, name).numpy(), getattr(b, name).numpy()
+        # Bit patterns, so NaN == NaN and -0.0 != 0.0.
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), (
+            f"{label}: {name} differs at rows {np.nonzero(x != y)[0][:10].tolist()}"
+        )
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "rowwise"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_both_kernels_match_reference_on_every_dtype(kernel, dtype, rng):
+    # Shapes each kernel would not get by default too: C = 3 row-wise, C = 130 blocked.
+    for shape in [(70, 4, 3), (21, 2, 130), (9, 1, 2)]:
+        z = make_logits(rng, shape, dtype)
+        table = rng.uniform(0.25, 4.0, size=3).astype(np.float32)
+        index = rng.integers(0, 3, size=shape[0]).astype(np.int32)
+        got = _run(z, table, index, kernel=kernel)
+        assert_signals_match(got, z, table, index, f"{kernel} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("batch", [BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 3 * BLOCK_ROWS + 5])
+def test_block_boundaries(batch, rng):
+    z = make_logits(rng, (batch, 5, 10), torch.float32)
+    got = _run(z, 0.8, kernel="blocked", num_threads=2)
+    assert_signals_match(got, z, 0.8, None, f"blocked B={batch}")
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "rowwise"])
+def test_results_do_not_depend_on_threads_or_row_position(kernel, rng):
+    # Every block is computed at full width and every row alone, so a row's bits depend neither on
+    # its neighbours, nor on where the chunk boundaries fall, nor on the thread count.
+    batch = 7 * BLOCK_ROWS + 13
+    z = make_logits(rng, (batch, 3, 7), torch.float32)
+    table = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
+    index = rng.integers(0, 4, size=batch).astype(np.int32)
+    one = _run(z, table, index, kernel=kernel, num_threads=1)
+    for threads in (2, 3):
+        _assert_identical(one, _run(z, table, index, kernel=kernel, num_threads=threads), f"{kernel} threads={threads}")
+    order = rng.permutation(batch)
+    shuffled = _run(z[order], table, index[order], kernel=kernel, num_threads=2)
+    _assert_identical(one.map(lambda t: t[order]), shuffled, f"{kernel} shuffled rows")
+
+
+def test_kernels_agree_with_each_other(rng):
+    # Same formulas, different summation order and layout: within float32 rounding of the sums.
+    z = make_logits(rng, (300, 6, 20), torch.float32, degenerate=False)
+    a = _run(z, 1.1, kernel="blocked")
+    b = _run(z, 1.1, kernel="rowwise")
+    assert torch.equal(a.valid, b.valid)
+    ref = ensemble_signals_reference(z, torch.tensor([1.1]), None)
+    decided = ref.margin > 1e-5
+    assert torch.equal(a.predicted_class[decided], b.predicted_class[decided])
+    for name in FLOAT_FIELDS:
+        # 1e-5: a few float32 ulp of values of order 1 (entropies up to log 20 = 3).
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "rowwise"])
+def test_extreme_finite_logits_stay_valid_and_exact(kernel):
+    # Any finite logits are valid and give finite, exact signals: float64 beyond the float32 range
+    # (shifted in float64 before narrowing), float32 near its max (differences overflow to -inf
+    # and are clamped), and +-1e4 where only the max subtraction keeps the softmax exact.
+    f32max = float(np.finfo(np.float32).max)
+    rows64 = torch.tensor([
+        [[1e300, 1e299, -1e300], [0.0, 1.0, 2.0]],
+        [[-1e307, 1e307, 5.0], [1e307, 1e307, -1e307]],
+        [[1e4, -1e4, 1e4], [-1e4, 1e4, 1e4 - 1]],
+    ], dtype=torch.float64)
+    rows32 = torch.tensor([
+        [[f32max, -f32max, 0.0], [f32max, f32max, -f32max]],
+        [[1e4, 1e4 - 1, -1e4], [-3e38, 3e38, 3e38]],
+    ], dtype=torch.float32)
+    for z in (rows64, rows32):
+        got = _run(z, 2.0, kernel=kernel)
+        ref = ensemble_signals_reference(z, torch.tensor([2.0]), None)
+        assert bool(got.valid.all()), f"{kernel} {z.dtype}: finite rows must be valid"
+        assert torch.equal(got.predicted_class.long(), ref.predicted_class)
+        for name in FLOAT_FIELDS:
+            # The torch float32 yardstick of the common harness overflows on these rows, so the
+            # bound is direct: 2e-6 is ~16 float32 ulp of values below log(3).
+            torch.testing.assert_close(getattr(got, name).double(), getattr(ref, name), atol=2e-6, rtol=0,
+                                       msg=lambda m, name=name: f"{kernel} {z.dtype} {name}: {m}")
+
+
+def test_ties_use_the_lowest_index_on_raw_logits():
+    # Member argmax is taken on z, not z/T; ties go to the lowest index, for members and the mean.
+    z = torch.tensor([[[2.0, 5.0, 5.0, 1.0], [5.0, 2.0, 5.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    got = _run(z, 1.0, kernel="blocked")
+    ref = ensemble_signals_reference(z, torch.tensor([1.0]), None)
+    assert int(got.predicted_class[0]) == int(ref.predicted_class[0])
+    assert float(got.vote_agreement[0]) == pytest.approx(float(ref.vote_agreement[0]), abs=0)
+    assert _run(z, 1.0, kernel="rowwise").vote_agreement[0] == got.vote_agreement[0]
+
+
+def test_one_compiled_version_per_kernel_whatever_the_dtype_or_flags(rng):
+    # The logits travel as read-only raw bytes with a dtype code: one machine-code version per
+    # kernel (compile time counts in CI), whatever the dtype or the caller's array flags.
+    for dtype in DTYPES:
+        z = make_logits(rng, (5, 2, 3), dtype, degenerate=False)
+        for kernel in ("blocked", "rowwise"):
+            _run(z, 1.0, kernel=kernel)
+            _run(z, [1.0, 2.0], np.array([0, 1, 0, 1, 1], np.int32), kernel=kernel)
+    assert len(numba_cpu._blocked_kernel.signatures) == 1
+    assert len(numba_cpu._rowwise_kernel.signatures) == 1
+
+
+def test_thread_count_rules():
+    assert numba_cpu.thread_count(1, 5, 10, None) == 1, "a tiny batch must not wake other threads"
+    big = numba_cpu.thread_count(10_000_000, 5, 10, None)
+    assert big == numba.get_num_threads()
+    assert numba_cpu.thread_count(10, 5, 10, 3) == 3, "an explicit count is honoured"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_threads: expected a positive integer"):
+            numba_cpu.thread_count(10, 5, 10, bad)
+    before = numba.get_num_threads()
+    _run(torch.zeros(3, 2, 4), 1.0, num_threads=1)
+    assert numba.get_num_threads() == before, "the caller's numba thread count must be restored"
+
+
+def test_bad_arguments_name_the_field():
+    z = torch.zeros(4, 2, 3)
+    with pytest.raises(ValueError, match=r"temperature_index: expected values in \[0, 2\), found range \[0, 5\]"):
+        ensemble_signals_numba(z, torch.tensor([1.0, 2.0]), torch.tensor([0, 1, 5, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="temperature_index: required"):
+        ensemble_signals_numba(z, torch.tensor([1.0, 2.0]), None)
+    with pytest.raises(ValueError, match="logits: expected a C-contiguous"):
+        ensemble_signals_numba(z.transpose(1, 2), torch.tensor([1.0]), None)
+    with pytest.raises(TypeError, match="logits: expected float16, bfloat16, float32 or float64, found torch.int32"):
+        ensemble_signals_numba(z.int(), torch.tensor([1.0]), None)
+    with pytest.raises(ValueError, match="kernel: expected 'blocked' or 'rowwise'"):
+        ensemble_signals_numba(z, torch.tensor([1.0]), None, kernel="simd")
+
+
+def test_logits_are_read_in_place_not_copied(rng, monkeypatch):
+    # The kernels get a view of the caller's buffer (zero-copy), for every dtype.
+    seen = []
+    real = numba_cpu._raw_bytes
+
+    def spy(t):
+        raw = real(t)
+        seen.append(raw.__array_interface__["data"][0])
+        return raw
+
+    monkeypatch.setattr(numba_cpu, "_raw_bytes", spy)
+    pointers = []
+    for dtype in DTYPES:
+        z = make_logits(rng, (3, 2, 5), dtype, degenerate=False)
+        pointers.append(z.data_ptr())
+        _run(z, 1.0)
+    assert seen == pointers
