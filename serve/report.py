@@ -15,35 +15,56 @@ from hitl_triage.engine.profile import Profile
 console = Console(highlight=False)
 
 
-@contextlib.contextmanager
-def row_progress(description: str, total: int):
-    """A progress bar over rows; yields ``update(done, total)``."""
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total, rate="")
+class Tracker:
+    """One live progress display with a bar per step (rich allows one live display at a time)."""
+
+    def __init__(self, bar: Progress):
+        self._bar = bar
+
+    def rows(self, description: str, total: int):
+        """A bar over rows; returns ``update(done, total)``."""
+        task = self._bar.add_task(description, total=total, rate="", stage="")
 
         def update(done: int, total_rows: int | None = None) -> None:
-            elapsed = bar.tasks[task].elapsed or 0.0
+            elapsed = self._bar.tasks[task].elapsed or 0.0
             rate = f"{done / elapsed / 1e6:.2f} M rows/s" if elapsed > 0 and done else ""
-            bar.update(task, completed=done, total=total_rows or total, rate=rate)
+            self._bar.update(task, completed=done, total=total_rows or total, rate=rate)
 
-        yield update
+        return update
+
+    def stages(self, description: str):
+        """A bar for multi-stage work; returns ``progress(stage, done, total)``."""
+        task = self._bar.add_task(description, total=1, rate="", stage="")
+
+        def progress(stage: str, done: int, total: int) -> None:
+            self._bar.update(task, stage=stage, completed=done if stage != "done" else total, total=max(total, 1))
+
+        return progress
+
+
+@contextlib.contextmanager
+def tracker():
+    """Yields a :class:`Tracker`; the bars stay on screen when the work ends."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}{task.fields[stage]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    ) as bar:
+        yield Tracker(bar)
+
+
+@contextlib.contextmanager
+def row_progress(description: str, total: int):
+    """A single progress bar over rows; yields ``update(done, total)``."""
+    with tracker() as t:
+        yield t.rows(description, total)
 
 
 @contextlib.contextmanager
 def stage_progress(description: str):
-    """A spinner-style progress for multi-stage work; yields ``progress(stage, done, total)``."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(description, total=1, stage="")
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, stage=stage, completed=done, total=max(total, 1))
-
-        yield progress
+    """A single progress bar over stages; yields ``progress(stage, done, total)``."""
+    with tracker() as t:
+        yield t.stages(description)
 
 
 def fmt_rate(x: float) -> str:
