@@ -538,10 +538,10 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
     wrong_cum = np.cumsum(~ok[eligible][order])
     # Last position of each distinct confidence (descending): accepting c >= v takes the prefix
     # up to the last row equal to v.
-    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True)) if conf_sorted.size else np.zeros(0, np.int64)
     candidates = conf_sorted[ends]
     accepted = ends + 1
-    errors = wrong_cum[ends] if ends.size else np.zeros(0, dtype=np.int64)
+    errors = wrong_cum[ends]
     count = candidates.shape[0]
     tests = max(1, math.ceil(math.log2(count + 1)))
     delta_per_test = d / tests

@@ -1,0 +1,309 @@
+"""Threshold selection: anomaly quantile, review budget, target risk, escalation rates.
+
+Independent references: numpy's quantile, masks written out by hand, scipy's exact binomial
+confidence interval, and a generative model whose selective risk is known in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import binom, binomtest
+
+from hitl_triage.engine.thresholds import (
+    TriggerThresholds,
+    budget_thresholds,
+    clopper_pearson_upper,
+    escalation_rates,
+    ood_threshold,
+    target_risk_threshold,
+    trigger_masks,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def signals(rng, rows, *, members=5):
+    """Calibration-like signals with realistic overlaps: low confidence comes with high mutual
+    information more often than not, and out-of-distribution rows are a little less confident."""
+    ood = rng.gamma(2.0, 0.5, rows)
+    confidence = np.clip(rng.beta(6, 1.5, rows) - 0.05 * ood, 0.1, 1.0)
+    mutual_info = np.abs(0.4 * (1 - confidence) + rng.normal(0, 0.05, rows)) if members > 1 else np.zeros(rows)
+    votes = np.clip(np.round((confidence + rng.normal(0, 0.1, rows)) * members) / members, 1 / members, 1.0)
+    return confidence, mutual_info, ood, votes
+
+
+# ------------------------------------------------------------------------------------------------
+# Anomaly threshold
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000, 1001])
+@pytest.mark.parametrize("rate", [0.5, 0.9, 0.95, 0.999, 1.0])
+def test_ood_threshold_is_the_inverted_cdf_quantile(rows, rate, rng):
+    scores = rng.normal(size=rows)
+    t = ood_threshold(scores, rate)
+    assert t == np.quantile(scores, rate, method="inverted_cdf")
+    # The smallest score that lets at least `rate` of rows pass.
+    assert np.mean(scores <= t) >= rate - 1e-12
+    below = scores[scores < t]
+    if below.size:
+        assert np.mean(scores <= below.max()) < rate
+
+
+def test_ood_threshold_pass_rate_holds_on_fresh_in_distribution_data(rng):
+    t = ood_threshold(rng.gamma(2.0, 1.0, 20_000), 0.95)
+    fresh = np.mean(rng.gamma(2.0, 1.0, 20_000) <= t)
+    # Fresh pass rate = F(t); F(t) moves by ~sqrt(.95 * .05 / 20000) = 0.0015 with the fit sample
+    # and the fresh one each: 5 standard deviations of the difference is 0.011.
+    assert abs(fresh - 0.95) < 5 * math.sqrt(2 * 0.95 * 0.05 / 20_000)
+
+
+def test_ood_threshold_counts_nan_as_failing(rng):
+    scores = rng.normal(size=1000)
+    scores[:20] = np.nan
+    t = ood_threshold(scores, 0.95)
+    passed = np.sum(scores <= t)  # NaN <= t is False
+    assert passed >= 950 and passed == math.ceil(0.95 * 1000)
+    scores[:80] = np.nan  # 8% NaN: 95% cannot pass
+    assert ood_threshold(scores, 0.95) == math.inf
+
+
+def test_ood_threshold_rejects_bad_input():
+    with pytest.raises(ValueError, match="pass_rate"):
+        ood_threshold(np.ones(3), 0.0)
+    with pytest.raises(ValueError, match="in_distribution_scores: expected at least one"):
+        ood_threshold(np.array([]), 0.9)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        ood_threshold(np.ones((2, 2)), 0.9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Escalation rates
+# ------------------------------------------------------------------------------------------------
+
+
+def test_masks_follow_the_conventions_and_nan_never_passes(rng):
+    c, mi, ood, votes = signals(rng, 500)
+    c[3], mi[4], ood[5], votes[6] = np.nan, np.nan, np.nan, np.nan
+    th = TriggerThresholds(confidence=0.7, mutual_info=0.1, ood=2.0, vote_floor=0.6)
+    masks = trigger_masks(th, c, mi, ood, vote_agreement=votes)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(masks["confidence"], (c < 0.7) | np.isnan(c))
+        np.testing.assert_array_equal(masks["disagreement"], (mi > 0.1) | np.isnan(mi) | (votes < 0.6) | np.isnan(votes))
+        np.testing.assert_array_equal(masks["anomaly"], (ood > 2.0) | np.isnan(ood))
+    rates = escalation_rates(th, c, mi, ood, vote_agreement=votes)
+    union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
+    assert rates.union == union.mean() and rates.solo["anomaly"] == masks["anomaly"].mean()
+    # Triggers that are off never fire, NaN or not: no bank, M = 1.
+    off = escalation_rates(TriggerThresholds(confidence=0.7), c, None, np.full(500, np.nan))
+    assert off.solo["disagreement"] == off.solo["anomaly"] == 0.0
+
+
+def test_rates_accept_the_engine_thresholds_and_per_class_confidence(rng):
+    from hitl_triage.engine.policy import Thresholds
+
+    c, mi, ood, votes = signals(rng, 300)
+    predicted = rng.integers(0, 3, 300)
+    th = Thresholds(confidence=0.5, mutual_info=0.2, vote_floor=0.0, ood=math.inf, per_class_confidence=[0.6, 0.7, 0.8])
+    rates = escalation_rates(th, c, mi, None, predicted_class=predicted)
+    expected = c < np.array([0.6, 0.7, 0.8])[predicted]
+    assert rates.solo["confidence"] == expected.mean()
+    with pytest.raises(ValueError, match="predicted_class: required"):
+        escalation_rates(th, c, mi)
+    with pytest.raises(ValueError, match="ood_score: required"):
+        escalation_rates(TriggerThresholds(confidence=0.5, ood=1.0), c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Budget mode
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.02, 0.1, 0.3])
+@pytest.mark.parametrize("split", [(0.5, 0.25, 0.25), (1, 1, 1), (0.2, 0.0, 0.8)])
+def test_budget_union_rate_holds_on_fresh_data(budget, split, rng):
+    rows = 20_000
+    c, mi, ood, _ = signals(rng, rows)
+    chosen = budget_thresholds(c, mi, ood, budget, split=split)
+    # On the calibration rows the union lands within one row of the budget (continuous scores).
+    assert abs(chosen.union_rate - budget) <= 1.5 / rows
+    # Solo rates keep the split's proportions: each is floor(share * s * b * N) rows.
+    for name, share in chosen.shares.items():
+        assert abs(chosen.solo_rates[name] - share * chosen.scale * budget) <= 1.0 / rows, name
+    assert chosen.scale >= 1.0  # overlaps only ever push s up
+    fresh = escalation_rates(chosen, *signals(rng, rows)[:3])
+    # Fresh union rate = the thresholds' true rate (within ~sqrt(b(1-b)/N) of b, from fitting)
+    # plus the fresh sample's own binomial noise: 5 standard deviations of both.
+    tolerance = 5 * math.sqrt(2 * budget * (1 - budget) / rows)
+    assert abs(fresh.union - budget) < tolerance, (fresh.union, budget, tolerance)
+
+
+def test_budget_triggers_without_data_hand_their_share_on(rng):
+    c, mi, ood, _ = signals(rng, 5000, members=1)
+    # M = 1 (no mutual information) and no bank: the confidence trigger takes the whole budget.
+    alone = budget_thresholds(c, None, None, 0.1)
+    assert alone.shares == {"confidence": 1.0, "disagreement": 0.0, "anomaly": 0.0}
+    assert alone.mutual_info == math.inf and alone.ood == math.inf
+    assert alone.solo_rates["confidence"] == pytest.approx(0.1, abs=1 / 5000)
+    assert np.mean(c < alone.confidence) == alone.union_rate
+    # All-zero mutual information (what M = 1 signals look like) cannot rank rows either.
+    zeros = budget_thresholds(c, mi, ood, 0.1, split=(0.5, 0.25, 0.25))
+    assert zeros.shares == {"confidence": pytest.approx(2 / 3), "disagreement": 0.0, "anomaly": pytest.approx(1 / 3)}
+    with pytest.raises(ValueError, match="split: expected a positive weight"):
+        budget_thresholds(c, None, None, 0.1, split=(0, 1, 0))
+
+
+def test_budget_counts_nan_and_low_votes_as_firing(rng):
+    rows = 10_000
+    c, mi, ood, votes = signals(rng, rows)
+    c[:150] = np.nan
+    chosen = budget_thresholds(c, mi, ood, 0.1, vote_agreement=votes, vote_floor=0.4)
+    assert 0 < np.mean(votes < 0.4) < 0.05  # some rows fire on their votes alone
+    masks = trigger_masks(chosen, c, mi, ood, vote_agreement=votes)
+    union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
+    assert union[:150].all()
+    assert chosen.union_rate == union.mean()
+    assert abs(chosen.union_rate - 0.1) <= 1.5 / rows
+    # A budget below what fires regardless: nothing more fires, and the result says how much.
+    tight = budget_thresholds(c, mi, ood, 0.01)
+    assert tight.scale == 0.0 and tight.union_rate == pytest.approx(150 / rows)
+
+
+def test_budget_zero_and_one(rng):
+    c, mi, ood, _ = signals(rng, 2000)
+    none = budget_thresholds(c, mi, ood, 0.0)
+    assert none.union_rate == 0.0
+    everything = budget_thresholds(c, mi, ood, 1.0)
+    assert everything.union_rate == 1.0
+
+
+def test_budget_with_tied_scores_gets_as_close_as_the_data_allow(rng):
+    # Votes-like confidence on 5 levels: the union can only move in big steps.
+    rows = 5000
+    c = rng.choice([0.2, 0.4, 0.6, 0.8, 1.0], size=rows, p=[0.05, 0.05, 0.1, 0.3, 0.5])
+    chosen = budget_thresholds(c, None, None, 0.12)
+    achievable = [np.mean(c < t) for t in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert chosen.union_rate == min(achievable, key=lambda r: abs(r - 0.12))
+
+
+def test_budget_to_dict_and_bad_input(rng):
+    import tomli_w
+
+    c, mi, ood, _ = signals(rng, 1000)
+    back = tomllib.loads(tomli_w.dumps(budget_thresholds(c, None, ood, 0.1).to_dict()))
+    assert back["mutual_info"] == math.inf and back["shares"]["disagreement"] == 0.0
+    with pytest.raises(ValueError, match="budget"):
+        budget_thresholds(c, mi, ood, 1.5)
+    with pytest.raises(ValueError, match="split"):
+        budget_thresholds(c, mi, ood, 0.1, split=(1, -1, 0))
+    with pytest.raises(ValueError, match="mutual_info: expected 1000 rows"):
+        budget_thresholds(c, mi[:10], ood, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Target-risk mode
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clopper_pearson_matches_scipy_exact_interval():
+    for errors, trials, delta in [(0, 10, 0.05), (3, 50, 0.01), (49, 50, 0.1), (50, 50, 0.05), (120, 4000, 0.002)]:
+        # The two-sided exact interval at level 1 - 2 delta has the one-sided bound as its top.
+        expected = binomtest(errors, trials).proportion_ci(confidence_level=1 - 2 * delta, method="exact").high
+        assert float(clopper_pearson_upper(errors, trials, delta)) == pytest.approx(expected, rel=1e-9)
+
+
+def calibrated_rows(rng, rows, low=0.6):
+    """Confidence ~ Uniform(low, 1), correct ~ Bernoulli(confidence). The selective risk of
+    threshold t >= low is E[1 - C | C >= t] = (1 - t) / 2 exactly."""
+    c = rng.uniform(low, 1.0, rows)
+    return c, rng.random(rows) < c
+
+
+def true_risk(t):
+    return (1.0 - t) / 2.0
+
+
+def test_guarantee_holds_across_repeated_splits(rng):
+    alpha, delta, splits, rows = 0.08, 0.1, 200, 5000
+    violations, naive_violations, coverages = 0, 0, []
+    for k in range(splits):
+        c, ok = calibrated_rows(rng, 2 * rows)
+        half = rng.permutation(2 * rows)[:rows]
+        escalated = (rng.random(rows) < 0.1) if k % 2 else None  # other triggers, at random
+        chosen = target_risk_threshold(c[half], ok[half], alpha, delta, escalated=escalated)
+        assert chosen.feasible
+        violations += true_risk(chosen.threshold) > alpha
+        coverages.append(chosen.coverage)
+        # The same search with no bound (empirical risk <= alpha) shows the test can fail.
+        order = np.sort(c[half])[::-1]
+        emp = np.cumsum(~ok[half][np.argsort(-c[half])]) / np.arange(1, rows + 1)
+        naive_t = order[np.flatnonzero(emp <= alpha).max()]
+        naive_violations += true_risk(naive_t) > alpha
+    # If the guarantee holds, violations ~ Binomial(200, p) with p <= delta; its 0.999 quantile
+    # (34 for delta = 0.1) is the slack: a correct method fails this at most 1 time in 1000.
+    slack = binom.ppf(0.999, splits, delta)
+    assert violations <= slack, (violations, slack)
+    assert naive_violations > slack, "the naive threshold should violate often: otherwise this test has no power"
+    # Not vacuous: the threshold accepts a real share of traffic (the ideal t = 0.84 accepts 40%).
+    assert np.mean(coverages) > 0.2
+
+
+def test_held_out_empirical_risk_stays_within_the_bound(rng):
+    # The held-out error rate among accepted rows rarely exceeds alpha by more than its own noise.
+    alpha, delta = 0.08, 0.1
+    exceed = 0
+    for _ in range(50):
+        c, ok = calibrated_rows(rng, 20_000)
+        chosen = target_risk_threshold(c[:10_000], ok[:10_000], alpha, delta)
+        accepted = c[10_000:] >= chosen.threshold
+        held_out = 1 - ok[10_000:][accepted].mean()
+        exceed += held_out > alpha
+    # True risk <= alpha w.p. >= 0.9 and the bound keeps it well below; the held-out estimate
+    # then exceeds alpha in few of 50 runs: Binomial(50, 0.1)'s 0.999 quantile is 13.
+    assert exceed <= binom.ppf(0.999, 50, delta)
+
+
+def test_returned_threshold_passed_its_test_and_rows_are_counted(rng):
+    c, ok = calibrated_rows(rng, 3000)
+    c[:30] = np.nan
+    escalated = np.zeros(3000, dtype=bool)
+    escalated[30:330] = True
+    chosen = target_risk_threshold(c, ok, 0.08, 0.05, escalated=escalated)
+    accepted = (c >= chosen.threshold) & ~escalated  # NaN >= t is False
+    assert chosen.accepted_rows == accepted.sum() and chosen.errors == (~ok[accepted]).sum()
+    assert chosen.coverage == accepted.sum() / 3000 and chosen.eligible_rows == 3000 - 330
+    assert chosen.tests == math.ceil(math.log2(np.unique(c[30:][~escalated[30:]]).size + 1))
+    expected = binomtest(int(chosen.errors), int(chosen.accepted_rows)).proportion_ci(
+        confidence_level=1 - 2 * chosen.delta_per_test, method="exact").high
+    assert chosen.risk_bound == pytest.approx(expected, rel=1e-9) and chosen.risk_bound <= 0.08
+
+
+def test_infeasible_target_escalates_everything(rng):
+    import tomli_w
+
+    c, ok = calibrated_rows(rng, 500, low=0.3)
+    chosen = target_risk_threshold(c, ok, 0.001, 0.05)
+    assert not chosen.feasible and chosen.threshold == math.inf and chosen.coverage == 0.0
+    back = tomllib.loads(tomli_w.dumps(chosen.to_dict()))
+    assert back["feasible"] is False and math.isnan(back["risk_bound"])
+    empty = target_risk_threshold(np.full(5, np.nan), np.ones(5, dtype=bool), 0.1, 0.1)
+    assert not empty.feasible
+
+
+def test_target_risk_rejects_bad_input(rng):
+    c, ok = calibrated_rows(rng, 10)
+    with pytest.raises(ValueError, match="delta"):
+        target_risk_threshold(c, ok, 0.1, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        target_risk_threshold(c, ok, 1.5, 0.1)
+    with pytest.raises(TypeError, match="correct: expected booleans"):
+        target_risk_threshold(c, c, 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"escalated: expected shape \(10,\)"):
+        target_risk_threshold(c, ok, 0.1, 0.1, escalated=np.zeros(3, dtype=bool))
