@@ -157,6 +157,25 @@ def test_float64_beyond_float32_range_is_valid(tiled, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("tiled", [False, True], ids=["fused", "tiled"])
+def test_wholly_non_finite_rows_and_members(tiled, dtype, device, rng):
+    """Rows whose members are entirely NaN or ±inf (not just one entry) next to valid rows: the
+    invalid ones come back -1 / NaN and their neighbours in the same row block are untouched."""
+    z = make_logits(rng, (8, 3, 12), dtype, degenerate=False)
+    z[1] = float("nan")
+    z[2, 1] = float("nan")
+    z[4, 0] = float("inf")
+    z[5, 2] = -float("inf")
+    z[6, :, :6] = float("inf")
+    z[6, :, 6:] = -float("inf")
+    overrides = dict(tiled=True, block_c=4, block_r=4) if tiled else dict(block_r=4)
+    got = _run(z, 0.9, None, device, **overrides)
+    assert got.valid.tolist() == [True, False, False, True, False, False, False, True]
+    assert_signals_match(got, z, 0.9, None, f"non-finite rows {'tiled' if tiled else 'fused'} {dtype} {device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_extreme_temperatures(device, rng):
     """A tiny T sends every member to one-hot (the per-row scale is clamped, not inf), a huge T
     to uniform; mixed in one table."""

@@ -111,9 +111,6 @@ def _load_tile(logits_ptr, row_start, offset, tile_cols, first_col, row_mask, n_
     start = tl.multiple_of(row_start + offset, ALIGN)
     mask = row_mask[:, None] & tl.max_constancy(first_col + tile_cols < n_classes, ALIGN)[None, :]
     raw = tl.load(logits_ptr + start[:, None] + tile_cols[None, :], mask=mask, other=0.0)
-    # tl.maximum does not propagate NaN (maxnum): NaN becomes -FLT_MAX. Invalid rows are thrown
-    # away at the end, but a member row that is all NaN would otherwise reach the argmax
-    # reductions as all NaN, which the interpreter (numpy's nanargmax) refuses.
     if IS_FP64:
         # Judge finiteness in float64: 1e300 is a valid logit that float32 would call inf.
         zero = (raw * 0.0).to(tl.float32)
@@ -121,7 +118,6 @@ def _load_tile(logits_ptr, row_start, offset, tile_cols, first_col, row_mask, n_
     else:
         x = raw.to(tl.float32)
         zero = x * 0.0
-        x = tl.maximum(x, -_FLT_MAX)
     x = tl.where(mask, x, float("-inf"))
     return x, zero
 
@@ -223,8 +219,7 @@ def _signals_fused_kernel(
     poison = tl.sum(p_sum * 0.0, axis=1)
     pd_sum = tl.sum(pd_acc, axis=1)
     log2_s_sum = s_exponent.to(tl.float32) + tl.log2(s_product)
-    # maxnum again: turns the NaN of invalid rows into 0 before the argmax (see _load_tile).
-    p = tl.maximum(p_sum * (1.0 / n_members), 0.0)
+    p = p_sum * (1.0 / n_members)
     # Padded classes hold p = 0, never above a real class (C >= 2 and p sums to 1).
     top1, pred = _max_first_argmax(p, cols, BLOCK_C)
     is_pred = cols[None, :] == pred[:, None]
@@ -303,7 +298,7 @@ def _signals_tiled_kernel(
             e = tl.exp2(d)
             p_sum += e * inv_s[:, None]
             pd_sum += tl.sum(e * d, axis=1) * inv_s
-        p = tl.maximum(p_sum * inv_members, 0.0)  # NaN of invalid rows -> 0 (see _load_tile)
+        p = p_sum * inv_members
         total_log2 -= tl.sum(tl.where(p > 0.0, p * tl.log2(p), 0.0), axis=1)
         # Padded classes hold p = 0, which can at most tie a real class's value: harmless.
         t1, t_arg = _max_first_argmax(p, tile_cols, BLOCK_C)
