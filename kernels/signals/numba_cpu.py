@@ -212,12 +212,54 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
 
 
 @njit(fastmath=_FLAGS, cache=True)
-def _block_signals(x, arg, shifted, members, classes, pbar, fv, iv):
-    """Softmax of every member of a full block: reads ``x`` [member*class, BLOCK_ROWS] (then
-    overwritten with exp values) and, when ``shifted``, ``arg`` [member, BLOCK_ROWS] (else fills
-    it); leaves the mean probabilities in ``pbar`` [class, BLOCK_ROWS] and per row, in ``fv``/``iv``,
-    the product of the softmax denominators as mantissa and exponent (_LP_M, _LP_E) and
-    sum_m (sum_c e_mc d_mc) / s_m (_H_SUM)."""
+def _block_scratch(members, classes):
+    """Per-thread scratch of the blocked kernels: x [M*C, R], pbar [C, R], arg [M, R],
+    fv [_NF, R], iv [_NI, R] and a bool [R] for the last, partial block."""
+    R = BLOCK_ROWS
+    return (np.empty((members * classes, R), np.float32), np.empty((classes, R), np.float32),
+            np.empty((members, R), np.int32), np.empty((_NF, R), np.float32),
+            np.empty((_NI, R), np.int32), np.empty(R, np.bool_))
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has_index, x, arg,
+                   pbar, fv, iv):
+    """Load a block (see _load_block), gather 1/T per row and reset the accumulators: pbar, the
+    denominator product (_LP_M = 1, _LP_E = 0) and _H_SUM. Returns ``shifted``."""
+    R = BLOCK_ROWS
+    shifted = _load_block(raw, kind, row0, nrows, members, classes, x, arg, iv[_BAD])
+    inv_t = fv[_INV_T]
+    if has_index:
+        for r in range(nrows):
+            inv_t[r] = _ONE / temps[t_index[row0 + r]]
+        for r in range(nrows, R):
+            inv_t[r] = _ONE
+    else:
+        inv_t0 = _ONE / temps[0]
+        for r in range(R):
+            inv_t[r] = inv_t0
+    for c in range(classes):
+        pc = pbar[c]
+        for r in range(R):
+            pc[r] = _ZERO
+    lp_m = fv[_LP_M]
+    h_sum = fv[_H_SUM]
+    lp_e = iv[_LP_E]
+    for r in range(R):
+        lp_m[r] = _ONE
+        lp_e[r] = 0
+        h_sum[r] = _ZERO
+    return shifted
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv):
+    """Softmax of member ``m`` across a full block, each step a loop over the rows.
+
+    Reads x[m*C:(m+1)*C] (overwritten with exp values); fills arg[m] with the member argmax of
+    the raw logits unless ``shifted`` (float64 input: x already shifted, arg already set). Adds
+    p_mc / M to pbar, s_m to the denominator product (_LP_M, _LP_E) and (sum_c e_mc d_mc) / s_m
+    to _H_SUM."""
     R = BLOCK_ROWS
     w_mean = _ONE / f32(members)
     top = fv[_TOP]
@@ -229,82 +271,64 @@ def _block_signals(x, arg, shifted, members, classes, pbar, fv, iv):
     w = fv[_W]
     best = iv[_BEST]
     lp_e = iv[_LP_E]
+    am = arg[m]
+    # Member max and first argmax, across the rows of the block. Float64 input arrives shifted,
+    # its max is exactly 0 and its argmax was taken in float64.
+    x0 = x[m * classes]
+    for r in range(R):
+        top[r] = x0[r]
+        best[r] = 0
+    for c in range(1, classes):
+        xc = x[m * classes + c]
+        for r in range(R):
+            v = xc[r]
+            gt = v > top[r]
+            top[r] = v if gt else top[r]
+            best[r] = i32(c) if gt else best[r]
+    if not shifted:
+        for r in range(R):
+            am[r] = best[r]
+    for r in range(R):
+        s[r] = _ZERO
+        sd[r] = _ZERO
     for c in range(classes):
+        xc = x[m * classes + c]
+        for r in range(R):
+            d = (xc[r] - top[r]) * inv_t[r]
+            d = d if d > D_FLOOR else D_FLOOR
+            e = exp32(d)
+            xc[r] = e
+            s[r] += e
+            sd[r] += e * d
+    for r in range(R):
+        inv_s = _ONE / s[r]
+        h_sum[r] += sd[r] * inv_s
+        w[r] = inv_s * w_mean
+        # Running product of the denominators, renormalised to [1, 2) so it never overflows.
+        mant, ex = split_exponent(lp_m[r] * s[r])
+        lp_m[r] = mant
+        lp_e[r] += ex
+    for c in range(classes):
+        xc = x[m * classes + c]
         pc = pbar[c]
         for r in range(R):
-            pc[r] = _ZERO
-    for r in range(R):
-        lp_m[r] = _ONE
-        lp_e[r] = 0
-        h_sum[r] = _ZERO
-    for m in range(members):
-        am = arg[m]
-        if shifted:
-            for r in range(R):
-                top[r] = _ZERO
-        else:
-            # Member max and first argmax on the raw logits, across the rows of the block.
-            x0 = x[m * classes]
-            for r in range(R):
-                top[r] = x0[r]
-                best[r] = 0
-            for c in range(1, classes):
-                xc = x[m * classes + c]
-                for r in range(R):
-                    v = xc[r]
-                    gt = v > top[r]
-                    top[r] = v if gt else top[r]
-                    best[r] = i32(c) if gt else best[r]
-            for r in range(R):
-                am[r] = best[r]
-        for r in range(R):
-            s[r] = _ZERO
-            sd[r] = _ZERO
-        for c in range(classes):
-            xc = x[m * classes + c]
-            for r in range(R):
-                d = (xc[r] - top[r]) * inv_t[r]
-                d = d if d > D_FLOOR else D_FLOOR
-                e = exp32(d)
-                xc[r] = e
-                s[r] += e
-                sd[r] += e * d
-        for r in range(R):
-            inv_s = _ONE / s[r]
-            h_sum[r] += sd[r] * inv_s
-            w[r] = inv_s * w_mean
-            # Running product of the denominators, renormalised to [1, 2) so it never overflows.
-            mant, ex = split_exponent(lp_m[r] * s[r])
-            lp_m[r] = mant
-            lp_e[r] += ex
-        for c in range(classes):
-            xc = x[m * classes + c]
-            pc = pbar[c]
-            for r in range(R):
-                pc[r] += xc[r] * w[r]
+            pc[r] += xc[r] * w[r]
 
 
 @njit(fastmath=_FLAGS, cache=True)
-def _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class, out_conf, out_margin,
-                  out_total, out_expected, out_mi, out_vote, out_valid):
-    """Top-1, top-2, argmax and entropy of the mean probabilities, and the signals of a full
-    block into the [BLOCK_ROWS] output views (-1 / NaN where ``bad``)."""
+def _block_top_entropy(pbar, classes, fv, iv):
+    """Top-1 (_TOP), top-2 (_TOP2), first argmax (_BEST) and entropy (_ENT) of the mean
+    probabilities of a full block."""
     R = BLOCK_ROWS
     top = fv[_TOP]
     top2 = fv[_TOP2]
     ent = fv[_ENT]
-    lp_m = fv[_LP_M]
-    h_sum = fv[_H_SUM]
     best = iv[_BEST]
-    lp_e = iv[_LP_E]
-    votes = iv[_VOTES]
     p0 = pbar[0]
     for r in range(R):
         top[r] = p0[r]
         top2[r] = _NEG_BIG
         best[r] = 0
-        ent[r] = _ZERO
-        votes[r] = 0
     for c in range(1, classes):
         pc = pbar[c]
         for r in range(R):
@@ -316,6 +340,8 @@ def _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class, out_conf,
             top2[r] = lo if lo > top2[r] else top2[r]
             top[r] = v if gt else top[r]
             best[r] = i32(c) if gt else best[r]
+    for r in range(R):
+        ent[r] = _ZERO
     for c in range(classes):
         pc = pbar[c]
         for r in range(R):
@@ -323,6 +349,25 @@ def _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class, out_conf,
             # p >= e^-70 / (C*M) is a normal float32 (D_FLOOR), so split_exponent applies.
             mant, ex = split_exponent(p)
             ent[r] -= p * log_parts(mant, f32(ex))
+
+
+@njit(fastmath=_FLAGS, cache=True)
+def _block_outputs(arg, members, fv, iv, out_class, out_conf, out_margin, out_total,
+                   out_expected, out_mi, out_vote, out_valid):
+    """Votes and the final signals of a full block into [BLOCK_ROWS] output views (-1 / NaN on
+    rows flagged bad)."""
+    R = BLOCK_ROWS
+    top = fv[_TOP]
+    top2 = fv[_TOP2]
+    ent = fv[_ENT]
+    lp_m = fv[_LP_M]
+    h_sum = fv[_H_SUM]
+    best = iv[_BEST]
+    lp_e = iv[_LP_E]
+    votes = iv[_VOTES]
+    bad = iv[_BAD]
+    for r in range(R):
+        votes[r] = 0
     for m in range(members):
         am = arg[m]
         for r in range(R):
@@ -343,60 +388,52 @@ def _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class, out_conf,
         out_valid[r] = ok
 
 
+@njit(fastmath=_FLAGS, cache=True)
+def _block_store(arg, members, fv, iv, tail_valid, row0, nrows, out_class, out_conf, out_margin,
+                 out_total, out_expected, out_mi, out_vote, out_valid):
+    """Write the outputs of the block at ``row0``: straight into the output arrays when full, else
+    full-width into scratch and then the ``nrows`` live rows."""
+    R = BLOCK_ROWS
+    if nrows == R:
+        end = row0 + R
+        _block_outputs(arg, members, fv, iv, out_class[row0:end], out_conf[row0:end],
+                       out_margin[row0:end], out_total[row0:end], out_expected[row0:end],
+                       out_mi[row0:end], out_vote[row0:end], out_valid[row0:end])
+        return
+    _block_outputs(arg, members, fv, iv, iv[_CLASS], fv[_CONF], fv[_MARGIN], fv[_TOTAL],
+                   fv[_EXPECTED], fv[_MI], fv[_VOTE], tail_valid)
+    for r in range(nrows):
+        i = row0 + r
+        out_class[i] = iv[_CLASS, r]
+        out_conf[i] = fv[_CONF, r]
+        out_margin[i] = fv[_MARGIN, r]
+        out_total[i] = fv[_TOTAL, r]
+        out_expected[i] = fv[_EXPECTED, r]
+        out_mi[i] = fv[_MI, r]
+        out_vote[i] = fv[_VOTE, r]
+        out_valid[i] = tail_valid[r]
+
+
 @njit(fastmath=_FLAGS, cache=True, parallel=True)
 def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, num_threads,
                     out_class, out_conf, out_margin, out_total, out_expected, out_mi, out_vote,
                     out_valid):
-    """All rows, blocks of BLOCK_ROWS rows, ``num_threads`` contiguous chunks of blocks."""
-    R = BLOCK_ROWS
-    nblocks = (batch + R - 1) // R
+    """All rows, blocks of BLOCK_ROWS rows, ``num_threads`` contiguous chunks of blocks.
+    (numba_specialise.py generates the same driver around class-unrolled steps.)"""
+    nblocks = (batch + BLOCK_ROWS - 1) // BLOCK_ROWS
     nchunks = min(num_threads, nblocks)
-    inv_t0 = _ONE / temps[0]
     for chunk in prange(nchunks):
-        b0 = chunk * nblocks // nchunks
-        b1 = (chunk + 1) * nblocks // nchunks
-        x = np.empty((members * classes, R), np.float32)
-        pbar = np.empty((classes, R), np.float32)
-        arg = np.empty((members, R), np.int32)
-        fv = np.empty((_NF, R), np.float32)
-        iv = np.empty((_NI, R), np.int32)
-        tail_valid = np.empty(R, np.bool_)
-        bad = iv[_BAD]
-        inv_t = fv[_INV_T]
-        for blk in range(b0, b1):
-            row0 = blk * R
-            nrows = min(R, batch - row0)
-            shifted = _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad)
-            if has_index:
-                for r in range(nrows):
-                    inv_t[r] = _ONE / temps[t_index[row0 + r]]
-                for r in range(nrows, R):
-                    inv_t[r] = _ONE
-            else:
-                for r in range(R):
-                    inv_t[r] = inv_t0
-            _block_signals(x, arg, shifted, members, classes, pbar, fv, iv)
-            if nrows == R:
-                end = row0 + R
-                _block_finish(pbar, arg, bad, members, classes, fv, iv, out_class[row0:end],
-                              out_conf[row0:end], out_margin[row0:end], out_total[row0:end],
-                              out_expected[row0:end], out_mi[row0:end], out_vote[row0:end],
-                              out_valid[row0:end])
-            else:
-                # The last, partial block: full-width results into scratch, then the live rows.
-                _block_finish(pbar, arg, bad, members, classes, fv, iv, iv[_CLASS], fv[_CONF],
-                              fv[_MARGIN], fv[_TOTAL], fv[_EXPECTED], fv[_MI], fv[_VOTE],
-                              tail_valid)
-                for r in range(nrows):
-                    i = row0 + r
-                    out_class[i] = iv[_CLASS, r]
-                    out_conf[i] = fv[_CONF, r]
-                    out_margin[i] = fv[_MARGIN, r]
-                    out_total[i] = fv[_TOTAL, r]
-                    out_expected[i] = fv[_EXPECTED, r]
-                    out_mi[i] = fv[_MI, r]
-                    out_vote[i] = fv[_VOTE, r]
-                    out_valid[i] = tail_valid[r]
+        x, pbar, arg, fv, iv, tail_valid = _block_scratch(members, classes)
+        for blk in range(chunk * nblocks // nchunks, (chunk + 1) * nblocks // nchunks):
+            row0 = blk * BLOCK_ROWS
+            nrows = min(BLOCK_ROWS, batch - row0)
+            shifted = _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index,
+                                     has_index, x, arg, pbar, fv, iv)
+            for m in range(members):
+                _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv)
+            _block_top_entropy(pbar, classes, fv, iv)
+            _block_store(arg, members, fv, iv, tail_valid, row0, nrows, out_class, out_conf,
+                         out_margin, out_total, out_expected, out_mi, out_vote, out_valid)
 
 
 # ---------------------------------------------------------------------------------------------
