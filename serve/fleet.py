@@ -14,12 +14,22 @@ The latent world (all of it drawn from the seed):
   ``mean_y + class noise (class subspace, std 1) + nuisance noise (nuisance subspace, std
   nuisance_std)``: real embeddings vary along few directions, and the nuisance directions carry no
   class information, only distance.
-- **Ensemble.** M members with linear heads on the embedding. The shared head is the Bayes rule of
-  the in-distribution model (so confidence is meaningful); each member adds its own perturbation,
-  small inside the class subspace (members disagree near class boundaries) and larger outside it
-  (members agree on the data they were trained on and disagree off it, as real ensembles do). All
-  logits are multiplied by ``overconfidence``, so the raw ensemble is overconfident and a fitted
-  temperature comes out above 1.
+- **Ensemble.** M members with linear heads on the embedding, shaped like a real deep ensemble:
+  every member is sharp, the members agree on easy in-distribution inputs and disagree on hard and
+  out-of-distribution ones, and their mean is still overconfident. The shared head is the Bayes
+  rule of the in-distribution model (so confidence is meaningful); each member adds its own
+  perturbation, small inside the class subspace (the members' class boundaries differ a little, so
+  sharp members flip near a boundary: disagreement where the errors are) and large off the data
+  manifold, in the directions orthogonal to both the class and the nuisance subspaces. Members
+  have learned to ignore the nuisance variation they were trained on, so in-distribution inputs
+  never see that large perturbation; unseen classes, corrupted inputs and drifted ones, which
+  leave the manifold, do. All logits are multiplied by ``overconfidence``. Because the members
+  agree in-distribution, the ensemble mean is close to the Bayes posterior sharpened by that
+  factor: overconfident in every confidence bin, which temperature scaling undoes (fitted T a
+  little below ``overconfidence``; the ECE falls by an order of magnitude). A perturbation that
+  moved in-distribution logits (say along the nuisance directions) would instead flatten the mean
+  of the members' softmaxes in the middle confidence range, an underconfidence that one
+  temperature cannot fix together with the overconfident top bin.
 - **Out-of-distribution rows** (label -1 in the truth): ``unseen_class`` inputs come from
   ``unseen_classes`` extra class means that point partly out of the class subspace; ``corrupted``
   inputs are in-distribution embeddings rescaled by a random factor and buried in heavy isotropic
@@ -142,9 +152,10 @@ class FleetConfig:
     """Dimensions of the subspace that holds the class means and the class noise (capped at D)."""
     nuisance_dim: int = 16
     """Dimensions of within-class nuisance variation, orthogonal to the class subspace (capped)."""
-    class_separation: float = 4.3
+    class_separation: float = 3.9
     """Typical distance between two class means, in within-class standard deviations. Sets the
-    error rate: 7-12% at 4.3 with the other defaults, depending on the seed."""
+    error rate: 10.6-13.6% of in-distribution rows at 3.9 with the other defaults (seeds 0-11),
+    and with it how much the overconfident ensemble's ECE has to gain from a temperature."""
     class_jitter: float = 0.25
     """Random displacement of each class mean, relative to its norm: unequal confusability."""
     class_skew: float = 0.5
@@ -154,12 +165,19 @@ class FleetConfig:
 
     # --- the ensemble ---------------------------------------------------------------------------
     overconfidence: float = 2.5
-    """Factor on every logit. 1 gives a calibrated shared head; above 1 the ensemble is
-    overconfident and temperature scaling fits T > 1."""
-    member_spread: float = 0.2
-    """Size of each member's head perturbation inside the class subspace, relative to the head."""
+    """Factor on every logit (each member is the Bayes rule sharpened by it). 1 gives a calibrated
+    ensemble up to the members' disagreement; above 1 the ensemble mean is overconfident and
+    temperature scaling fits T a little below this factor. With the defaults (seeds 0-11, 20k
+    calibration rows): fitted T 2.43-2.49, top-label ECE (15 bins) 0.063-0.080 at T = 1 and
+    0.004-0.006 at the fitted T."""
+    member_spread: float = 0.1
+    """Size of each member's head perturbation inside the class subspace, relative to the head:
+    how far the members' class boundaries differ. Larger values add disagreement on in-distribution
+    inputs and flatten the ensemble mean (less overconfidence for a temperature to fix)."""
     member_spread_outside: float = 1.5
-    """Size of each member's head perturbation outside the class subspace, relative to the head."""
+    """Size of each member's head perturbation off the data manifold (orthogonal to the class and
+    nuisance subspaces), relative to the head: disagreement on inputs that leave the manifold (OOD,
+    drift). No effect when the class and nuisance subspaces fill all D dimensions."""
 
     # --- out-of-distribution inputs -------------------------------------------------------------
     ood_share: float = 0.02
@@ -420,11 +438,14 @@ def _world(config: FleetConfig) -> _World:
     head_norm = float(np.mean(np.linalg.norm(shared_w, axis=0)))
     heads = np.empty((d, m * c))
     biases = np.empty(m * c)
+    # The large member perturbation lives off the data manifold only: in-distribution inputs have
+    # no component there, so the members agree on them (see the module docstring for why).
+    off_basis = basis[r + k :]
     for member in range(m):
         inside = class_basis.T @ rng.standard_normal((r, c)) / math.sqrt(r)
-        if outside_basis.shape[0]:
-            outside = outside_basis.T @ rng.standard_normal((outside_basis.shape[0], c))
-            outside /= math.sqrt(outside_basis.shape[0])
+        if off_basis.shape[0]:
+            outside = off_basis.T @ rng.standard_normal((off_basis.shape[0], c))
+            outside /= math.sqrt(off_basis.shape[0])
         else:
             outside = np.zeros((d, c))
         w = shared_w + head_norm * (config.member_spread * inside + config.member_spread_outside * outside)
