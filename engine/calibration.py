@@ -122,7 +122,8 @@ class TemperatureFit:
     ``temperature``: the global T, fitted on every usable row. ``per_source``: source -> T for
     every source seen, fitted on that source's rows where it has at least ``min_rows_per_source``
     of them, else the global T; ``fallback_sources`` lists the sources that took the global T
-    (empty dict and list without ``sources``). ``source_rows``: usable rows per source.
+    (empty dict and list without ``sources``). ``source_rows``: usable rows per source;
+    ``unsourced_rows``: rows whose source is None (they count in the global fit only).
     ``before``/``after``: metrics on the fitted rows at T = 1 and at the fitted temperature(s)
     (each row at its source's T). ``at_bound``: the global optimum lies on a bound of the search
     (the model wants a T outside it). ``fit_seconds``: wall time of the whole call.
@@ -141,16 +142,17 @@ class TemperatureFit:
     invalid_rows: int
     at_bound: bool
     fit_seconds: float
+    unsourced_rows: int = 0
 
     def temperatures_for(self, sources) -> np.ndarray:
         """Float64 [N] temperature of each row of ``sources`` (its source's T, the global T for a
-        source the fit never saw)."""
-        keys = _source_array(sources, "sources")
+        source the fit never saw and for a row without a source)."""
+        keys, missing = _source_array(sources, "sources")
         out = np.full(len(keys), self.temperature, dtype=np.float64)
         if self.per_source:
             uniq, inverse = np.unique(keys, return_inverse=True)
             table = np.array([self.per_source.get(_plain_key(k), self.temperature) for k in uniq], dtype=np.float64)
-            out = table[inverse]
+            out = np.where(missing, self.temperature, table[inverse])
         return out
 
     def to_dict(self) -> dict:
@@ -166,6 +168,7 @@ class TemperatureFit:
             "per_source": {str(k): float(v) for k, v in self.per_source.items()},
             "fallback_sources": [str(k) for k in self.fallback_sources],
             "source_rows": {str(k): int(v) for k, v in self.source_rows.items()},
+            "unsourced_rows": int(self.unsourced_rows),
             "fit_seconds": float(self.fit_seconds),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
@@ -500,19 +503,21 @@ def _check_bounds(bounds) -> tuple[float, float]:
     return lo, hi
 
 
-def _source_array(sources, name: str) -> np.ndarray:
+def _source_array(sources, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, missing): source names (str) or integer codes [N], and a bool [N] mask of rows
+    without a source (None, e.g. an Arrow null), whose key is a placeholder never to be used."""
     if hasattr(sources, "to_pylist"):  # a pyarrow Array or ChunkedArray
         sources = np.asarray(sources.to_pylist(), dtype=object)
     s = _numpy(sources, name)
     if s.ndim != 1:
         raise ValueError(f"{name}: expected a one-dimensional array of source names or codes, found shape {s.shape}")
-    if s.dtype.kind == "f":
+    if s.dtype.kind in "fcb":
         raise TypeError(f"{name}: expected strings or integer codes, found dtype {s.dtype}")
+    missing = np.zeros(s.shape[0], dtype=bool)
     if s.dtype.kind == "O":
-        if any(v is None for v in s):
-            raise ValueError(f"{name}: expected a source for every row, found None (use a name such as '' for 'unknown')")
-        s = s.astype(str)
-    return s
+        missing = np.fromiter((v is None for v in s), dtype=bool, count=s.shape[0])
+        s = np.where(missing, "", s).astype(str)
+    return s, missing
 
 
 def _plain_key(k):
@@ -761,8 +766,9 @@ def fit_temperature(
     Args:
         logits: [N, M, C] (or [N, C] for M = 1), any float dtype, numpy or torch (any device).
         labels: int [N] in [0, C); the caller has already dropped unknown labels.
-        sources: optional [N] source names (strings) or integer codes: each source with at least
-            ``min_rows_per_source`` usable rows gets its own T, the others the global one.
+        sources: optional [N] source names (strings; None for a row without one) or integer
+            codes: each source with at least ``min_rows_per_source`` usable rows gets its own T,
+            the others the global one.
         bounds: (lowest, highest) temperature searched.
 
     Rows with a non-finite logit are left out (counted in ``invalid_rows``, logged).
@@ -781,9 +787,9 @@ def fit_temperature(
         raise ValueError(f"min_rows_per_source: expected a positive integer, found {min_rows_per_source!r}")
     z = _check_logits(logits)
     y = _check_labels(labels, z.shape[0], z.shape[2])
-    keys = None
+    keys = missing = None
     if sources is not None:
-        keys = _source_array(sources, "sources")
+        keys, missing = _source_array(sources, "sources")
         if keys.shape != (z.shape[0],):
             raise ValueError(f"sources: expected shape ({z.shape[0]},) to match the logits, found {keys.shape}")
 
@@ -794,7 +800,8 @@ def fit_temperature(
         logger.warning("temperature fit: %d of %d rows have non-finite logits and are left out", invalid, len(valid))
         conf, pred, log_py, brier = conf[valid], pred[valid], log_py[valid], brier[valid]
         z, y = np.ascontiguousarray(z[valid]), y[valid]
-        keys = keys[valid] if keys is not None else None
+        if keys is not None:
+            keys, missing = keys[valid], missing[valid]
     if z.shape[0] == 0:
         raise ValueError("logits: expected at least one row with finite logits and a label, found none")
     before = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS)
@@ -806,9 +813,12 @@ def fit_temperature(
 
     per_source, fallback, source_rows = {}, [], {}
     row_temperature = np.full(z.shape[0], temperature)
+    unsourced = int(missing.sum()) if missing is not None else 0
     if keys is not None:
-        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        order = np.argsort(inverse, kind="stable")
+        # Rows without a source count in the global fit only and keep the global T.
+        sourced = np.flatnonzero(~missing)
+        uniq, inverse, counts = np.unique(keys[sourced], return_inverse=True, return_counts=True)
+        order = sourced[np.argsort(inverse, kind="stable")]
         starts = np.concatenate([[0], np.cumsum(counts)])
         for k, key in enumerate(uniq):
             name = _plain_key(key)
@@ -831,7 +841,7 @@ def fit_temperature(
     return TemperatureFit(
         temperature=temperature, per_source=per_source, fallback_sources=fallback, source_rows=source_rows,
         before=before, after=after, nll=nll, bounds=(lo, hi), min_rows_per_source=int(min_rows_per_source),
-        rows=int(z.shape[0]), invalid_rows=invalid, at_bound=at_bound,
+        rows=int(z.shape[0]), invalid_rows=invalid, at_bound=at_bound, unsourced_rows=unsourced,
         fit_seconds=time.perf_counter() - started,
     )
 
