@@ -176,6 +176,17 @@ def test_wholly_non_finite_rows_and_members(tiled, dtype, device, rng):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiled", [False, True], ids=["fused", "tiled"])
+def test_one_member_has_exactly_zero_mutual_information(tiled, device, rng):
+    z = make_logits(rng, (13, 1, 9), torch.float32, degenerate=False)
+    overrides = dict(tiled=True, block_c=4, block_r=4) if tiled else dict(block_r=4)
+    got = _run(z, 1.1, None, device, **overrides)
+    assert torch.all(got.mutual_info == 0.0), got.mutual_info
+    assert torch.all(got.vote_agreement == 1.0), got.vote_agreement
+    assert_signals_match(got, z, 1.1, None, f"M=1 {'tiled' if tiled else 'fused'} {device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_extreme_temperatures(device, rng):
     """A tiny T sends every member to one-hot (the per-row scale is clamped, not inf), a huge T
     to uniform; mixed in one table."""
@@ -237,11 +248,13 @@ def test_launcher_checks_its_inputs(monkeypatch):
 
 def test_kernels_compile_for_hopper():
     """Compile for sm_90 with Triton's bundled ptxas (no GPU needed) the plans of the benchmark
-    shape (fp16 and fp32: must not spill), of per-row tables in bf16 and of the tiled float64
-    kernel with 64 members."""
+    shape (fp16 and fp32: must not spill), of per-row tables in bf16, of one member and two
+    classes (M=1 becomes a compile-time constant) and of the tiled float64 kernel with 64
+    members."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cases = ["1000000x5x10:float16", "1000000x5x10:float32", "300x7x781:bfloat16:index", "9x64x4097:float64:index"]
+    cases = ["1000000x5x10:float16", "1000000x5x10:float32", "300x7x781:bfloat16:index",
+             "4096x1x2:float32:index", "9x64x4097:float64:index"]
     result = subprocess.run(
         [sys.executable, "-m", "hitl_triage.kernels.signals.triton_offline", *cases],
         capture_output=True, text=True, env=env, timeout=300,

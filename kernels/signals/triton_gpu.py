@@ -161,7 +161,9 @@ def _store_signals(
     valid = poison == 0.0
     total = total_log2 * _LN2
     expected = (log2_s_sum - pd_sum) * _LN2 / n_members
-    mutual_info = tl.maximum(total - expected, 0.0)
+    # One member cannot disagree with itself: exactly 0, not the float32 difference of two
+    # formulas for the same entropy (which a zero threshold would see).
+    mutual_info = tl.where(n_members > 1, tl.maximum(total - expected, 0.0), 0.0)
     vote = vote_count.to(tl.float32) / n_members
     nan = float("nan")
     tl.store(pred_ptr + rows, tl.where(valid, pred, -1), mask=row_mask)
