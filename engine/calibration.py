@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import math
 import time
-
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
