@@ -409,19 +409,25 @@ def test_ivf_kth_distance_error_and_every_query_gets_k_neighbours(k, rng):
     queries = make_queries(rng, 2000, 32, centres, bank, degenerate=False)
     index = KnnIndex.build(bank, kind="ivf")
     assert (index.nlist, index.nprobe) == (default_nlist(20_000), default_nprobe(default_nlist(20_000)))
+    # Large k from a small bank probes more lists: at least 64 * k vectors scanned on average.
+    assert index.search_nprobe(k) == min(index.nlist, max(index.nprobe, -(-64 * k * index.nlist // 20_000)))
     approx, ids = knn_search(queries, index, k, backend="faiss")
     exact, _ = knn_search(queries, bank, k, backend="faiss")
     assert (ids >= 0).all(), "every query must get k real neighbours"
     rel = np.abs(approx[:, -1] - exact[:, -1]) / exact[:, -1]
-    print(f"IVF nlist={index.nlist} nprobe={index.nprobe} k={k}: mean relative error of the k-th "
+    print(f"IVF nlist={index.nlist} nprobe={index.search_nprobe(k)} k={k}: mean relative error of the k-th "
           f"distance {rel.mean():.4%}, max {rel.max():.2%}")
     assert rel.mean() <= 0.01, f"mean relative error {rel.mean():.4%} (nlist={index.nlist}, nprobe={index.nprobe})"
     assert np.all(approx[:, -1] >= exact[:, -1] - 1e-5), "an approximate search can only miss neighbours"
 
 
-def test_ivf_queries_left_short_are_searched_exactly(rng):
+def test_ivf_queries_left_short_are_searched_exactly(rng, monkeypatch):
     """With ~39 vectors per list and nprobe=1, FAISS fills rows with -1 for k=60: those rows
-    must be searched again exactly and come out equal to exact search."""
+    must be searched again exactly and come out equal to exact search. (The k-aware nprobe
+    floor, which normally prevents this, is switched off.)"""
+    from hitl_triage.kernels.knn import index as index_module
+
+    monkeypatch.setattr(index_module, "MIN_SCANNED_PER_NEIGHBOUR", 0)
     bank, centres = clustered_bank(rng, 4000, 16)
     queries = make_queries(rng, 300, 16, centres, bank, degenerate=False)
     index = KnnIndex.build(bank, kind="ivf", nlist=4000 // 39, nprobe=1)
@@ -510,13 +516,20 @@ def test_saving_flat_over_ivf_removes_the_ivf_file(rng, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
 
 
-def test_auto_kind_threshold():
+def test_default_ivf_parameters_follow_the_documented_rule(rng):
+    """kind="auto" switches to IVF above AUTO_IVF_MIN_VECTORS; nlist is the power of two nearest
+    sqrt(N) (capped at N / 39), nprobe a sixteenth of it (at least 8), as index.py documents."""
     from hitl_triage.kernels.knn import AUTO_IVF_MIN_VECTORS
 
-    assert AUTO_IVF_MIN_VECTORS == 100_000
-    assert default_nlist(100_000) == 256 and default_nprobe(256) == 16
-    assert default_nlist(1_000_000) == 1024 and default_nprobe(1024) == 64
-    assert default_nlist(100) == 2 and default_nprobe(2) == 2
+    for n in (100, 5_000, 100_000, 1_000_000, 10_000_000):
+        nlist = default_nlist(n)
+        assert nlist & (nlist - 1) == 0 or nlist == n // 39, n
+        assert nlist <= n // 39 and abs(np.log2(nlist) - np.log2(np.sqrt(n))) <= 0.5 or nlist == n // 39, n
+        assert default_nprobe(nlist) == min(nlist, max(8, nlist // 16)), n
+    at_threshold = rng.standard_normal((AUTO_IVF_MIN_VECTORS + 1, 2)).astype(np.float32)
+    assert KnnIndex.build(at_threshold[:-1]).kind == "flat"
+    above = KnnIndex.build(at_threshold)
+    assert (above.kind, above.nlist, above.nprobe) == ("ivf", default_nlist(AUTO_IVF_MIN_VECTORS + 1), 16)
 
 
 def test_faiss_threads_are_set_deliberately(monkeypatch):

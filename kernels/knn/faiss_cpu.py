@@ -83,9 +83,10 @@ def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor,
 
     ``queries`` [B, D] holds valid rows only (finite, nonzero; the caller masks the others).
     On the CPU a flat bank is searched exactly with FAISS's brute-force inner-product kernel (the
-    one ``IndexFlatIP.search`` runs); an IVF bank with its IVF-Flat index at the bank's nprobe,
-    and every query for which FAISS returned fewer than k neighbours (id -1, when the probed lists
-    hold fewer than k vectors) is searched again exactly, so each row always has k real ones.
+    one ``IndexFlatIP.search`` runs); an IVF bank with its IVF-Flat index, probing
+    ``bank.search_nprobe(k)`` lists (the bank's nprobe, more for large k); every query for which
+    FAISS returned fewer than k neighbours (id -1: the probed lists held fewer than k vectors) is
+    searched again exactly, so each row always has k real ones.
     CUDA queries (FAISS-GPU only) are searched exactly on the GPU against the bank's float16 copy,
     for flat and IVF banks alike.
     """
@@ -97,13 +98,13 @@ def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor,
     if bank.ivf is None:
         sims, ids = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     else:
-        params = faiss.SearchParametersIVF(nprobe=bank.nprobe)
-        sims, ids = bank.ivf.search(q, k, params=params)
+        nprobe = bank.search_nprobe(k)
+        sims, ids = bank.ivf.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
         short = np.flatnonzero((ids < 0).any(axis=1))
         if short.size:
             logger.debug(
                 "IVF search (nprobe=%d) found fewer than k=%d neighbours for %d of %d queries; "
-                "searching those exactly", bank.nprobe, k, short.size, len(q),
+                "searching those exactly", nprobe, k, short.size, len(q),
             )
             sims[short], ids[short] = faiss.knn(q[short], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     distances = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0))

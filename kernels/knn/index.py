@@ -69,6 +69,13 @@ def default_nlist(n: int) -> int:
     return max(1, min(target, n // MIN_POINTS_PER_LIST))
 
 
+#: An IVF search probes at least enough lists to scan this many vectors per neighbour asked for
+#: (on average): large k from a small bank needs more lists than the default nprobe. On 20k
+#: clustered vectors (128 lists of ~156) k=50 erred by 0.85% at nprobe=8 and 0.05% at 16; the
+#: floor of 64 * k vectors lifts nprobe to 21 there and leaves 100k-vector banks at the default.
+MIN_SCANNED_PER_NEIGHBOUR = 64
+
+
 def default_nprobe(nlist: int) -> int:
     """Lists probed per query: a sixteenth of the lists, at least 8 (all when fewer).
 
@@ -358,7 +365,8 @@ class KnnIndex:
 
     @property
     def nprobe(self) -> int | None:
-        """IVF lists probed per query on the CPU (None for flat)."""
+        """IVF lists probed per query on the CPU (None for flat); a search for many neighbours
+        may probe more (see :meth:`search_nprobe`)."""
         return self._nprobe
 
     @nprobe.setter
@@ -366,6 +374,14 @@ class KnnIndex:
         if self._kind != "ivf":
             raise ValueError(f"nprobe: only meaningful for kind='ivf', found kind={self._kind!r}")
         self._nprobe = _check_nprobe(value, self._nlist)
+
+    def search_nprobe(self, k: int) -> int | None:
+        """Lists an IVF search for ``k`` neighbours probes: ``nprobe``, raised so that about
+        :data:`MIN_SCANNED_PER_NEIGHBOUR` * k vectors are scanned (None for flat)."""
+        if self._kind != "ivf":
+            return None
+        floor = math.ceil(MIN_SCANNED_PER_NEIGHBOUR * k * self._nlist / max(self._size, 1))
+        return min(self._nlist, max(self._nprobe, floor))
 
     @property
     def ivf(self):

@@ -20,11 +20,12 @@ from .reference import unit_rows
 
 logger = logging.getLogger(__name__)
 
-#: Bytes of one float32 similarity tile. 64 MiB keeps the working set small next to any bank
-#: while each matmul stays large enough to run at full speed.
-TILE_BYTES = 64 << 20
-#: Bank rows per tile: long enough rows for topk to be efficient, short enough to cut big banks.
-BANK_TILE = 1 << 15
+#: Bytes of one float32 similarity tile. 128 MiB keeps the working set small next to any bank
+#: while each matmul and topk stays large enough to run at full speed: on the 2-core CPU, tiles
+#: of 100k bank rows ran 1.2-1.5x faster than tiles of 32k and 2-3x faster than tiles of 4-8k.
+TILE_BYTES = 128 << 20
+#: Bank rows per tile (a bank up to this size is one tile wide).
+BANK_TILE = 1 << 17
 
 _mm_out_dtype_ok = True
 

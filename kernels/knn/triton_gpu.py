@@ -11,14 +11,17 @@ full). A tile element can only enter the list if it beats the floor, so the kern
 per row and runs as many extraction rounds as the largest count (at most k): each round takes
 every row's best remaining element of the tile, puts it in place of the row's current minimum when
 it beats the floor, and removes it from the tile. Once the lists fill, few elements of a tile beat
-the floors and most tiles take zero or one round: the cost is the matmul, a compare and a count per
-element, plus a few rounds per tile.
+the floors, so most tiles should need few rounds: the cost is the matmul, a compare and a count per
+element, plus the rounds (a model, not yet measured on a GPU).
 
 Parallelism and memory. The bank is split across a second grid axis when there are too few query
-blocks to fill the GPU (small batches); each split writes its own top-k, and the splits are merged
-on the host with ``torch.topk`` over [B, splits * k] candidates. Beyond inputs and outputs the
-memory is the float16 copy of one chunk of queries (at most QUERY_CHUNK rows) and the
-[splits, chunk, k] candidate buffers, whose size is bounded by the number of programs, not by N.
+blocks to fill the GPU (small batches); each split writes its own top-k, and a ``torch.topk`` on the
+device merges the splits' [B, splits * k] candidates (and sorts them). Queries go through in chunks of
+at most QUERY_CHUNK rows; beyond inputs and outputs a chunk needs its float16 copy (rows * D * 2
+bytes: 64 MiB at D=128) and the candidate buffers (splits * rows * k * 8 bytes). Splits are only
+used while the query blocks number fewer than four per SM, so splits * rows stays below about
+4 * SMs * BLOCK_M (34 MB of candidates at k=128 on a 132-SM H100); with one split the buffers are
+rows * k * 8 bytes (at most 256 MiB at k=128). Nothing depends on N.
 
 k is limited to MAX_K (128): the running list lives in registers.
 """
@@ -84,8 +87,9 @@ def _knn_topk_kernel(
                     q_ptr + rows[:, None] * stride_qm + d[None, :] * stride_qd,
                     mask=row_ok[:, None] & (d[None, :] < dim), other=0.0,
                 )
+            # 64-bit row offsets: a bank of more than 2**31 half values (16M x 128) is plausible.
             b = tl.load(
-                bank_ptr + cols[None, :] * stride_bn + d[:, None] * stride_bd,
+                bank_ptr + cols[None, :].to(tl.int64) * stride_bn + d[:, None] * stride_bd,
                 mask=col_ok[None, :] & (d[:, None] < dim), other=0.0,
             )
             acc = tl.dot(q, b, acc)
