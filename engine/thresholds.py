@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from scipy.stats import beta as beta_distribution
 
+from .policy import Thresholds
+
 logger = logging.getLogger(__name__)
 
 TRIGGERS = ("confidence", "disagreement", "anomaly")
@@ -90,16 +92,6 @@ def _fraction(value, name: str, *, low_open: bool, high_open: bool) -> float:
 
 
 @dataclasses.dataclass
-class TriggerThresholds:
-    """A set of thresholds in the conventions of the module docstring (defaults: trigger off)."""
-
-    confidence: float
-    mutual_info: float = math.inf
-    ood: float = math.inf
-    vote_floor: float = 0.0
-
-
-@dataclasses.dataclass
 class EscalationRates:
     """Share of rows each trigger fires on alone (``solo``, keyed by trigger name) and the share on
     which at least one fires (``union``); ``rows`` the number of rows measured."""
@@ -124,7 +116,7 @@ def trigger_masks(
     """Boolean [N] mask of the rows each trigger fires on, keyed by trigger name.
 
     ``thresholds``: any object with ``confidence``, ``mutual_info``, ``ood`` and ``vote_floor``
-    attributes (:class:`TriggerThresholds`, :class:`BudgetThresholds`, the engine's
+    attributes (:class:`BudgetThresholds`, the engine's
     ``policy.Thresholds``); where it has a non-empty ``per_class_confidence`` list, row i's
     confidence threshold is that list's entry for ``predicted_class[i]``.
     """
@@ -421,7 +413,7 @@ def budget_thresholds(
     t_conf = -chosen["confidence"] if "confidence" in chosen else -math.inf
     t_mi = chosen.get("disagreement", math.inf)
     t_ood = chosen.get("anomaly", math.inf)
-    result_thresholds = TriggerThresholds(confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor)
+    result_thresholds = Thresholds(confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor)
     rates = escalation_rates(result_thresholds, c, mutual_info, ood_score, vote_agreement=vote_agreement)
     return BudgetThresholds(
         confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor, budget=b, split=tuple(weights),
@@ -584,7 +576,6 @@ __all__ = [
     "EscalationRates",
     "RiskThreshold",
     "TRIGGERS",
-    "TriggerThresholds",
     "budget_thresholds",
     "clopper_pearson_upper",
     "escalation_rates",

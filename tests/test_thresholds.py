@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
+from hitl_triage.engine.policy import Thresholds
 from hitl_triage.engine.thresholds import (
-    TriggerThresholds,
     budget_thresholds,
     clopper_pearson_upper,
     escalation_rates,
@@ -92,7 +92,7 @@ def test_ood_threshold_rejects_bad_input():
 def test_masks_follow_the_conventions_and_nan_never_passes(rng):
     c, mi, ood, votes = signals(rng, 500)
     c[3], mi[4], ood[5], votes[6] = np.nan, np.nan, np.nan, np.nan
-    th = TriggerThresholds(confidence=0.7, mutual_info=0.1, ood=2.0, vote_floor=0.6)
+    th = Thresholds(confidence=0.7, mutual_info=0.1, ood=2.0, vote_floor=0.6)
     masks = trigger_masks(th, c, mi, ood, vote_agreement=votes)
     with np.errstate(invalid="ignore"):
         np.testing.assert_array_equal(masks["confidence"], (c < 0.7) | np.isnan(c))
@@ -102,7 +102,7 @@ def test_masks_follow_the_conventions_and_nan_never_passes(rng):
     union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
     assert rates.union == union.mean() and rates.solo["anomaly"] == masks["anomaly"].mean()
     # Triggers that are off never fire, NaN or not: no bank, M = 1.
-    off = escalation_rates(TriggerThresholds(confidence=0.7), c, None, np.full(500, np.nan))
+    off = escalation_rates(Thresholds(confidence=0.7), c, None, np.full(500, np.nan))
     assert off.solo["disagreement"] == off.solo["anomaly"] == 0.0
 
 
@@ -118,7 +118,7 @@ def test_rates_accept_the_engine_thresholds_and_per_class_confidence(rng):
     with pytest.raises(ValueError, match="predicted_class: required"):
         escalation_rates(th, c, mi)
     with pytest.raises(ValueError, match="ood_score: required"):
-        escalation_rates(TriggerThresholds(confidence=0.5, ood=1.0), c)
+        escalation_rates(Thresholds(confidence=0.5, ood=1.0), c)
 
 
 # ------------------------------------------------------------------------------------------------
