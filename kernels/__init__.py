@@ -6,7 +6,10 @@ Imports nothing of ``hitl_triage.engine`` or ``hitl_triage.serve``.
 
 from ._dispatch import BackendUnavailable
 from .audit import audit_uniform
-from .knn import knn_distance
+from .knn import KnnIndex, knn_distance, knn_search
 from .signals import EnsembleSignals, ensemble_signals
 
-__all__ = ["BackendUnavailable", "EnsembleSignals", "audit_uniform", "ensemble_signals", "knn_distance"]
+__all__ = [
+    "BackendUnavailable", "EnsembleSignals", "KnnIndex", "audit_uniform", "ensemble_signals", "knn_distance",
+    "knn_search",
+]
