@@ -13,7 +13,7 @@ import torch
 
 numba = pytest.importorskip("numba")
 
-from hitl_triage.kernels.signals import numba_cpu  # noqa: E402
+from hitl_triage.kernels.signals import numba_cpu, numba_specialise  # noqa: E402
 from hitl_triage.kernels.signals.numba_cpu import BLOCK_ROWS, ensemble_signals_numba  # noqa: E402
 from hitl_triage.kernels.signals.reference import ensemble_signals_reference  # noqa: E402
 
@@ -237,6 +237,57 @@ def test_one_compiled_version_per_kernel_whatever_the_dtype_or_flags(rng):
             _run(z, [1.0, 2.0], np.array([0, 1, 0, 1, 1], np.int32), kernel=kernel)
     assert len(numba_cpu._blocked_kernel.signatures) == 1
     assert len(numba_cpu._rowwise_kernel.signatures) == 1
+    special = numba_specialise.specialised_kernel(3)
+    _run(make_logits(rng, (5, 2, 3), torch.bfloat16), 1.0, kernel="specialised")
+    assert len(special.signatures) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=lambda d: str(d).removeprefix("torch."))
+def test_specialised_kernel_gives_the_generic_bits(dtype, rng):
+    # The unrolled kernel keeps the generic kernel's operations and their order in every row, so
+    # the bits match (float64 goes through the pre-shifted path, float16 through widening). C = 3
+    # keeps its compilation short.
+    batch = 2 * BLOCK_ROWS + 9
+    z = make_logits(rng, (batch, 4, 3), dtype)
+    table = rng.uniform(0.25, 4.0, size=4).astype(np.float32)
+    index = rng.integers(0, 4, size=batch).astype(np.int32)
+    generic = _run(z, table, index, kernel="blocked")
+    special = _run(z, table, index, kernel="specialised", num_threads=2)
+    _assert_identical(generic, special, f"specialised C=3 {dtype}")
+    assert_signals_match(special, z, table, index, f"specialised C=3 {dtype}")
+
+
+def test_kernel_choice_by_shape_and_batch(monkeypatch):
+    pick = numba_cpu._pick_kernel
+    assert pick(None, 10, 5, 3)[0] == "blocked", "small batches never wait for a compilation"
+    assert pick(None, numba_cpu.SPECIALISE_MIN_ROWS, 5, 3)[0] == "specialised"
+    assert pick(None, numba_cpu.SPECIALISE_MIN_ROWS, 5, 40)[0] == "blocked", "C beyond the unrolled range"
+    assert pick(None, 10, 5, 1000)[0] == "rowwise"
+    assert pick(None, 10, 64, 32)[0] == "rowwise", "blocked scratch would leave L2"
+    monkeypatch.setenv(numba_cpu.SPECIALISE_ENV, "0")
+    assert pick(None, numba_cpu.SPECIALISE_MIN_ROWS, 5, 3)[0] == "blocked"
+    with pytest.raises(ValueError, match="kernel: 'specialised' needs 2 <= C <= 32"):
+        pick("specialised", 10, 5, 100)
+
+
+def test_unwritable_cache_falls_back_to_the_generic_kernel(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("HITL_TRIAGE_NUMBA_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(numba_specialise, "_kernels", {})
+    monkeypatch.setattr(numba_specialise, "_failed", set())
+    with caplog.at_level("WARNING", logger=numba_specialise.__name__):
+        assert numba_specialise.specialised_kernel(7) is None
+    assert "no kernel specialised for C=7" in caplog.text
+    assert numba_cpu._pick_kernel(None, numba_cpu.SPECIALISE_MIN_ROWS, 2, 7)[0] == "blocked"
+
+
+def test_generated_source_names_its_class_count():
+    src = numba_specialise.generate_source(5)
+    compile(src, "<generated>", "exec")  # valid Python
+    assert "CLASSES = 5" in src and "e4 = exp32(d4)" in src and "e5" not in src
+    with pytest.raises(ValueError, match="classes: expected 2..32, found 33"):
+        numba_specialise.generate_source(33)
 
 
 def test_thread_count_rules():
@@ -262,7 +313,7 @@ def test_bad_arguments_name_the_field():
         ensemble_signals_numba(z.transpose(1, 2), torch.tensor([1.0]), None)
     with pytest.raises(TypeError, match="logits: expected float16, bfloat16, float32 or float64, found torch.int32"):
         ensemble_signals_numba(z.int(), torch.tensor([1.0]), None)
-    with pytest.raises(ValueError, match="kernel: expected 'blocked' or 'rowwise'"):
+    with pytest.raises(ValueError, match="kernel: expected 'blocked', 'rowwise' or 'specialised'"):
         ensemble_signals_numba(z, torch.tensor([1.0]), None, kernel="simd")
 
 

@@ -35,6 +35,7 @@ Numerics, the same in both kernels:
 from __future__ import annotations
 
 import logging
+import os
 
 import numba
 import numpy as np
@@ -131,7 +132,7 @@ _ONE = f32(1.0)
 _ZERO = f32(0.0)
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def exp32(x):
     """exp(x) for a float32 ``x``, branch-free. Returns float32."""
     x = x if x > EXP_LO else EXP_LO
@@ -175,7 +176,7 @@ _NEG_INF = f32(-np.inf)
 _POS_INF = f32(np.inf)
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def log_parts(m, e):
     """log(m * 2^e) for float32 ``m`` in [1, 2) and float32 ``e`` (an integer value).
 
@@ -200,7 +201,7 @@ def log_parts(m, e):
     return (f + y) + e * _EXP_C1
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def split_exponent(x):
     """(m, e) with x = m * 2^e, m in [1, 2) float32 and e an int32, for a positive normal float32."""
     bits = f32_bits(x)
@@ -209,7 +210,7 @@ def split_exponent(x):
     return m, e
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def log32(x):
     """log(x) for a float32 ``x`` >= 0, branch-free: denormals exact, -inf at 0, +inf at +inf."""
     tiny = x < _FLT_MIN
@@ -226,13 +227,13 @@ def log32(x):
 _F16_SUBNORMAL_SCALE = f32(2.0 ** -24)
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def bf16_to_f32(h):
     """float32 value of the bfloat16 whose bits are the int32 ``h`` (0..65535): exact."""
     return bits_f32(i32(h << i32(16)))
 
 
-@njit(fastmath=MATH_FLAGS, cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
 def f16_to_f32(h):
     """float32 value of the IEEE half whose bits are the int32 ``h`` (0..65535): exact for every
     finite half (subnormals through an int-to-float conversion, which never meets a denormal)."""
@@ -293,7 +294,7 @@ _NI = 5
 # and the loop stays scalar.
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _bits_at(raw, kind, k):
     """Bits of logit ``k`` of a float32 (KIND_F32) or 16-bit input, as int32 (slow paths only)."""
     if kind == KIND_F32:
@@ -301,7 +302,7 @@ def _bits_at(raw, kind, k):
     return i32(raw.view(np.uint16)[k])
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _nonfinite_narrow(kind, bits):
     """True for the bits of a NaN or +-inf float32 (KIND_F32) or 16-bit float."""
     if kind == KIND_F32:
@@ -311,7 +312,7 @@ def _nonfinite_narrow(kind, bits):
     return (bits & _F16_EXP) == _F16_EXP
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _widen_narrow(kind, bits):
     """float32 value of the bits of a float32 (KIND_F32) or 16-bit float."""
     if kind == KIND_F32:
@@ -321,7 +322,7 @@ def _widen_narrow(kind, bits):
     return f16_to_f32(bits)
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
     """Transpose rows [row0, row0 + nrows) of the logits into ``x`` [member*class, BLOCK_ROWS]
     as float32, zero-padding the rest of the block; ``bad[r]`` = 1 for a row with a non-finite
@@ -407,7 +408,7 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
     return kind == KIND_F64
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_scratch(members, classes):
     """Per-thread scratch of the blocked kernels: x [M*C, R], pbar [C, R], arg [M, R],
     fv [_NF, R], iv [_NI, R] and a bool [R] for the last, partial block."""
@@ -417,7 +418,7 @@ def _block_scratch(members, classes):
             np.empty((_NI, R), np.int32), np.empty(R, np.bool_))
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has_index, x, arg,
                    pbar, fv, iv):
     """Load a block (see _load_block), gather 1/T per row and reset the accumulators: pbar, the
@@ -448,7 +449,7 @@ def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has
     return shifted
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv):
     """Softmax of member ``m`` across a full block, each step a loop over the rows.
 
@@ -511,7 +512,7 @@ def _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv):
             pc[r] += xc[r] * w[r]
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_top_entropy(pbar, classes, fv, iv):
     """Top-1 (_TOP), top-2 (_TOP2), first argmax (_BEST) and entropy (_ENT) of the mean
     probabilities of a full block."""
@@ -547,7 +548,7 @@ def _block_top_entropy(pbar, classes, fv, iv):
             ent[r] -= p * log_parts(mant, f32(ex))
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_outputs(arg, members, fv, iv, out_class, out_conf, out_margin, out_total,
                    out_expected, out_mi, out_vote, out_valid):
     """Votes and the final signals of a full block into [BLOCK_ROWS] output views (-1 / NaN on
@@ -584,7 +585,7 @@ def _block_outputs(arg, members, fv, iv, out_class, out_conf, out_margin, out_to
         out_valid[r] = ok
 
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_store(arg, members, fv, iv, tail_valid, row0, nrows, out_class, out_conf, out_margin,
                  out_total, out_expected, out_mi, out_vote, out_valid):
     """Write the outputs of the block at ``row0``: straight into the output arrays when full, else
@@ -610,7 +611,7 @@ def _block_store(arg, members, fv, iv, tail_valid, row0, nrows, out_class, out_c
         out_valid[i] = tail_valid[r]
 
 
-@njit(fastmath=_FLAGS, cache=True, parallel=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True, parallel=True, nogil=True)
 def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, num_threads,
                     out_class, out_conf, out_margin, out_total, out_expected, out_mi, out_vote,
                     out_valid):
@@ -636,7 +637,7 @@ def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
 # Row-wise kernel (many classes)
 # ---------------------------------------------------------------------------------------------
 
-@njit(fastmath=_FLAGS, cache=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _load_row(raw, kind, row, members, classes, z, arg):
     """Row ``row`` of the logits as float32 into ``z`` [member*class]; returns True when the row
     holds a non-finite logit (``z`` is then unspecified). Float64 rows are shifted by the member
@@ -689,7 +690,7 @@ def _load_row(raw, kind, row, members, classes, z, arg):
 # go through ``fmax`` (LLVM's maxnum) and the first-index search is an integer min, so that LLVM
 # turns each loop into a vector reduction.
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _max(a):
     """Largest element of a finite 1-D array."""
     top = a[0]
@@ -698,7 +699,7 @@ def _max(a):
     return top
 
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _first_equal(a, value):
     """Lowest k with a[k] == value (a.size if none)."""
     n = a.size
@@ -709,7 +710,7 @@ def _first_equal(a, value):
     return first
 
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _max_except(a, skip):
     """Largest element of a finite 1-D array other than a[skip]."""
     top = _NEG_BIG
@@ -718,7 +719,7 @@ def _max_except(a, skip):
     return top
 
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _member_exp(z, top, inv_t, e):
     """e[k] = exp(max((z[k] - top)/T, D_FLOOR)); returns (sum e, sum e*d) in float64."""
     s = 0.0
@@ -733,13 +734,13 @@ def _member_exp(z, top, inv_t, e):
     return s, sd
 
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _accumulate(pbar, e, w):
     for k in range(pbar.size):
         pbar[k] += e[k] * w
 
 
-@njit(fastmath=_REDUCE_FLAGS, cache=True)
+@njit(fastmath=_REDUCE_FLAGS, error_model="numpy", cache=True)
 def _entropy(p):
     """-sum p log p in float64 for float32 p >= e^-70/(C*M) (normal numbers, see D_FLOOR)."""
     h = 0.0
@@ -749,7 +750,7 @@ def _entropy(p):
     return h
 
 
-@njit(fastmath=_FLAGS, cache=True, parallel=True)
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True, parallel=True, nogil=True)
 def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, num_threads,
                     out_class, out_conf, out_margin, out_total, out_expected, out_mi, out_vote,
                     out_valid):
@@ -829,6 +830,60 @@ def use_blocked(members: int, classes: int) -> bool:
     return classes <= BLOCKED_MAX_CLASSES and members * classes <= BLOCKED_MAX_ENTRIES
 
 
+# A kernel unrolled for the class count (numba_specialise.py) is 1.3-1.5x faster than the generic
+# blocked one but costs about 10 s of compilation the first time on a machine (0.5 s from the disk
+# cache after that). It is made automatically for batches of at least this many rows, where a
+# throughput job is running; call precompile() at start-up to have it ready for any batch.
+SPECIALISE_MIN_ROWS = 100_000
+SPECIALISE_ENV = "HITL_TRIAGE_NUMBA_SPECIALISE"
+
+
+def _specialisation_enabled() -> bool:
+    return os.environ.get(SPECIALISE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _pick_kernel(kernel: str | None, batch: int, members: int, classes: int):
+    """(name, compiled kernel) for a call; ``kernel`` as the user asked or None for automatic."""
+    from . import numba_specialise
+
+    if kernel is None:
+        if not use_blocked(members, classes):
+            return "rowwise", _rowwise_kernel
+        if (batch >= SPECIALISE_MIN_ROWS and classes <= numba_specialise.SPECIALISE_MAX_CLASSES
+                and _specialisation_enabled()):
+            special = numba_specialise.specialised_kernel(classes)
+            if special is not None:
+                return "specialised", special
+        return "blocked", _blocked_kernel
+    if kernel == "blocked":
+        return kernel, _blocked_kernel
+    if kernel == "rowwise":
+        return kernel, _rowwise_kernel
+    if kernel == "specialised":
+        special = numba_specialise.specialised_kernel(classes)
+        if special is None:
+            raise ValueError(
+                f"kernel: 'specialised' needs 2 <= C <= {numba_specialise.SPECIALISE_MAX_CLASSES} and a "
+                f"writable cache directory ({numba_specialise.cache_dir()}), found C={classes}"
+            )
+        return kernel, special
+    raise ValueError(f"kernel: expected 'blocked', 'rowwise' or 'specialised', found {kernel!r}")
+
+
+def precompile(members: int, classes: int) -> list[str]:
+    """Compile (or load from the disk caches) the kernels that serve [B, members, classes] logits,
+    small batches and large, so that no request pays for it (any dtype: the kernels take the
+    logits as raw bytes). Returns the kernels' names."""
+    z = torch.zeros((1, members, classes), dtype=torch.float32)
+    names = []
+    for batch in (1, SPECIALISE_MIN_ROWS):
+        name, _ = _pick_kernel(None, batch, members, classes)
+        if name not in names:
+            ensemble_signals_numba(z, torch.ones(1), None, kernel=name)
+            names.append(name)
+    return names
+
+
 # Below this many logits per thread another thread costs more (wake-up, a barrier that waits for a
 # descheduled core on a shared machine) than it saves: about 50 microseconds of work.
 MIN_LOGITS_PER_THREAD = 1 << 16
@@ -858,7 +913,8 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
         num_threads: chunks of rows run in parallel, at most one per numba thread (default: numba's
             thread count, fewer for small batches, see :func:`thread_count`). Results do not
             depend on it.
-        kernel: "blocked" or "rowwise" to force a kernel (tests); default by shape.
+        kernel: "blocked", "rowwise" or "specialised" (blocked, unrolled for C) to force a kernel;
+            default by shape and batch size (see :func:`_pick_kernel`).
 
     Returns:
         ``EnsembleSignals`` of CPU tensors [B]: predicted_class int32, float signals float32,
@@ -896,16 +952,12 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
             )
         has_index = True
     chunks = thread_count(batch, members, classes, num_threads)
-    if kernel is None:
-        kernel = "blocked" if use_blocked(members, classes) else "rowwise"
-    if kernel not in ("blocked", "rowwise"):
-        raise ValueError(f"kernel: expected 'blocked' or 'rowwise', found {kernel!r}")
+    kernel, impl = _pick_kernel(kernel, batch, members, classes)
 
     out_class = np.empty(batch, np.int32)
     floats = [np.empty(batch, np.float32) for _ in range(6)]
     out_valid = np.empty(batch, np.bool_)
     if batch:
-        impl = _blocked_kernel if kernel == "blocked" else _rowwise_kernel
         # numba's thread count is per calling thread: set it for this call only. Asking for fewer
         # pool threads (not only fewer chunks) keeps idle threads out of the launch barrier.
         previous = numba.get_num_threads()
