@@ -217,6 +217,15 @@ def test_extreme_finite_logits_stay_valid_and_exact(kernel):
                                        msg=lambda m, name=name: f"{kernel} {z.dtype} {name}: {m}")
 
 
+@pytest.mark.parametrize("kernel", ["blocked", "rowwise", "specialised"])
+def test_one_member_has_no_disagreement_exactly(kernel, rng):
+    z = make_logits(rng, (BLOCK_ROWS + 3, 1, 3), torch.float32, degenerate=False)
+    got = _run(z, 0.7, kernel=kernel)
+    assert torch.equal(got.mutual_info, torch.zeros_like(got.mutual_info))
+    assert torch.equal(got.expected_entropy, got.total_entropy)
+    assert torch.equal(got.vote_agreement, torch.ones_like(got.vote_agreement))
+
+
 def test_ties_use_the_lowest_index_on_raw_logits():
     # Member argmax is taken on z, not z/T; ties go to the lowest index, for members and the mean.
     z = torch.tensor([[[2.0, 5.0, 5.0, 1.0], [5.0, 2.0, 5.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])

@@ -570,9 +570,13 @@ def _block_outputs(arg, members, fv, iv, out_class, out_conf, out_margin, out_to
         for r in range(R):
             votes[r] += i32(am[r] == best[r])
     inv_members = _ONE / f32(members)
+    single = members == 1
     for r in range(R):
         ok = bad[r] == 0
         exp_r = (log_parts(lp_m[r], f32(lp_e[r])) - h_sum[r]) * inv_members
+        # One member: the expected entropy is the total one and there is no disagreement, exactly
+        # (the two formulas would differ in the last bits).
+        exp_r = ent[r] if single else exp_r
         mi_r = ent[r] - exp_r
         mi_r = mi_r if mi_r > _ZERO else _ZERO
         out_vote[r] = f32(votes[r]) * inv_members if ok else _NAN
@@ -796,7 +800,8 @@ def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
             best = _first_equal(pbar, best_p)
             second = _max_except(pbar, best)
             total = _entropy(pbar)
-            expected = (log_sum - h_sum) * inv_members
+            # One member: expected entropy = total entropy and no disagreement, exactly.
+            expected = total if members == 1 else (log_sum - h_sum) * inv_members
             votes = 0
             for m in range(members):
                 votes += arg[m] == best
