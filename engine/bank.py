@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hitl_triage.kernels.knn import KnnIndex
+from hitl_triage.kernels.knn import KnnIndex, knn_distance
 
 from .config import BankConfig
 from .decode import BatchError, decode_batch
@@ -43,8 +43,12 @@ def usable_rows(vectors: np.ndarray) -> np.ndarray:
     return np.isfinite(vectors).all(axis=1) & (np.abs(vectors).max(axis=1) > 0)
 
 
-def build_bank(bank, config: BankConfig, progress=None) -> tuple[KnnIndex, dict]:
-    """Build the index; returns it and a report (rows given, dropped, kept, index kind)."""
+def build_bank(bank, config: BankConfig, progress=None, queries=None) -> tuple[KnnIndex, dict]:
+    """Build the index; returns it and a report (rows given, dropped, kept, index kind).
+
+    For an IVF index, ``queries`` (in-distribution embeddings that are not in the bank, e.g. the
+    calibration rows) set ``nprobe``: see :func:`tune_nprobe`.
+    """
     vectors = bank_vectors(bank)
     keep = usable_rows(vectors)
     dropped = int((~keep).sum())
@@ -58,4 +62,34 @@ def build_bank(bank, config: BankConfig, progress=None) -> tuple[KnnIndex, dict]
     index = KnnIndex.build(vectors, kind=config.index)
     if progress is not None:
         progress("build bank index", len(vectors), len(vectors))
-    return index, {"rows": int(len(keep)), "dropped": dropped, "kept": int(len(vectors)), "kind": index.kind, "dim": index.dim}
+    report = {"rows": int(len(keep)), "dropped": dropped, "kept": int(len(vectors)), "kind": index.kind, "dim": index.dim}
+    if index.kind == "ivf" and queries is not None:
+        if progress is not None:
+            progress("tune IVF nprobe", 0, 1)
+        report.update(tune_nprobe(index, queries, config.k, config.max_knn_error))
+    return index, report
+
+
+TUNING_QUERIES = 2000
+
+
+def tune_nprobe(index: KnnIndex, queries, k: int, max_error: float) -> dict:
+    """Double the IVF ``nprobe`` until the mean relative error of the k-th-neighbour distance,
+    against an exact search of the same vectors, is at most ``max_error`` on up to
+    ``TUNING_QUERIES`` of ``queries``. Approximate search errs most on the rows that matter
+    (PERF-NOTES: it overestimates OOD distances), so the error is measured, not assumed."""
+    queries = np.asarray(queries.detach().cpu() if isinstance(queries, torch.Tensor) else queries, dtype=np.float32)
+    queries = queries[usable_rows(queries)]
+    if len(queries) > TUNING_QUERIES:
+        queries = queries[np.random.default_rng(0).choice(len(queries), TUNING_QUERIES, replace=False)]
+    if len(queries) == 0:
+        return {"nprobe": index.nprobe, "knn_error": float("nan")}
+    exact = knn_distance(queries, index, k, backend="torch")  # non-FAISS backends search IVF exactly
+    while True:
+        approx = knn_distance(queries, index, k, backend="faiss")
+        error = float(np.mean(np.abs(approx - exact) / np.maximum(exact, 1e-6)))
+        if error <= max_error or index.nprobe >= index.nlist:
+            break
+        index.nprobe = min(index.nlist, 2 * index.nprobe)
+    logger.info("bank: IVF nprobe %d of %d lists, k-th distance error %.4f", index.nprobe, index.nlist, error)
+    return {"nprobe": index.nprobe, "nlist": index.nlist, "knn_error": error}

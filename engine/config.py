@@ -82,13 +82,17 @@ class ThresholdConfig:
 @dataclasses.dataclass
 class BankConfig:
     """The k-NN reference bank: ``k`` for the k-th-neighbour distance, the FAISS index kind
-    ("auto" picks exact flat search for small banks and IVF above the kernels' threshold)."""
+    ("auto" picks exact flat search for small banks and IVF above the kernels' threshold), and
+    for IVF the largest mean relative error of the k-th distance that ``nprobe`` is tuned to at
+    fit time (measured against exact search on calibration embeddings)."""
 
     k: int = 10
     index: str = "auto"
+    max_knn_error: float = 0.01
 
     def check(self) -> None:
         _in_range("bank.k", self.k, 1, 1024)
+        _in_range("bank.max_knn_error", self.max_knn_error, 0.0, 0.5)
         if self.index not in ("auto", "flat", "ivf"):
             raise ConfigError(f"bank.index: expected 'auto', 'flat' or 'ivf', found {self.index!r}")
 

@@ -118,10 +118,11 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
     if bank is not None:
         from .bank import build_bank
 
-        index_obj, bank_report = build_bank(bank, config.bank, progress=progress)
-        report["bank"] = bank_report
         if x.embedding is None:
             raise BatchError("embedding: expected an embedding column in the calibration data when a bank is given, found none")
+        tuning = x.embedding[torch.from_numpy(np.nonzero(fit_rows)[0])]  # not the threshold rows
+        index_obj, bank_report = build_bank(bank, config.bank, progress=progress, queries=tuning)
+        report["bank"] = bank_report
         _report(progress, "score calibration rows against the bank")
         embedding = x.embedding[torch.from_numpy(eval_idx)]
         ood = np.asarray(knn_distance(embedding, index_obj, config.bank.k), np.float64)

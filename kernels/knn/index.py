@@ -39,12 +39,13 @@ from .reference import unit_rows
 
 logger = logging.getLogger(__name__)
 
-#: ``kind="auto"`` builds a flat (exact) index up to this many vectors and IVF beyond. The
-#: CPU probe in PERF-NOTES measured flat search at 0.07 s per 1000 queries for 10k vectors and
-#: 0.8 s for 100k, against 0.03-0.07 s for IVF within 1% of the exact k-th distance; exact costs
-#: grow linearly with N, so past 100k exact search gets too slow for CPU serving while IVF's
-#: error stays small. The GPU backends search exactly whatever the kind.
-AUTO_IVF_MIN_VECTORS = 100_000
+#: ``kind="auto"`` builds a flat (exact) index up to this many vectors and IVF beyond. On the CPU,
+#: k-NN is by far the costliest stage of triage (exact search is a GEMM against the whole bank:
+#: 0.07 s per 1000 queries at 10k vectors, 0.8 s at 100k, PERF-NOTES), and already at 20k vectors
+#: IVF was 3.7x faster at a 0.5% mean error of the k-th distance (fleet simulator, nlist 128,
+#: nprobe 16; measured while tuning the engine). The engine tunes ``nprobe`` at fit time to a
+#: measured error bound. The GPU backends search exactly whatever the kind.
+AUTO_IVF_MIN_VECTORS = 16_384
 
 #: FAISS's k-means warns below 39 training points per centroid; nlist is capped accordingly.
 MIN_POINTS_PER_LIST = 39
