@@ -142,6 +142,7 @@ def main(argv=None) -> int:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     t_start = time.perf_counter()
+    load_at_start = _load_average()
     info = machine.machine_info()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
         f"{info['memory_gib']} GiB; GPU: {gpu['name'] + ' driver ' + str(gpu['driver']) if gpu else 'none'}"
     )
     console.print(f"threads: {args.threads}; suites: {', '.join(args.suites)}; report: {out_dir / stem}.json/.csv")
+    if load_at_start and load_at_start[0] > 0.5 * info["cores"]:
+        console.print(f"[yellow]the machine is busy (load average {load_at_start[0]} on {info['cores']} cores): "
+                      "absolute numbers will be low and noisy; the ratios of this run still compare like with like[/yellow]")
 
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -186,9 +190,9 @@ def main(argv=None) -> int:
                 ctx.add(Row(suite=name, case="-", implementation="-", status=status))
             rows = ctx.rows[first_row:]
             console.print(suite_table(f"{name} ({seconds:.0f} s)", rows, quality_keys, hide))
-            _write(ctx, args, info, started, t_start)  # after every suite: a crash later keeps these
+            _write(ctx, args, info, started, t_start, load_at_start)  # a crash later keeps these
 
-    json_path, csv_path = _write(ctx, args, info, started, t_start)
+    json_path, csv_path = _write(ctx, args, info, started, t_start, load_at_start)
     console.rule(f"done in {time.perf_counter() - t_start:.0f} s")
     console.print(f"report: {json_path}\n        {csv_path}")
     for path in ctx.artefacts:
@@ -196,7 +200,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write(ctx: Context, args, info: dict, started, t_start: float):
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: on a shared machine they say how noisy the run was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _write(ctx: Context, args, info: dict, started, t_start: float, load_at_start):
     report = {
         "schema": "hitl-triage-bench/1",
         "run": {
@@ -208,6 +220,8 @@ def _write(ctx: Context, args, info: dict, started, t_start: float):
             "argv": sys.argv[1:],
             "threads": ctx.threads,
             "seed": ctx.seed,
+            "load_average_at_start": load_at_start,
+            "load_average_now": _load_average(),
             "commit": machine.git_commit(REPO),
             "env": {k: v for k, v in os.environ.items() if k.startswith(("HITL_TRIAGE_", "TRITON_", "OMP_", "NUMBA_"))},
         },
