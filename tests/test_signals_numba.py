@@ -268,8 +268,10 @@ def test_specialised_kernel_gives_the_generic_bits(dtype, rng):
 
 def test_kernel_choice_by_shape_and_batch(monkeypatch):
     pick = numba_cpu._pick_kernel
+    monkeypatch.setattr(numba_specialise, "_kernels", {})  # as in a fresh process
     assert pick(None, 10, 5, 3)[0] == "blocked", "small batches never wait for a compilation"
     assert pick(None, numba_cpu.SPECIALISE_MIN_ROWS, 5, 3)[0] == "specialised"
+    assert pick(None, 10, 5, 3)[0] == "specialised", "once made, it serves every batch"
     assert pick(None, numba_cpu.SPECIALISE_MIN_ROWS, 5, 40)[0] == "blocked", "C beyond the unrolled range"
     assert pick(None, 10, 5, 1000)[0] == "rowwise"
     assert pick(None, 10, 64, 32)[0] == "rowwise", "blocked scratch would leave L2"

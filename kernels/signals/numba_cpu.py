@@ -837,8 +837,8 @@ def use_blocked(members: int, classes: int) -> bool:
 
 # A kernel unrolled for the class count (numba_specialise.py) is 1.3-1.5x faster than the generic
 # blocked one but costs about 10 s of compilation the first time on a machine (0.5 s from the disk
-# cache after that). It is made automatically for batches of at least this many rows, where a
-# throughput job is running; call precompile() at start-up to have it ready for any batch.
+# cache after that). It is made on the first batch of at least this many rows (a throughput job is
+# running) and then serves every batch of that class count; precompile() makes it at start-up.
 SPECIALISE_MIN_ROWS = 100_000
 SPECIALISE_ENV = "HITL_TRIAGE_NUMBA_SPECIALISE"
 
@@ -854,9 +854,10 @@ def _pick_kernel(kernel: str | None, batch: int, members: int, classes: int):
     if kernel is None:
         if not use_blocked(members, classes):
             return "rowwise", _rowwise_kernel
-        if (batch >= SPECIALISE_MIN_ROWS and classes <= numba_specialise.SPECIALISE_MAX_CLASSES
-                and _specialisation_enabled()):
-            special = numba_specialise.specialised_kernel(classes)
+        if classes <= numba_specialise.SPECIALISE_MAX_CLASSES and _specialisation_enabled():
+            special = numba_specialise.loaded_kernel(classes)
+            if special is None and batch >= SPECIALISE_MIN_ROWS:
+                special = numba_specialise.specialised_kernel(classes)
             if special is not None:
                 return "specialised", special
         return "blocked", _blocked_kernel

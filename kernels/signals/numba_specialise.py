@@ -216,6 +216,11 @@ def _load(classes: int) -> Callable:
     return module.kernel
 
 
+def loaded_kernel(classes: int) -> Callable | None:
+    """The specialised kernel for ``classes`` if this process has already made or loaded it."""
+    return _kernels.get(classes)
+
+
 def specialised_kernel(classes: int) -> Callable | None:
     """The blocked kernel unrolled for ``classes`` (same arguments as numba_cpu._blocked_kernel),
     or None where it cannot be made (class count out of range, cache directory not writable).
