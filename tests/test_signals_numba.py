@@ -309,9 +309,15 @@ def test_thread_count_rules():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="num_threads: expected a positive integer"):
             numba_cpu.thread_count(10, 5, 10, bad)
+    # Pieces: the whole range on one thread; else about 8 per thread, none below 16k logits.
+    assert numba_cpu.piece_size(1000, 50 * 64, 1) == 1000
+    assert numba_cpu.piece_size(1000, 50 * 64, 2) == 63
+    assert numba_cpu.piece_size(10, 50 * 64, 2) == 6, "pieces of at least MIN_LOGITS_PER_PIECE"
+    assert numba_cpu.piece_size(3, 10 ** 6, 2) == 1
     before = numba.get_num_threads()
     _run(torch.zeros(3, 2, 4), 1.0, num_threads=1)
     assert numba.get_num_threads() == before, "the caller's numba thread count must be restored"
+    assert numba.get_parallel_chunksize() == 0, "and its chunk size"
 
 
 def test_bad_arguments_name_the_field():

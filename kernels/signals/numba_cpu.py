@@ -14,8 +14,9 @@ code, so there is one machine-code version per kernel, not one per dtype):
 - ``_rowwise_kernel`` for many classes: one row at a time, loops over classes (long enough to
   vectorise), sums in float64 so that C = 32768 keeps float32-level accuracy.
 
-Both are parallel over contiguous chunks of rows (``prange``), one chunk per thread; the thread
-count is an argument (calling ``numba.get_num_threads()`` inside a kernel prevents caching).
+Both are parallel (``prange``) over pieces of contiguous rows handed out dynamically, about eight
+per thread; the piece size is an argument and the thread count is set around the call (calling
+``numba.get_num_threads()`` inside a kernel prevents caching).
 
 Numerics, the same in both kernels:
 - Member argmax (for vote agreement) on the raw logits, lowest index on ties; the mean-probability
@@ -616,16 +617,15 @@ def _block_store(arg, members, fv, iv, tail_valid, row0, nrows, out_class, out_c
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True, parallel=True, nogil=True)
-def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, num_threads,
+def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, chunk,
                     out_class, out_conf, out_margin, out_total, out_expected, out_mi, out_vote,
                     out_valid):
-    """All rows, blocks of BLOCK_ROWS rows, ``num_threads`` contiguous chunks of blocks.
+    """All rows, in blocks of BLOCK_ROWS rows; each parallel iteration takes ``chunk`` blocks.
     (numba_specialise.py generates the same driver around class-unrolled steps.)"""
     nblocks = (batch + BLOCK_ROWS - 1) // BLOCK_ROWS
-    nchunks = min(num_threads, nblocks)
-    for chunk in prange(nchunks):
+    for c in prange((nblocks + chunk - 1) // chunk):
         x, pbar, arg, fv, iv, tail_valid = _block_scratch(members, classes)
-        for blk in range(chunk * nblocks // nchunks, (chunk + 1) * nblocks // nchunks):
+        for blk in range(c * chunk, min((c + 1) * chunk, nblocks)):
             row0 = blk * BLOCK_ROWS
             nrows = min(BLOCK_ROWS, batch - row0)
             shifted = _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index,
@@ -755,15 +755,14 @@ def _entropy(p):
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True, parallel=True, nogil=True)
-def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, num_threads,
+def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_index, chunk,
                     out_class, out_conf, out_margin, out_total, out_expected, out_mi, out_vote,
                     out_valid):
-    """All rows one at a time, ``num_threads`` contiguous chunks of rows."""
-    nchunks = min(num_threads, batch)
+    """All rows one at a time; each parallel iteration takes ``chunk`` rows."""
     inv_members = 1.0 / members
-    for chunk in prange(nchunks):
-        r0 = chunk * batch // nchunks
-        r1 = (chunk + 1) * batch // nchunks
+    for c in prange((batch + chunk - 1) // chunk):
+        r0 = c * chunk
+        r1 = min(r0 + chunk, batch)
         z = np.empty(members * classes, np.float32)
         e = np.empty(classes, np.float32)
         pbar = np.empty(classes, np.float32)
@@ -893,17 +892,31 @@ def precompile(members: int, classes: int) -> list[str]:
 # Below this many logits per thread another thread costs more (wake-up, a barrier that waits for a
 # descheduled core on a shared machine) than it saves: about 50 microseconds of work.
 MIN_LOGITS_PER_THREAD = 1 << 16
+# Work is handed out in about this many pieces per thread, each at least MIN_LOGITS_PER_PIECE
+# logits, dynamically: on a shared machine one thread may stall for a scheduler slice, and the
+# others then take its share instead of waiting for it at the barrier.
+PIECES_PER_THREAD = 8
+MIN_LOGITS_PER_PIECE = 1 << 14
 
 
 def thread_count(batch: int, members: int, classes: int, requested: int | None) -> int:
-    """Threads (= chunks of rows) for a call: ``requested`` as given, else numba's current count
-    limited so that each thread gets at least MIN_LOGITS_PER_THREAD logits."""
+    """Threads for a call: ``requested`` as given, else numba's current count limited so that
+    each thread gets at least MIN_LOGITS_PER_THREAD logits."""
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
             raise ValueError(f"num_threads: expected a positive integer, found {requested!r}")
         return int(requested)
     useful = max(1, batch * members * classes // MIN_LOGITS_PER_THREAD)
     return max(1, min(numba.get_num_threads(), useful))
+
+
+def piece_size(units: int, logits_per_unit: int, threads: int) -> int:
+    """Units (blocks or rows) per parallel iteration: the whole range on one thread, else about
+    PIECES_PER_THREAD pieces per thread of at least MIN_LOGITS_PER_PIECE logits."""
+    if threads <= 1:
+        return max(1, units)
+    smallest = -(-MIN_LOGITS_PER_PIECE // logits_per_unit)
+    return max(1, smallest, -(-units // (threads * PIECES_PER_THREAD)))
 
 
 def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
@@ -916,9 +929,9 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
             float32 or float64; read in place, never copied.
         temperatures: float32 CPU tensor [K] of positive finite temperatures.
         temperature_index: int32 CPU tensor [B] of values in [0, K), or None when K == 1.
-        num_threads: chunks of rows run in parallel, at most one per numba thread (default: numba's
-            thread count, fewer for small batches, see :func:`thread_count`). Results do not
-            depend on it.
+        num_threads: threads to run on, at most numba's pool size (default: numba's thread
+            count, fewer for small batches, see :func:`thread_count`). Results do not depend on
+            it, nor on how the rows are split between threads.
         kernel: "blocked", "rowwise" or "specialised" (blocked, unrolled for C) to force a kernel;
             default by shape and batch size (see :func:`_pick_kernel`).
 
@@ -957,21 +970,28 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
                 f"found range [{int(index.min())}, {int(index.max())}]"
             )
         has_index = True
-    chunks = thread_count(batch, members, classes, num_threads)
+    threads = thread_count(batch, members, classes, num_threads)
     kernel, impl = _pick_kernel(kernel, batch, members, classes)
 
     out_class = np.empty(batch, np.int32)
     floats = [np.empty(batch, np.float32) for _ in range(6)]
     out_valid = np.empty(batch, np.bool_)
     if batch:
-        # numba's thread count is per calling thread: set it for this call only. Asking for fewer
-        # pool threads (not only fewer chunks) keeps idle threads out of the launch barrier.
+        if kernel == "rowwise":
+            chunk = piece_size(batch, members * classes, threads)
+        else:
+            chunk = piece_size(-(-batch // BLOCK_ROWS), BLOCK_ROWS * members * classes, threads)
+        # numba's thread count and chunk size are per calling thread: set for this call only.
+        # Fewer pool threads (not only fewer pieces) keep idle threads out of the launch barrier;
+        # a chunk size of 1 hands the pieces out one at a time (dynamic scheduling).
         previous = numba.get_num_threads()
-        numba.set_num_threads(min(chunks, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        previous_chunksize = numba.set_parallel_chunksize(1 if threads > 1 else 0)
         try:
             impl(_raw_bytes(logits), _KINDS[logits.dtype], batch, members, classes, temps, index,
-                 has_index, chunks, out_class, *floats, out_valid)
+                 has_index, chunk, out_class, *floats, out_valid)
         finally:
+            numba.set_parallel_chunksize(previous_chunksize)
             numba.set_num_threads(previous)
     conf, margin, total, expected, mi, vote = (torch.from_numpy(a) for a in floats)
     return EnsembleSignals(
