@@ -92,3 +92,17 @@ def test_baselines_follow_the_spec(baseline, shape):
 def test_rows_for_caps_elements():
     assert rows_for(10, 1000, 1_000_000, 10_000_000) == 1000
     assert rows_for(5, 10, 1000, 10_000_000) == 1000
+
+
+def test_exact_kth_distance_matches_brute_force_float64():
+    from bench.factories import normalise
+    from bench.suites.knn import exact_kth_distance
+
+    rng = np.random.default_rng(7)
+    bank = rng.standard_normal((3000, 24)).astype(np.float32)
+    queries = rng.standard_normal((257, 24)).astype(np.float32)
+    b, q = normalise(bank).astype(np.float64), normalise(queries).astype(np.float64)
+    brute = np.sort(np.sqrt(np.maximum(0, 2 - 2 * q @ b.T)), axis=1)
+    for k in (1, 5, 50):
+        # float64 on both sides: only summation order differs.
+        np.testing.assert_allclose(exact_kth_distance(queries, bank, k, chunk=100), brute[:, k - 1], atol=1e-12, rtol=0)

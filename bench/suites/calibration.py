@@ -141,7 +141,8 @@ def _measure(ctx, label, fit, fit_z, fit_y, eval_z, eval_y, before: float, membe
         predict = fit(fit_z, fit_y)
         row.compile_s = time.perf_counter() - t0  # first fit: numba compilation lands here
         # Fits take seconds: quick mode settles for one timed fit after the first when they are slow.
-        timing = time_call(ctx, lambda: fit(fit_z, fit_y), warmup=0, budget_s=3.0, quick_min_repeats=1)
+        timing = time_call(ctx, lambda: fit(fit_z, fit_y), warmup=0, budget_s=3.0, quick_min_repeats=1,
+                           full_budget_s=20.0)
         probabilities, temperature = predict(eval_z)
     except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, never dropped
         row.status = failure(exc)

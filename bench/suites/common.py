@@ -18,15 +18,18 @@ def not_yet(exc: BaseException) -> str:
 
 
 def time_call(ctx, fn, *, cuda: bool = False, budget_s: float | None = None, warmup: int = 1,
-              quick_min_repeats: int = 3) -> Timing:
+              quick_min_repeats: int = 3, full_budget_s: float | None = None) -> Timing:
     """Best of 5 after ``warmup`` untimed calls (0 when the caller already made the first call).
     Quick mode stops after ``quick_min_repeats`` timed calls once ``budget_s`` (default 2.5 s) is
-    spent, so one slow peer cannot take the whole run; full mode always does 5."""
+    spent, so one slow peer cannot take the whole run; full mode does 5, or, with
+    ``full_budget_s``, stops after 2 once that much time is spent (for calls of tens of seconds)."""
     if cuda:
         return measure_cuda_events(fn, repeats=10 if not ctx.quick else 5, warmup=max(warmup, 1))
     if ctx.quick:
         return measure(fn, repeats=5, min_repeats=quick_min_repeats,
                        budget_s=budget_s if budget_s is not None else 2.5, min_sample_s=0.02, warmup=warmup)
+    if full_budget_s is not None:
+        return measure(fn, repeats=5, min_repeats=2, budget_s=full_budget_s, min_sample_s=0.05, warmup=warmup)
     return measure(fn, repeats=5, min_repeats=5, min_sample_s=0.05, warmup=warmup)
 
 

@@ -45,7 +45,7 @@ def run(ctx) -> None:
         from hitl_triage.engine.profile import Profile  # noqa: F401
     except ImportError as exc:
         raise NotAvailableYet(f"hitl_triage.engine (Profile.fit, TriageEngine): {exc}") from exc
-    rows, bank_rows, calib_rows = (20_000, 10_000, 10_000) if ctx.quick else (500_000, 100_000, 50_000)
+    rows, bank_rows, calib_rows = _sizes(ctx.quick)
     ctx.console.print(f"  generating a day of {rows:,} rows, bank {bank_rows:,}, calibration {calib_rows:,} ...")
     data = fleet_data(rows, bank_rows=bank_rows, calibration_rows=calib_rows, seed=ctx.seed + 23)
     in_dist_errors = data.is_error & ~data.is_ood
@@ -78,6 +78,11 @@ def run(ctx) -> None:
         ctx.add(combined)
     ctx.advance(task)
     ctx.progress.remove_task(task)
+
+
+def _sizes(quick: bool) -> tuple[int, int, int]:
+    """(day rows, bank rows, calibration rows)."""
+    return (20_000, 10_000, 10_000) if quick else (500_000, 100_000, 50_000)
 
 
 def _combined(ctx, data, budget: float, rows: int):

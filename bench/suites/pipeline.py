@@ -26,7 +26,7 @@ TABLE_HIDE = ("dtype", "compile s")
 
 def run(ctx) -> None:
     try:
-        from hitl_triage.engine.config import BankConfig, TriageConfig  # noqa: F401
+        from hitl_triage.engine.config import TriageConfig  # noqa: F401
         from hitl_triage.engine.profile import Profile  # noqa: F401
         from hitl_triage.serve.fleet import FleetConfig, simulate_fleet  # noqa: F401
         from hitl_triage.serve.offline import run_offline  # noqa: F401
@@ -34,20 +34,15 @@ def run(ctx) -> None:
         raise NotAvailableYet(f"triage run (engine profile, serve.offline, serve.fleet): {exc}") from exc
     import pyarrow.parquet as pq
 
-    from hitl_triage.engine.config import BankConfig, TriageConfig
+    from hitl_triage.engine.config import TriageConfig
     from hitl_triage.engine.profile import Profile
     from hitl_triage.serve.fleet import FleetConfig, simulate_fleet
     from hitl_triage.serve.offline import run_offline
 
-    rows = 50_000 if ctx.quick else 1_000_000
-    bank_rows = 100_000
+    rows, bank_rows = _sizes(ctx.quick)
     if ctx.quick:
         ctx.note(f"quick mode: {rows:,} rows instead of 1,000,000 (run --full for the issue's size)")
-    # With "auto" a bank of exactly 100k vectors gets the exact flat index (IVF starts above
-    # 100k), whose CPU search of a million rows takes many minutes; a user triaging a million rows
-    # against 100k vectors would pick IVF, as this does.
-    config = TriageConfig(bank=BankConfig(index="ivf"))
-    ctx.note("profile: default TriageConfig with bank.index = \"ivf\" (\"auto\" builds an exact flat index at 100k)")
+    config = TriageConfig()  # the defaults a user gets from `triage fit`
     task = ctx.task(SUITE, total=4)
     with tempfile.TemporaryDirectory(prefix="hitl-bench-") as tmp:
         tmp = Path(tmp)
@@ -62,6 +57,10 @@ def run(ctx) -> None:
         fit_s = time.perf_counter() - t0
         profile.save(tmp / "profile")
         profile = Profile.load(tmp / "profile")
+        bank = profile.bank
+        ctx.note(f"profile: default TriageConfig; bank index {bank.kind}"
+                 + (f" (nlist {bank.nlist}, nprobe {bank.nprobe})" if bank.kind == "ivf" else "")
+                 + f", k={profile.k}, T={profile.temperature:.3g}")
         ctx.advance(task)
 
         sizes = {"rows": rows, "M": 5, "C": 10, "D": 128, "bank": bank_rows, "file_MB": round(size_mb)}
@@ -89,3 +88,8 @@ def run(ctx) -> None:
                                 quality={"share": seconds / total if total else float("nan")}))
             ctx.advance(task)
     ctx.progress.remove_task(task)
+
+
+def _sizes(quick: bool) -> tuple[int, int]:
+    """(rows of the Parquet file, bank rows)."""
+    return (50_000, 100_000) if quick else (1_000_000, 100_000)
