@@ -889,9 +889,10 @@ def precompile(members: int, classes: int) -> list[str]:
     return names
 
 
-# Below this many logits per thread another thread costs more (wake-up, a barrier that waits for a
-# descheduled core on a shared machine) than it saves: about 50 microseconds of work.
-MIN_LOGITS_PER_THREAD = 1 << 16
+# Below this many logits per thread (about 2 ms of work) a second thread is not worth its risk: the
+# OpenMP team ends on a barrier that waits for every thread to check in, and on a shared 2-core
+# machine a worker can wait a whole scheduler slice (measured 8-16 ms under load) to be woken.
+MIN_LOGITS_PER_THREAD = 1 << 20
 # Work is handed out in about this many pieces per thread, each at least MIN_LOGITS_PER_PIECE
 # logits, dynamically: on a shared machine one thread may stall for a scheduler slice, and the
 # others then take its share instead of waiting for it at the barrier.
@@ -985,14 +986,17 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
         # Fewer pool threads (not only fewer pieces) keep idle threads out of the launch barrier;
         # a chunk size of 1 hands the pieces out one at a time (dynamic scheduling).
         previous = numba.get_num_threads()
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if wanted != previous:
+            numba.set_num_threads(wanted)
         previous_chunksize = numba.set_parallel_chunksize(1 if threads > 1 else 0)
         try:
             impl(_raw_bytes(logits), _KINDS[logits.dtype], batch, members, classes, temps, index,
                  has_index, chunk, out_class, *floats, out_valid)
         finally:
             numba.set_parallel_chunksize(previous_chunksize)
-            numba.set_num_threads(previous)
+            if wanted != previous:
+                numba.set_num_threads(previous)
     conf, margin, total, expected, mi, vote = (torch.from_numpy(a) for a in floats)
     return EnsembleSignals(
         predicted_class=torch.from_numpy(out_class), confidence=conf, margin=margin,
