@@ -226,6 +226,20 @@ def test_one_member_has_no_disagreement_exactly(kernel, rng):
     assert torch.equal(got.vote_agreement, torch.ones_like(got.vote_agreement))
 
 
+@pytest.mark.parametrize("kernel", ["blocked", "rowwise", "specialised"])
+def test_extreme_temperatures(kernel, rng):
+    # 1e-40 is a positive finite float32 whose reciprocal overflows: the softmax is one-hot at the
+    # first maximum; 1e30 makes it uniform. Both must match the float64 reference.
+    z = make_logits(rng, (20, 3, 4), torch.float32, degenerate=False)
+    for t in (1e-40, 1e30):
+        got = _run(z, t, kernel=kernel)
+        ref = ensemble_signals_reference(z, torch.tensor([t], dtype=torch.float32), None)
+        for name in FLOAT_FIELDS:
+            # 2e-6: float32 rounding of values below log(4), a few ulp.
+            torch.testing.assert_close(getattr(got, name).double(), getattr(ref, name), atol=2e-6, rtol=0,
+                                       msg=lambda m, name=name: f"{kernel} T={t} {name}: {m}")
+
+
 def test_ties_use_the_lowest_index_on_raw_logits():
     # Member argmax is taken on z, not z/T; ties go to the lowest index, for members and the mean.
     z = torch.tensor([[[2.0, 5.0, 5.0, 1.0], [5.0, 2.0, 5.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])

@@ -273,6 +273,7 @@ _ZERO = f32(0.0)
 _ONE = f32(1.0)
 _LN2 = f32(0.6931471805599453)
 _NEG_BIG = f32(-3.0e38)
+_FLT_MAX = f32(np.finfo(np.float32).max)
 _F32_EXP = i32(0x7F800000)
 _F16_EXP = 0x7C00
 _BF16_EXP = 0x7F80
@@ -420,6 +421,14 @@ def _block_scratch(members, classes):
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
+def _inverse_temperature(t):
+    """1/T as float32, at most FLT_MAX: below T = 2.9e-39 the reciprocal would be +inf and the
+    max logit's (z - max) * (1/T) = 0 * inf a NaN; FLT_MAX sends every other logit to D_FLOOR."""
+    inv = _ONE / t
+    return inv if inv < _FLT_MAX else _FLT_MAX
+
+
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has_index, x, arg,
                    pbar, fv, iv):
     """Load a block (see _load_block), gather 1/T per row and reset the accumulators: pbar, the
@@ -429,11 +438,11 @@ def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has
     inv_t = fv[_INV_T]
     if has_index:
         for r in range(nrows):
-            inv_t[r] = _ONE / temps[t_index[row0 + r]]
+            inv_t[r] = _inverse_temperature(temps[t_index[row0 + r]])
         for r in range(nrows, R):
             inv_t[r] = _ONE
     else:
-        inv_t0 = _ONE / temps[0]
+        inv_t0 = _inverse_temperature(temps[0])
         for r in range(R):
             inv_t[r] = inv_t0
     for c in range(classes):
@@ -780,7 +789,7 @@ def _rowwise_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
                 out_valid[row] = False
                 continue
             t = temps[t_index[row]] if has_index else temps[0]
-            inv_t = _ONE / t
+            inv_t = _inverse_temperature(t)
             pbar[:] = _ZERO
             log_sum = 0.0
             h_sum = 0.0
