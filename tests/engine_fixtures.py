@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 import xxhash
 
@@ -322,3 +323,16 @@ def assert_tables_equal(a, b, columns=None):
             first = int(np.argmin(same))
             raise AssertionError(f"column {name!r} differs at row {first}: {x[first]!r} != {y[first]!r} "
                                  f"({int((~same).sum())} rows differ)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Autouse in the modules that import it: run the engine with one torch thread.
+
+    Why: the engine's policy and audit stages are many small elementwise torch ops; each enters
+    an OpenMP parallel region at >= 32k elements, and when the other core of the shared 2-core
+    machine is busy every region waits at a barrier. Measured on a 40k-row batch: 1.0-1.5 s with
+    two threads against 0.04-0.05 s with one. These tests check results, not speed.
+    """
+    with torch_threads(1):
+        yield

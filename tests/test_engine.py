@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine_fixtures import (
+from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    one_torch_thread,
     ANOMALY,
     AUDIT,
     CONFIDENCE,

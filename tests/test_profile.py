@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_fixtures import (
+from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    one_torch_thread,
     assert_tables_equal,
     column,
     contract_table,
