@@ -89,7 +89,11 @@ def _import_suite(name: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure hitl-triage's passes and engine against numpy, torch and peer libraries, side by "
+        "side in one run, and write a JSON and a CSV report named <machine>-<date> (see bench/README.md).",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="smaller sizes and fewer repeats, under 5 minutes on 2 cores (default)")

@@ -224,7 +224,8 @@ def _measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact) -> Row:
         t0 = time.perf_counter()
         scores = np.asarray(score(model, q), dtype=np.float64)
         row.compile_s = time.perf_counter() - t0
-        timing = time_call(ctx, lambda: score(model, q), warmup=0, budget_s=2.0, full_budget_s=30.0)
+        timing = time_call(ctx, lambda: score(model, q), warmup=0, budget_s=2.0, quick_min_repeats=2,
+                           full_budget_s=30.0)
     except NotImplementedError as exc:
         row.status = not_yet(exc)
         return row
