@@ -187,9 +187,9 @@ def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables
 
     # Priority: the largest severity among fired reasons (module docstring).
     severity = zeros
-    if thresholds.confidence > 0:
-        conf_sev = ((conf_threshold - x.confidence) / conf_threshold.clamp(min=1e-6)).clamp(0, 1)
-        severity = torch.where(low_confidence, torch.maximum(severity, conf_sev.nan_to_num(0.0)), severity)
+    # Per row: the threshold may come from a category floor even where the global one is 0.
+    conf_sev = ((conf_threshold - x.confidence) / conf_threshold.clamp(min=1e-6)).clamp(0, 1)
+    severity = torch.where(low_confidence, torch.maximum(severity, conf_sev.nan_to_num(0.0)), severity)
     if x.members > 1:
         mi_max = math.log(min(x.members, x.classes))
         span = max(mi_max - thresholds.mutual_info, 1e-6) if math.isfinite(thresholds.mutual_info) else 1.0

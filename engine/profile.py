@@ -20,6 +20,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 
 from .config import TriageConfig, from_dict, to_dict
@@ -116,12 +117,7 @@ class Profile:
             },
             "temperature": {"global": self.temperature, "per_source": dict(self.source_temperatures)},
             "thresholds": thresholds,
-            "bank": {
-                "present": self.bank is not None,
-                "rows": int(getattr(self.bank, "ntotal", 0)) if self.bank is not None else 0,
-                "kind": str(getattr(self.bank, "kind", "")) if self.bank is not None else "",
-                "path": BANK_DIR if self.bank is not None else "",
-            },
+            "bank": _bank_entry(self.bank),
             "fit": _toml_safe(self.fit_report),
             "config": self.config.to_dict(),
         }
@@ -133,8 +129,8 @@ class Profile:
         body.pop("fit", None)  # metrics describe the fit; they do not change a decision
         digest = hashlib.blake2b(tomli_w.dumps(body).encode(), digest_size=16)
         if self.bank is not None:
-            fingerprint = getattr(self.bank, "fingerprint", None)
-            digest.update(fingerprint().encode() if callable(fingerprint) else repr(self.bank.ntotal).encode())
+            # The vectors decide every k-NN distance; the index parameters are in the body.
+            digest.update(np.ascontiguousarray(self.bank.vectors).data)
         return digest.hexdigest()[:12]
 
     def save(self, directory: str | Path) -> Path:
@@ -173,11 +169,18 @@ class Profile:
             members, classes = int(model["members"]), int(model["classes"])
         except KeyError as exc:
             raise ProfileError(f"profile: {path} lacks the entry {exc.args[0]!r}") from exc
+        missing = _missing_keys(data["config"], config.to_dict(), "config")
+        if missing:
+            raise ProfileError(
+                f"profile: {path} lacks {', '.join(missing[:5])}: the file is truncated or was not written by `triage fit`"
+            )
         index = None
         if bank.get("present"):
             from hitl_triage.kernels.knn import KnnIndex
 
             index = KnnIndex.load(directory / bank["path"], mmap=mmap)
+            if index.kind == "ivf" and "nprobe" in bank:
+                index.nprobe = int(bank["nprobe"])
         profile = cls(
             members=members,
             classes=classes,
@@ -202,6 +205,27 @@ class Profile:
                 f"{profile.version}: it was edited by hand or the bank changed; refit with `triage fit`"
             )
         return profile
+
+
+def _bank_entry(bank) -> dict:
+    if bank is None:
+        return {"present": False, "rows": 0, "kind": "", "path": ""}
+    entry = {"present": True, "rows": int(bank.ntotal), "dim": int(bank.dim), "kind": str(bank.kind), "path": BANK_DIR}
+    if bank.kind == "ivf":
+        entry.update(nlist=int(bank.nlist), nprobe=int(bank.nprobe))
+    return entry
+
+
+def _missing_keys(saved: dict, complete: dict, where: str) -> list[str]:
+    """Keys of ``complete`` (nested) that ``saved`` lacks: a profile file is machine-written and
+    whole, so a missing key means truncation or another writer, never "use the default"."""
+    missing = []
+    for key, value in complete.items():
+        if key not in saved:
+            missing.append(f"{where}.{key}")
+        elif isinstance(value, dict) and value and isinstance(saved[key], dict):
+            missing += _missing_keys(saved[key], value, f"{where}.{key}")
+    return missing
 
 
 def _toml_safe(value):
