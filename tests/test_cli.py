@@ -223,3 +223,41 @@ def test_demo_summary_matches_its_decisions_file(tmp_path, capsys):
     # The demo's policy makes "legal" mandatory: POLICY rows are exactly the legal rows.
     category = column(decisions, "category")
     np.testing.assert_array_equal((mask & BITS["policy"]) > 0, category == "legal")
+
+
+def test_fit_reads_a_config_file_and_flags_override_its_mode(pipeline, tmp_path, capsys):
+    d = pipeline["dir"]
+    (tmp_path / "triage.toml").write_text(
+        '[thresholds]\nmode = "target_risk"\ntarget_risk = 0.1\n\n'
+        '[policy]\nmandatory_categories = ["legal"]\n\n'
+        '[audit]\nbase_rate = 0.05\nstrata = ["source"]\n'
+    )
+    common = ["fit", "--calibration", str(d / "fleet.calibration.parquet"), "--config", str(tmp_path / "triage.toml")]
+    assert main([*common, "--out", str(tmp_path / "p"), "--budget", "0.15"]) == 0
+    capsys.readouterr()
+    config = tomllib.loads((tmp_path / "p" / "profile.toml").read_text())["config"]
+    assert config["thresholds"]["mode"] == "budget" and config["thresholds"]["budget"] == 0.15
+    assert config["policy"]["mandatory_categories"] == ["legal"]
+    assert config["audit"]["base_rate"] == 0.05 and config["audit"]["strata"] == ["source"]
+    assert not (tmp_path / "p" / "bank").exists()  # no --bank: no bank, no anomaly trigger
+
+    (tmp_path / "typo.toml").write_text("[audit]\nbase_rat = 0.05\n")
+    with pytest.raises(ValueError, match=r"audit.*base_rat"):
+        main(["fit", "--calibration", str(d / "fleet.calibration.parquet"), "--config", str(tmp_path / "typo.toml"),
+              "--out", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()
+
+
+def test_run_keeps_input_order_across_files(pipeline, tmp_path, capsys):
+    fleet = pq.read_table(pipeline["fleet"])
+    pq.write_table(fleet.slice(3000, 1000), tmp_path / "a.parquet", row_group_size=300)
+    pq.write_table(fleet.slice(0, 2500), tmp_path / "b.parquet")
+    out = tmp_path / "decisions.parquet"
+    assert main(["run", "--profile", str(pipeline["dir"] / "profile"), str(tmp_path / "a.parquet"),
+                 str(tmp_path / "b.parquet"), "--out", str(out), "--batch-rows", "700"]) == 0
+    assert number(cells(capsys.readouterr().out)["rows"]) == 3500
+    decisions = pq.read_table(out)
+    expected = column(fleet, "id")[3000:4000].tolist() + column(fleet, "id")[:2500].tolist()
+    assert column(decisions, "id").tolist() == expected
+    single = pipeline["decisions"]
+    assert column(decisions, "reason_mask")[1000:].tolist() == column(single, "reason_mask")[:2500].tolist()
