@@ -283,7 +283,7 @@ def _plot(ctx) -> None:
     from ..machine import machine_info
 
     info = machine_info()
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=120)
     markers = "os^vD<>ph*"
     for i, (label, pts) in enumerate(sorted(points.items())):
         pts.sort()
@@ -304,7 +304,7 @@ def _plot(ctx) -> None:
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     fig.tight_layout()
     path = ctx.out_dir / f"{ctx.stem}-signals.png"
     fig.savefig(path)
