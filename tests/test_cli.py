@@ -72,8 +72,8 @@ def pipeline(tmp_path_factory):
     code, _ = run_cli("simulate", "--rows", ROWS, "--out", fleet, "--calibration-rows", 8000, "--bank-rows", 2000,
                       "--dim", 32, "--sources", 4, "--row-group-rows", 6000, "--seed", 5)
     assert code == 0
-    code, fit_text = run_cli("fit", "--calibration", d / "fleet.calibration.parquet", "--bank", d / "fleet.bank.parquet",
-                             "--out", d / "profile")
+    code, fit_text = run_cli("fit", "--calibration", d / "fleet.calibration.parquet",
+                             "--bank", d / "fleet.bank.parquet", "--out", d / "profile")
     assert code == 0
     # 7000-row batches against 6000-row row groups: batches straddle row groups.
     code, run_text = run_cli("run", "--profile", d / "profile", fleet, "--out", d / "decisions.parquet",

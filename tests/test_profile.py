@@ -24,7 +24,6 @@ from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixtu
     column,
     contract_table,
     ece_np,
-    embedding_of,
     fleet_tables,
     known_ensemble,
     logits_of,
@@ -327,3 +326,24 @@ def test_new_profile_from_replace_gets_a_new_version(round_trip_profile):
     profile, _ = round_trip_profile
     changed = dataclasses.replace(profile, temperature=profile.temperature * 1.01, version="")
     assert changed.version != profile.version and changed.version.startswith("1-")
+
+
+@pytest.mark.parametrize("case", ["per-class thresholds", "one member, no bank"])
+def test_round_trip_of_other_shapes(tmp_path, rng, case):
+    if case == "per-class thresholds":
+        _, _, calibration, bank = fleet_tables(12_000)
+        fitted = Profile.fit(calibration, bank=bank)
+        per_class = rng.uniform(0.4, 0.9, 10).round(4).tolist()
+        thresholds = dataclasses.replace(fitted.thresholds, per_class_confidence=per_class)
+        profile = dataclasses.replace(fitted, thresholds=thresholds, version="")
+        batch = fleet_tables(12_000)[0].slice(0, 2000)
+    else:
+        logits, labels, _ = known_ensemble(rng, 2000, members=1, classes=3)
+        profile = Profile.fit(contract_table(np.arange(2000), logits, label=labels))
+        assert profile.dim is None and profile.bank is None and profile.thresholds.mutual_info == math.inf
+        batch = contract_table(np.arange(5000, 6000), known_ensemble(rng, 1000, members=1, classes=3)[0])
+    loaded = Profile.load(profile.save(tmp_path / "p"))
+    assert loaded.version == profile.version and loaded.thresholds == profile.thresholds
+    assert (loaded.members, loaded.classes, loaded.dim) == (profile.members, profile.classes, profile.dim)
+    assert_tables_equal(TriageEngine(profile, device="cpu").triage(batch),
+                        TriageEngine(loaded, device="cpu").triage(batch))
