@@ -64,7 +64,8 @@ i32 = np.int32
 # propagates NaN: callers test finiteness on the bits.
 #
 # Constants are typed ``np.float32``: a Python float literal would promote the expression to
-# float64 and halve the vector width.
+# float64 and halve the vector width. The helpers are inlined by numba (``inline="always"``): left
+# to LLVM's inliner, f16_to_f32 stayed a call inside the 16-bit load loop, which then ran scalar.
 #
 # They live in this file on purpose: numba's on-disk cache of a function is keyed on the time stamp
 # of that function's own source file only, so a kernel cached here would keep a stale inlined copy
@@ -133,7 +134,7 @@ _ONE = f32(1.0)
 _ZERO = f32(0.0)
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def exp32(x):
     """exp(x) for a float32 ``x``, branch-free. Returns float32."""
     x = x if x > EXP_LO else EXP_LO
@@ -177,7 +178,7 @@ _NEG_INF = f32(-np.inf)
 _POS_INF = f32(np.inf)
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def log_parts(m, e):
     """log(m * 2^e) for float32 ``m`` in [1, 2) and float32 ``e`` (an integer value).
 
@@ -202,7 +203,7 @@ def log_parts(m, e):
     return (f + y) + e * _EXP_C1
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def split_exponent(x):
     """(m, e) with x = m * 2^e, m in [1, 2) float32 and e an int32, for a positive normal float32."""
     bits = f32_bits(x)
@@ -211,7 +212,7 @@ def split_exponent(x):
     return m, e
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def log32(x):
     """log(x) for a float32 ``x`` >= 0, branch-free: denormals exact, -inf at 0, +inf at +inf."""
     tiny = x < _FLT_MIN
@@ -228,13 +229,13 @@ def log32(x):
 _F16_SUBNORMAL_SCALE = f32(2.0 ** -24)
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def bf16_to_f32(h):
     """float32 value of the bfloat16 whose bits are the int32 ``h`` (0..65535): exact."""
     return bits_f32(i32(h << i32(16)))
 
 
-@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True)
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def f16_to_f32(h):
     """float32 value of the IEEE half whose bits are the int32 ``h`` (0..65535): exact for every
     finite half (subnormals through an int-to-float conversion, which never meets a denormal)."""
@@ -325,10 +326,10 @@ def _widen_narrow(kind, bits):
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
-def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
+def _load_block(raw, kind, row0, nrows, members, classes, x, conv, arg, bad):
     """Transpose rows [row0, row0 + nrows) of the logits into ``x`` [member*class, BLOCK_ROWS]
     as float32, zero-padding the rest of the block; ``bad[r]`` = 1 for a row with a non-finite
-    logit (whose logits are loaded as 0).
+    logit (whose logits are loaded as 0). ``conv`` [BLOCK_ROWS*member*class] is scratch.
 
     For float64 input the member max is subtracted in float64 and the member argmax is stored in
     ``arg`` [member, BLOCK_ROWS]; returns True in that case (``x`` is then already shifted)."""
@@ -354,20 +355,21 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
                 bad[r] = 0
             if kind == KIND_F32:
                 srcf = raw.view(np.float32)[start:stop]
-                for j in range(width):
-                    xj = x[j]
-                    for r in range(nrows):
-                        xj[r] = srcf[r * width + j]
-            elif kind == KIND_BF16:
-                for j in range(width):
-                    xj = x[j]
-                    for r in range(nrows):
-                        xj[r] = bf16_to_f32(i32(src16[r * width + j]))
             else:
-                for j in range(width):
-                    xj = x[j]
-                    for r in range(nrows):
-                        xj[r] = f16_to_f32(i32(src16[r * width + j]))
+                # Widen the 16-bit block in one contiguous pass (vectorises everywhere), then
+                # transpose it like float32: widening inside the strided copy was left scalar in
+                # some of the kernels LLVM inlined it into.
+                srcf = conv[:stop - start]
+                if kind == KIND_BF16:
+                    for k in range(stop - start):
+                        srcf[k] = bf16_to_f32(i32(src16[k]))
+                else:
+                    for k in range(stop - start):
+                        srcf[k] = f16_to_f32(i32(src16[k]))
+            for j in range(width):
+                xj = x[j]
+                for r in range(nrows):
+                    xj[r] = srcf[r * width + j]
         else:
             # Some row holds NaN or inf: flag rows and load their logits as 0, element by element.
             for r in range(nrows):
@@ -412,12 +414,12 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, arg, bad):
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _block_scratch(members, classes):
-    """Per-thread scratch of the blocked kernels: x [M*C, R], pbar [C, R], arg [M, R],
-    fv [_NF, R], iv [_NI, R] and a bool [R] for the last, partial block."""
+    """Per-thread scratch of the blocked kernels: x [M*C, R], conv [R*M*C], pbar [C, R],
+    arg [M, R], fv [_NF, R], iv [_NI, R] and a bool [R] for the last, partial block."""
     R = BLOCK_ROWS
-    return (np.empty((members * classes, R), np.float32), np.empty((classes, R), np.float32),
-            np.empty((members, R), np.int32), np.empty((_NF, R), np.float32),
-            np.empty((_NI, R), np.int32), np.empty(R, np.bool_))
+    return (np.empty((members * classes, R), np.float32), np.empty(members * classes * R, np.float32),
+            np.empty((classes, R), np.float32), np.empty((members, R), np.int32),
+            np.empty((_NF, R), np.float32), np.empty((_NI, R), np.int32), np.empty(R, np.bool_))
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
@@ -429,12 +431,12 @@ def _inverse_temperature(t):
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
-def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has_index, x, arg,
-                   pbar, fv, iv):
+def _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index, has_index, x, conv,
+                   arg, pbar, fv, iv):
     """Load a block (see _load_block), gather 1/T per row and reset the accumulators: pbar, the
     denominator product (_LP_M = 1, _LP_E = 0) and _H_SUM. Returns ``shifted``."""
     R = BLOCK_ROWS
-    shifted = _load_block(raw, kind, row0, nrows, members, classes, x, arg, iv[_BAD])
+    shifted = _load_block(raw, kind, row0, nrows, members, classes, x, conv, arg, iv[_BAD])
     inv_t = fv[_INV_T]
     if has_index:
         for r in range(nrows):
@@ -633,12 +635,12 @@ def _blocked_kernel(raw, kind, batch, members, classes, temps, t_index, has_inde
     (numba_specialise.py generates the same driver around class-unrolled steps.)"""
     nblocks = (batch + BLOCK_ROWS - 1) // BLOCK_ROWS
     for c in prange((nblocks + chunk - 1) // chunk):
-        x, pbar, arg, fv, iv, tail_valid = _block_scratch(members, classes)
+        x, conv, pbar, arg, fv, iv, tail_valid = _block_scratch(members, classes)
         for blk in range(c * chunk, min((c + 1) * chunk, nblocks)):
             row0 = blk * BLOCK_ROWS
             nrows = min(BLOCK_ROWS, batch - row0)
             shifted = _block_prepare(raw, kind, row0, nrows, members, classes, temps, t_index,
-                                     has_index, x, arg, pbar, fv, iv)
+                                     has_index, x, conv, arg, pbar, fv, iv)
             for m in range(members):
                 _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv)
             _block_top_entropy(pbar, classes, fv, iv)
