@@ -405,3 +405,58 @@ def test_summary_merge_keeps_zero_counts(fleet, profile):
     merged = TriageSummary().update(decisions.slice(0, 100)).merge(TriageSummary().update(decisions.slice(100)))
     assert whole.to_dict()["by_reason"]["policy"] == 0
     assert merged.to_dict()["by_reason"] == whole.to_dict()["by_reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Another device
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_same_decisions(reference, other, profile, *, ood_tol):
+    """Decisions from two devices: the audit (a hash of the ids) and validity identical; signals
+    within float32 error (ood within ``ood_tol``, a scalar or one bound per row); reason bits
+    identical except on rows whose signal sits within that error of its threshold."""
+    for name in ("id", "valid", "audit_weight", "audit_stratum", "profile_version"):
+        assert column(reference, name).tolist() == column(other, name).tolist(), name
+    for name in ("confidence", "margin", "mutual_info", "vote_agreement"):
+        np.testing.assert_allclose(column(other, name), column(reference, name), atol=2e-5, err_msg=name)
+    ood_ref, ood_other = column(reference, "ood_score"), column(other, "ood_score")
+    np.testing.assert_array_equal(np.isnan(ood_ref), np.isnan(ood_other))
+    scored = ~np.isnan(ood_ref)
+    gap = np.abs(ood_other - ood_ref)
+    assert (gap[scored] <= np.broadcast_to(ood_tol, gap.shape)[scored]).all(), gap[scored].max()
+    t = profile.thresholds
+    near = ((np.abs(column(reference, "confidence") - t.confidence) < 2e-5)
+            | (np.abs(column(reference, "mutual_info") - t.mutual_info) < 2e-5)
+            | (np.abs(ood_ref - t.ood) <= ood_tol))
+    assert near.mean() < 0.01
+    differ = column(reference, "reason_mask") != column(other, "reason_mask")
+    assert not (differ & ~near).any(), np.flatnonzero(differ & ~near)[:10]
+
+
+def half_precision_distance_tolerance(distance, dim: int) -> np.ndarray:
+    """Bound on a k-NN distance computed from float16 unit vectors (as tests/test_knn.py derives
+    it): cosine error c <= (2 D + 8) 2^-24 + 2 * 2^-11, and d^2 = 2 - 2 cos gives
+    |d' - d| <= min(sqrt(2 c), 2 c / d), plus 1e-6 for the float32 square root."""
+    c = (2 * dim + 8) * 2.0**-24 + 2 * 2.0**-11
+    d = np.maximum(np.nan_to_num(distance, nan=1.0), 1e-30)
+    return np.minimum(np.sqrt(2 * c), 2 * c / d) + 1e-6
+
+
+@pytest.mark.gpu
+def test_cuda_decides_as_the_cpu(triaged, profile):
+    batch, cpu = triaged
+    cuda = TriageEngine(profile, device="cuda").triage(batch)
+    tol = half_precision_distance_tolerance(column(cpu, "ood_score"), profile.dim)
+    assert_same_decisions(cpu, cuda, profile, ood_tol=tol)
+
+
+def test_same_decisions_helper_accepts_a_rerun_and_rejects_a_change(triaged, profile):
+    """The comparison used by the GPU test, exercised here on the CPU."""
+    batch, cpu = triaged
+    tol = half_precision_distance_tolerance(column(cpu, "ood_score"), profile.dim)
+    assert_same_decisions(cpu, TriageEngine(profile, device="cpu").triage(batch), profile, ood_tol=tol)
+    shifted = dataclasses.replace(profile, config=copy.deepcopy(profile.config), version="")
+    shifted.config.audit.seed += 1
+    with pytest.raises(AssertionError, match="audit_weight"):
+        assert_same_decisions(cpu, TriageEngine(shifted, device="cpu").triage(batch), profile, ood_tol=tol)
