@@ -53,7 +53,13 @@ class TriageSummary:
         """Sum of two summaries (for example two replicas, or two row groups)."""
         out = TriageSummary()
         for field in dataclasses.fields(self):
-            setattr(out, field.name, getattr(self, field.name) + getattr(other, field.name))
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(mine, collections.Counter):
+                merged = collections.Counter(mine)
+                merged.update(theirs)  # Counter + Counter would drop the zero counts
+                setattr(out, field.name, merged)
+            else:
+                setattr(out, field.name, mine + theirs)
         return out
 
     @property

@@ -124,14 +124,7 @@ class Profile:
 
     def content_hash(self) -> str:
         """BLAKE2b of the profile's content (all but the [profile] identity) and the bank vectors."""
-        body = self.to_toml_dict()
-        body.pop("profile", None)
-        body.pop("fit", None)  # metrics describe the fit; they do not change a decision
-        digest = hashlib.blake2b(tomli_w.dumps(body).encode(), digest_size=16)
-        if self.bank is not None:
-            # The vectors decide every k-NN distance; the index parameters are in the body.
-            digest.update(np.ascontiguousarray(self.bank.vectors).data)
-        return digest.hexdigest()[:12]
+        return _content_hash(self.to_toml_dict(), self.bank)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``profile.toml`` (and the bank) into ``directory``; returns the directory."""
@@ -198,13 +191,25 @@ class Profile:
             version=str(ident["version"]),
             path=directory,
         )
-        expected = f"{profile.generation}-{profile.content_hash()}"
+        # The hash of the file as read (not as this code would write it again), so a newer
+        # release that writes a profile differently still loads the old one unchanged.
+        expected = f"{profile.generation}-{_content_hash(data, index)}"
         if expected != profile.version:
             raise ProfileError(
                 f"profile.version: the content of {directory} hashes to {expected}, the file says "
                 f"{profile.version}: it was edited by hand or the bank changed; refit with `triage fit`"
             )
         return profile
+
+
+def _content_hash(toml_dict: dict, bank) -> str:
+    body = {key: value for key, value in toml_dict.items() if key not in ("profile", "fit")}
+    # [fit] holds metrics: they describe the fit and change no decision.
+    digest = hashlib.blake2b(tomli_w.dumps(body).encode(), digest_size=16)
+    if bank is not None:
+        # The vectors decide every k-NN distance; the index parameters are in the body.
+        digest.update(np.ascontiguousarray(bank.vectors).data)
+    return digest.hexdigest()[:12]
 
 
 def _bank_entry(bank) -> dict:

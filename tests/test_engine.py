@@ -394,8 +394,6 @@ def test_summary_merge_equals_one_summary_of_everything(triaged):
     assert got["by_reason"] == expected["by_reason"]
 
 
-@pytest.mark.xfail(strict=True, reason="TriageSummary.merge adds Counters with '+', which drops reasons, tiers "
-                   "and sources whose count is 0, so a merged summary lists fewer rows than one update")
 def test_summary_merge_keeps_zero_counts(fleet, profile):
     batch = fleet[0].slice(0, 300)
     batch = batch.set_column(batch.schema.get_field_index("category"), "category",
