@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# Before torch, numba or FAISS start their OpenMP pools (see hitl_triage.kernels for why).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = ("simulate", "fit", "run", "demo")
 
