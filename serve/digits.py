@@ -6,6 +6,7 @@ files the simulator writes (fleet, calibration, bank, truth), so everything down
   saw ("unseen_class"), and noisy or blanked images ("corrupted").
 - Images are split before anything else (train / calibration / fleet), and each split is grown
   with one-pixel shifts of its own images, so no image leaks across splits.
+- The members are small MLPs; on clean digits they come out nearly calibrated (T ~ 0.9-1.2).
 - Embeddings: the 64-unit hidden layer of the first member (the usual "penultimate features" of
   k-NN OOD detection). Bank: the training images' embeddings.
 """
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 IN_CLASSES = 8
 HIDDEN = 64
 SOURCES = ("scanner-a", "scanner-b", "scanner-c")
-TRAIN_STEPS = 200  # full-batch Adam steps per member: seconds on 2 cores, and overconfident
+TRAIN_STEPS = 200  # full-batch Adam steps per member: ~1 s each on one core, 97-98% accuracy
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -63,22 +64,30 @@ class _Member(torch.nn.Module):
 
 
 def _train_members(x: np.ndarray, y: np.ndarray, members: int, seed: int) -> list[_Member]:
-    """Each member on its own bootstrap sample, trained long enough to be overconfident."""
-    models = []
-    for m in range(members):
-        torch.manual_seed(seed * 1000 + m)
-        rng = np.random.default_rng(seed * 1000 + m)
-        pick = rng.integers(0, len(x), len(x))
-        xb, yb = torch.from_numpy(x[pick]), torch.from_numpy(y[pick])
-        model = _Member()
-        optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
-        for _ in range(TRAIN_STEPS):
-            optimiser.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xb)[0], yb)
-            loss.backward()
-            optimiser.step()
-        models.append(model.eval())
-    return models
+    """Each member on its own bootstrap sample. Small MLPs on clean digits come out nearly
+    calibrated (fitted T of 0.9-1.2), unlike the deliberately overconfident simulator: real data.
+    One torch thread: 64x64 matrices gain nothing from more, and on a busy machine extra threads
+    cost up to 50x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [_train_member(x, y, seed * 1000 + m) for m in range(members)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_member(x: np.ndarray, y: np.ndarray, member_seed: int) -> _Member:
+    torch.manual_seed(member_seed)
+    pick = np.random.default_rng(member_seed).integers(0, len(x), len(x))  # bootstrap sample
+    xb, yb = torch.from_numpy(x[pick]), torch.from_numpy(y[pick])
+    model = _Member()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(TRAIN_STEPS):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb)[0], yb)
+        loss.backward()
+        optimiser.step()
+    return model.eval()
 
 
 def _predict(models: list[_Member], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
