@@ -20,6 +20,7 @@ class TriageSummary:
     rows: int = 0
     escalated: int = 0
     unscoreable: int = 0
+    no_embedding: int = 0
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     by_tier: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -35,6 +36,9 @@ class TriageSummary:
         self.escalated += pc.sum(escalate).as_py() or 0
         self.unscoreable += decisions.num_rows - (pc.sum(decisions.column("valid")).as_py() or 0)
         mask = decisions.column("reason_mask").to_numpy()
+        ood = decisions.column("ood_score").to_numpy(zero_copy_only=False)
+        # ANOMALY with a NaN distance: the row had no usable embedding, so OOD was not evaluated.
+        self.no_embedding += int(np.count_nonzero(np.isnan(ood) & ((mask & int(Reason.ANOMALY)) > 0)))
         for reason in Reason:
             self.by_reason[reason.name.lower()] += int(np.count_nonzero(mask & int(reason)))
         _add_counts(self.by_tier, decisions.column("tier"))
@@ -72,6 +76,7 @@ class TriageSummary:
             "escalated": self.escalated,
             "escalation_rate": self.escalated / self.rows if self.rows else 0.0,
             "unscoreable": self.unscoreable,
+            "no_embedding": self.no_embedding,
             "audit_samples": self.audit_samples,
             "by_reason": dict(self.by_reason),
             "by_tier": dict(self.by_tier),

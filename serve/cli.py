@@ -47,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        # Input, configuration and profile errors (BatchError, ConfigError, ProfileError,
+        # BackendUnavailable...) name the field, what was expected and what was found: one line
+        # is clearer than a traceback. -v shows the traceback too.
+        if args.verbose:
+            raise
+        print(f"triage {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

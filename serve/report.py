@@ -120,6 +120,8 @@ def print_summary(summary: TriageSummary, *, title: str = "Triage summary", top_
     head.add_row("rows", f"{s.rows:,}")
     head.add_row("escalated", f"{s.escalated:,} ({fmt_rate(s.escalated / s.rows if s.rows else 0)})")
     head.add_row("unscoreable (escalated)", f"{s.unscoreable:,}")
+    if s.no_embedding:
+        head.add_row("no usable embedding (escalated)", f"{s.no_embedding:,}")
     head.add_row("audit samples", f"{s.audit_samples:,}")
     if s.seconds > 0:
         head.add_row("engine throughput", f"{s.rows_per_second / 1e6:.2f} M predictions/s")

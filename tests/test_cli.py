@@ -163,15 +163,11 @@ def test_budget_and_target_risk_flags_set_the_mode(pipeline, tmp_path, capsys):
 
 
 def _fails_without_writing(argv, output, capsys, *needles):
-    """Run ``argv``; it must fail (an exception or a non-zero exit), naming ``needles``, and leave
-    neither the output nor its partial file behind."""
-    try:
-        code = main([str(a) for a in argv])
-        message = capsys.readouterr()
-        message = message.out + message.err
-        assert code != 0
-    except (BatchError, FileNotFoundError) as exc:
-        message = str(exc)
+    """Run ``argv``; it must exit 2 with one line on stderr naming ``needles`` (no traceback), and
+    leave neither the output nor its partial file behind."""
+    code = main([str(a) for a in argv])
+    message = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in message, (code, message)
     for needle in needles:
         assert needle in message, (needle, message)
     assert not output.exists()
@@ -242,9 +238,10 @@ def test_fit_reads_a_config_file_and_flags_override_its_mode(pipeline, tmp_path,
     assert not (tmp_path / "p" / "bank").exists()  # no --bank: no bank, no anomaly trigger
 
     (tmp_path / "typo.toml").write_text("[audit]\nbase_rat = 0.05\n")
-    with pytest.raises(ValueError, match=r"audit.*base_rat"):
-        main(["fit", "--calibration", str(d / "fleet.calibration.parquet"), "--config", str(tmp_path / "typo.toml"),
-              "--out", str(tmp_path / "q")])
+    code = main(["fit", "--calibration", str(d / "fleet.calibration.parquet"), "--config", str(tmp_path / "typo.toml"),
+                  "--out", str(tmp_path / "q")])
+    assert code == 2, "a configuration error exits 2 with one line, not a traceback"
+    assert re.search(r"triage fit: audit: unknown key 'base_rat'", capsys.readouterr().err)
     assert not (tmp_path / "q").exists()
 
 
