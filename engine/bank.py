@@ -15,7 +15,7 @@ import torch
 from hitl_triage.kernels.knn import KnnIndex, knn_distance
 
 from .config import BankConfig
-from .decode import BatchError, decode_batch
+from .decode import BatchError
 
 logger = logging.getLogger(__name__)
 

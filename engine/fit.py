@@ -21,7 +21,6 @@ import math
 import time
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from hitl_triage.kernels import audit_uniform, ensemble_signals, knn_distance

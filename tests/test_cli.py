@@ -24,7 +24,6 @@ from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixtu
     column,
     one_torch_thread,
 )
-from hitl_triage.engine.decode import BatchError
 from hitl_triage.engine.engine import TriageEngine
 from hitl_triage.engine.profile import Profile
 from hitl_triage.serve.cli import main

@@ -10,7 +10,6 @@ little-endian. The steps are those of :mod:`.reference`, bit for bit.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
