@@ -538,9 +538,19 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
     tests = max(1, math.ceil(math.log2(count + 1)))
     delta_per_test = d / tests
 
-    # Binary search for the largest index j (lowest threshold) that passes; index -1 means
-    # "accept nothing" and passes trivially.
-    lo, hi = -1, count - 1
+    # Thresholds accepting fewer than n_min rows cannot pass even with no error, since the bound
+    # with e = 0 is 1 - delta'**(1/n). Leaving them out of the search makes the bound fall, then
+    # rise, along the candidates rather than rise, fall and rise (a band of passing thresholds
+    # that a binary search from the median can miss entirely). It only removes tests.
+    if 0 < a < 1:
+        n_min = math.ceil(math.log(delta_per_test) / math.log1p(-a) - 1e-9)
+    else:
+        n_min = 1 if a >= 1 else accepted.shape[0] + 1 if accepted.size else 1
+    start = int(np.searchsorted(accepted, n_min))
+
+    # Binary search for the largest index j (lowest threshold) that passes; index start - 1
+    # means "accept nothing" and passes trivially.
+    lo, hi = start - 1, count - 1
     tested = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -552,7 +562,7 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
             hi = mid - 1
     assert tested <= tests, "binary search ran more tests than the correction budgeted"
 
-    if lo < 0:
+    if lo < start:
         logger.warning(
             "target risk: no confidence threshold bounds the risk of %d eligible rows by %.4g at delta %.4g; "
             "escalating everything", int(eligible.sum()), a, d,

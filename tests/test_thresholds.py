@@ -307,3 +307,21 @@ def test_target_risk_rejects_bad_input(rng):
         target_risk_threshold(c, c, 0.1, 0.1)
     with pytest.raises(ValueError, match=r"escalated: expected shape \(10,\)"):
         target_risk_threshold(c, ok, 0.1, 0.1, escalated=np.zeros(3, dtype=bool))
+
+
+def test_target_risk_finds_a_passing_band_the_median_start_would_miss():
+    """1000 rows sorted by confidence; the first 119 are right, then errors at ranks 120-130 and
+    densely beyond 200. With alpha = 0.05, delta = 0.05 and ceil(log2 1001) = 10 tests
+    (delta' = 0.005), accepting the top 104-119 rows passes (0 errors), fewer rows cannot pass
+    even with no error (1 - 0.005**(1/n) > 0.05 for n < 104), more rows carry too many errors.
+    A binary search started at the median walks into the small-n region and gives up; leaving
+    the n < 104 candidates out of the search finds the band."""
+    rows = 1000
+    confidence = np.linspace(1.0, 0.0, rows, endpoint=False)
+    correct = np.ones(rows, dtype=bool)
+    correct[119:130] = False
+    correct[200::2] = False
+    result = target_risk_threshold(confidence, correct, 0.05, 0.05)
+    assert result.feasible, result
+    assert 104 <= result.accepted_rows <= 119 and result.errors == 0
+    assert result.risk_bound <= 0.05
