@@ -123,6 +123,16 @@ def test_16_bit_widening_is_exact_for_every_bit_pattern(fmt):
     )
 
 
+@pytest.mark.parametrize("width, nrows", [(50, 64), (50, 61), (8, 64), (3, 7), (100, 64), (17, 9), (16, 8)])
+def test_block_transpose_matches_numpy(width, nrows, rng):
+    # 8x8 register tiles plus ragged edges (width or rows not multiples of 8, fewer than 8).
+    src = rng.standard_normal(nrows * width).astype(np.float32)
+    x = np.full((width, BLOCK_ROWS), np.nan, np.float32)
+    numba_cpu._transpose_rows(src, nrows, width, x)
+    np.testing.assert_array_equal(x[:, :nrows], src.reshape(nrows, width).T)
+    assert np.isnan(x[:, nrows:]).all(), "columns past nrows must be left alone"
+
+
 # --- the kernels --------------------------------------------------------------------------------
 
 def _run(z, temps=1.3, index=None, **kwargs):

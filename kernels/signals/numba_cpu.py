@@ -115,6 +115,61 @@ def fmax(typingctx, a, b):
     return a(a, a), codegen
 
 
+# Shuffle masks of an 8x8 float32 transpose (indices 0-7 pick from the first vector, 8-15 from the
+# second): interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+_UNPACK_LO = (0, 8, 1, 9, 4, 12, 5, 13)
+_UNPACK_HI = (2, 10, 3, 11, 6, 14, 7, 15)
+_PAIRS_LO = (0, 1, 8, 9, 4, 5, 12, 13)
+_PAIRS_HI = (2, 3, 10, 11, 6, 7, 14, 15)
+_HALVES_LO = (0, 1, 2, 3, 8, 9, 10, 11)
+_HALVES_HI = (4, 5, 6, 7, 12, 13, 14, 15)
+
+
+@intrinsic
+def transpose8(typingctx, src, src_start, src_stride, dst, dst_start, dst_stride):
+    """dst[dst_start + i*dst_stride + k] = src[src_start + k*src_stride + i] for i, k in 0..7.
+
+    An 8x8 float32 tile through registers: 8 vector loads, 24 shuffles, 8 vector stores, where
+    LLVM's own code for a transposing loop is a gather (or a scalar load) per element, the cost
+    that dominated loading a block. No bounds checks: the caller keeps the tile inside both
+    1-D float32 arrays."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.dtype == types.float32 and dst.dtype == types.float32
+            and src.ndim == 1 and dst.ndim == 1):
+        return None
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src_val, s0, s_stride, dst_val, d0, d_stride = args
+        src_ary = context.make_array(signature.args[0])(context, builder, src_val)
+        dst_ary = context.make_array(signature.args[3])(context, builder, dst_val)
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), 8)
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(mask)))
+
+        def address(ary, start, stride, k):
+            offset = builder.add(start, builder.mul(stride, ir.Constant(i64, k)))
+            return builder.bitcast(builder.gep(ary.data, [offset]), vec.as_pointer())
+
+        rows = [builder.load(address(src_ary, s0, s_stride, k), align=4) for k in range(8)]
+        pairs = []  # rows (0,1), (2,3), (4,5), (6,7) interleaved: low and high halves of each pair
+        for k in range(0, 8, 2):
+            pairs += [shuffle(rows[k], rows[k + 1], _UNPACK_LO), shuffle(rows[k], rows[k + 1], _UNPACK_HI)]
+        quads = []  # rows 0-3 then 4-7: columns (0,4), (1,5), (2,6), (3,7) in 128-bit halves
+        for a in (0, 4):
+            for lo_hi in (0, 1):
+                quads += [shuffle(pairs[a + lo_hi], pairs[a + 2 + lo_hi], _PAIRS_LO),
+                          shuffle(pairs[a + lo_hi], pairs[a + 2 + lo_hi], _PAIRS_HI)]
+        for i in range(4):
+            builder.store(shuffle(quads[i], quads[i + 4], _HALVES_LO), address(dst_ary, d0, d_stride, i), align=4)
+            builder.store(shuffle(quads[i], quads[i + 4], _HALVES_HI), address(dst_ary, d0, d_stride, i + 4), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # exp: x = n*ln2 + r with |r| <= ln2/2, exp(x) = 2^n * P(r). ln2 is split in two (C1 has few
 # mantissa bits, so n*C1 is exact) to keep r accurate for |n| up to 150.
 _LOG2E = f32(1.44269504088896341)
@@ -298,6 +353,27 @@ _NI = 5
 
 
 @njit(fastmath=_FLAGS, error_model="numpy", cache=True)
+def _transpose_rows(src, nrows, width, x):
+    """x[j, r] = src[r*width + j] for r < nrows, j < width: 8x8 tiles through registers, the
+    ragged edges element by element."""
+    R = BLOCK_ROWS
+    flat = x.reshape(-1)
+    full_rows = nrows // 8 * 8
+    full_cols = width // 8 * 8
+    for r0 in range(0, full_rows, 8):
+        for j0 in range(0, full_cols, 8):
+            transpose8(src, r0 * width + j0, width, flat, j0 * R + r0, R)
+    for j in range(full_cols, width):
+        xj = x[j]
+        for r in range(nrows):
+            xj[r] = src[r * width + j]
+    for j in range(full_cols):
+        xj = x[j]
+        for r in range(full_rows, nrows):
+            xj[r] = src[r * width + j]
+
+
+@njit(fastmath=_FLAGS, error_model="numpy", cache=True)
 def _bits_at(raw, kind, k):
     """Bits of logit ``k`` of a float32 (KIND_F32) or 16-bit input, as int32 (slow paths only)."""
     if kind == KIND_F32:
@@ -366,10 +442,7 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, conv, arg, bad):
                 else:
                     for k in range(stop - start):
                         srcf[k] = f16_to_f32(i32(src16[k]))
-            for j in range(width):
-                xj = x[j]
-                for r in range(nrows):
-                    xj[r] = srcf[r * width + j]
+            _transpose_rows(srcf, nrows, width, x)
         else:
             # Some row holds NaN or inf: flag rows and load their logits as 0, element by element.
             for r in range(nrows):
