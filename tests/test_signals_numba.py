@@ -32,6 +32,12 @@ def _exp_all(x, out):
 
 
 @numba.njit(fastmath=numba_cpu.MATH_FLAGS)
+def _exp_softmax_all(x, out):
+    for i in range(x.size):
+        out[i] = numba_cpu.exp_softmax(x[i])
+
+
+@numba.njit(fastmath=numba_cpu.MATH_FLAGS)
 def _log_all(x, out):
     for i in range(x.size):
         out[i] = numba_cpu.log32(x[i])
@@ -88,6 +94,19 @@ def test_exp32_against_numpy_over_the_whole_range():
     assert np.all(got[x > numba_cpu.EXP_HI] == np.inf), "exp32 must overflow to +inf"
     assert np.all(got[x < numba_cpu.EXP_LO] == 0.0), "exp32 must underflow to 0"
     assert np.all(got[np.isinf(exact32) & (x <= numba_cpu.EXP_HI)] == np.inf)
+
+
+def test_exp_softmax_is_exp32_on_its_domain():
+    # The kernels' exp skips clamping and the two-step scaling: on [-87, 0] (every value the
+    # softmax feeds it, D_FLOOR = -70 included) it must give exp32's bits.
+    x = np.concatenate([np.linspace(-87.0, 0.0, 2_000_001, dtype=np.float32),
+                        _around([numba_cpu.D_FLOOR, 0.0, -87.0], 1000)])
+    x = x[(x >= -87.0) & (x <= 0.0)]
+    a = np.empty_like(x)
+    b = np.empty_like(x)
+    _exp_softmax_all(x, a)
+    _exp_all(x, b)
+    assert np.array_equal(a.view(np.int32), b.view(np.int32)), f"differs at x={x[a != b][:5]}"
 
 
 def test_log32_against_numpy_for_every_exponent_and_denormals(rng):
@@ -320,7 +339,7 @@ def test_unwritable_cache_falls_back_to_the_generic_kernel(tmp_path, monkeypatch
 def test_generated_source_names_its_class_count():
     src = numba_specialise.generate_source(5)
     compile(src, "<generated>", "exec")  # valid Python
-    assert "CLASSES = 5" in src and "e4 = exp32(d4)" in src and "e5" not in src
+    assert "CLASSES = 5" in src and "e4 = exp_softmax(d4)" in src and "e5" not in src
     with pytest.raises(ValueError, match="classes: expected 2..32, found 33"):
         numba_specialise.generate_source(33)
 

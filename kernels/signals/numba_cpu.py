@@ -190,10 +190,8 @@ _ZERO = f32(0.0)
 
 
 @njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
-def exp32(x):
-    """exp(x) for a float32 ``x``, branch-free. Returns float32."""
-    x = x if x > EXP_LO else EXP_LO
-    x = x if x < EXP_HI else EXP_HI
+def _exp_poly(x):
+    """(P(r), n) with exp(x) = P(r) * 2^n, |r| <= ln2/2: the range reduction and polynomial."""
     fx = np.floor(x * _LOG2E + _HALF)
     r = x - fx * _EXP_C1
     r = r - fx * _EXP_C2
@@ -204,15 +202,30 @@ def exp32(x):
     y = y * r + _EXP_P3
     y = y * r + _EXP_P4
     y = y * r + _EXP_P5
-    y = y * z + r + _ONE
+    return y * z + r + _ONE, i32(fx)
+
+
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
+def exp32(x):
+    """exp(x) for a float32 ``x``, branch-free. Returns float32."""
+    x = x if x > EXP_LO else EXP_LO
+    x = x if x < EXP_HI else EXP_HI
+    y, n = _exp_poly(x)
     # 2^n in two factors, each a normal float32 for n in [-150, 128]: this gives denormal results
     # and the exact overflow point without a branch.
-    n = i32(fx)
     n1 = i32(n >> i32(1))
     n2 = i32(n - n1)
     s1 = bits_f32(i32((n1 + i32(127)) << i32(23)))
     s2 = bits_f32(i32((n2 + i32(127)) << i32(23)))
     return (y * s1) * s2
+
+
+@njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
+def exp_softmax(x):
+    """exp(x) for float32 ``x`` in [-87, 0] (the softmax's clamped shifted logits): no clamping
+    and one scaling, since the result is a normal float32 there. exp32 elsewhere."""
+    y, n = _exp_poly(x)
+    return y * bits_f32(i32((n + i32(127)) << i32(23)))
 
 
 # log: x = m * 2^e with m in [sqrt(1/2), sqrt(2)), log(x) = e*ln2 + log1p(m - 1) with a polynomial
@@ -578,7 +591,7 @@ def _block_member(x, arg, m, shifted, members, classes, pbar, fv, iv):
         for r in range(R):
             d = (xc[r] - top[r]) * inv_t[r]
             d = d if d > D_FLOOR else D_FLOOR
-            e = exp32(d)
+            e = exp_softmax(d)
             xc[r] = e
             s[r] += e
             sd[r] += e * d
@@ -815,7 +828,7 @@ def _member_exp(z, top, inv_t, e):
     for k in range(z.size):
         d = (z[k] - top) * inv_t
         d = d if d > D_FLOOR else D_FLOOR
-        v = exp32(d)
+        v = exp_softmax(d)
         e[k] = v
         s += np.float64(v)
         sd += np.float64(v * d)

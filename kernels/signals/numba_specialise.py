@@ -78,7 +78,7 @@ def generate_source(classes: int) -> str:
         "from numba import njit, prange",
         "from hitl_triage.kernels.signals.numba_cpu import (",
         "    BLOCK_ROWS, D_FLOOR, _BEST, _ENT, _FLAGS, _H_SUM, _INV_T, _LP_E, _LP_M, _NEG_BIG, _ONE,",
-        "    _S, _TOP, _TOP2, _ZERO, _block_prepare, _block_scratch, _block_store, exp32, f32, i32,",
+        "    _S, _TOP, _TOP2, _ZERO, _block_prepare, _block_scratch, _block_store, exp_softmax, f32, i32,",
         "    log_parts, split_exponent)",
         "",
         f"CLASSES = {classes}",
@@ -112,7 +112,7 @@ def generate_source(classes: int) -> str:
         lines += [
             f"        d{c} = (z{c} - top) * it",
             f"        d{c} = d{c} if d{c} > D_FLOOR else D_FLOOR",
-            f"        e{c} = exp32(d{c})",
+            f"        e{c} = exp_softmax(d{c})",
         ]
     # The generic kernel starts its sums from 0 (exact) and adds class by class.
     lines += ["        s = _ZERO"] + [f"        s += e{c}" for c in C]
