@@ -324,16 +324,22 @@ def test_kernel_choice_by_shape_and_batch(monkeypatch):
         pick("specialised", 10, 5, 100)
 
 
-def test_unwritable_cache_falls_back_to_the_generic_kernel(tmp_path, monkeypatch, caplog):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("HITL_TRIAGE_NUMBA_CACHE", str(blocker / "cache"))
+@pytest.mark.parametrize("failure", ["unwritable cache", "broken module"])
+def test_a_specialisation_that_fails_falls_back_to_the_generic_kernel(failure, tmp_path, monkeypatch, caplog):
+    if failure == "unwritable cache":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        monkeypatch.setenv("HITL_TRIAGE_NUMBA_CACHE", str(blocker / "cache"))
+    else:
+        monkeypatch.setenv("HITL_TRIAGE_NUMBA_CACHE", str(tmp_path))
+        monkeypatch.setattr(numba_specialise, "generate_source", lambda classes: "kernel = None\n")
     monkeypatch.setattr(numba_specialise, "_kernels", {})
     monkeypatch.setattr(numba_specialise, "_failed", set())
     with caplog.at_level("WARNING", logger=numba_specialise.__name__):
         assert numba_specialise.specialised_kernel(7) is None
-    assert "no kernel specialised for C=7" in caplog.text
+    assert caplog.text.count("no kernel specialised for C=7") == 1
     assert numba_cpu._pick_kernel(None, numba_cpu.SPECIALISE_MIN_ROWS, 2, 7)[0] == "blocked"
+    assert caplog.text.count("no kernel specialised for C=7") == 1, "logged once, not per call"
 
 
 def test_generated_source_names_its_class_count():

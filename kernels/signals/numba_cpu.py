@@ -933,6 +933,15 @@ def _raw_bytes(logits: torch.Tensor) -> np.ndarray:
     return raw
 
 
+def compile_now(kernel, classes: int) -> None:
+    """Compile ``kernel`` (a blocked or specialised driver) for the argument types every call
+    uses, by running it on one row of one member."""
+    raw = np.zeros(classes, np.float32).view(np.uint8)
+    raw.flags.writeable = False
+    outs = [np.empty(1, np.int32)] + [np.empty(1, np.float32) for _ in range(6)] + [np.empty(1, np.bool_)]
+    kernel(raw, KIND_F32, 1, 1, classes, np.ones(1, np.float32), np.zeros(1, np.int32), False, 1, *outs)
+
+
 def use_blocked(members: int, classes: int) -> bool:
     """True when the blocked kernel serves the shape (few classes, scratch within L2)."""
     return classes <= BLOCKED_MAX_CLASSES and members * classes <= BLOCKED_MAX_ENTRIES

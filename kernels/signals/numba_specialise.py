@@ -211,7 +211,16 @@ def _load(classes: int) -> Callable:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+        # Compile (or load from disk) now, under our lock and with the argument types of a real
+        # call, so that a failure falls back here rather than in the middle of a request.
+        from .numba_cpu import compile_now
+
+        compile_now(module.kernel, classes)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module.kernel
 
 
@@ -222,9 +231,9 @@ def loaded_kernel(classes: int) -> Callable | None:
 
 def specialised_kernel(classes: int) -> Callable | None:
     """The blocked kernel unrolled for ``classes`` (same arguments as numba_cpu._blocked_kernel),
-    or None where it cannot be made (class count out of range, cache directory not writable).
-    Generated and imported on first use; numba compiles it on its first call (tens of seconds
-    the first time on a machine, a fraction of a second from the disk cache afterwards)."""
+    or None where it cannot be made (class count out of range, cache directory not writable, a
+    compilation error: logged once). Generated, imported and compiled on first use: about 10 s
+    of compilation the first time on a machine, a fraction of a second from the disk cache."""
     if not 2 <= classes <= SPECIALISE_MAX_CLASSES:
         return None
     kernel = _kernels.get(classes)
@@ -235,10 +244,10 @@ def specialised_kernel(classes: int) -> Callable | None:
             return _kernels.get(classes)
         try:
             kernel = _load(classes)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the generic kernel in charge
             _failed.add(classes)
             logger.warning("numba signals: no kernel specialised for C=%d (%s: %s); using the generic one",
-                           classes, type(exc).__name__, exc)
+                           classes, type(exc).__name__, exc, exc_info=not isinstance(exc, OSError))
             return None
         _kernels[classes] = kernel
         return kernel
