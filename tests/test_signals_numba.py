@@ -350,6 +350,30 @@ def test_generated_source_names_its_class_count():
         numba_specialise.generate_source(33)
 
 
+def test_concurrent_callers_get_their_own_results(rng):
+    # The kernels release the GIL and the thread settings are per calling thread: a server may call
+    # from several threads at once (batches large enough to run on several threads each).
+    import threading
+
+    zs = [make_logits(rng, (30_000 + 997 * i, 5, 10), torch.float32) for i in range(3)]
+    alone = [_run(z, 1.3) for z in zs]
+    failures = []
+
+    def work(i):
+        for _ in range(3):
+            got = _run(zs[i], 1.3)
+            if not (torch.equal(got.predicted_class, alone[i].predicted_class)
+                    and torch.equal(got.confidence.nan_to_num(-1), alone[i].confidence.nan_to_num(-1))):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"callers {sorted(set(failures))} got results that differ from a lone call"
+
+
 def test_thread_count_rules():
     assert numba_cpu.thread_count(1, 5, 10, None) == 1, "a tiny batch must not wake other threads"
     big = numba_cpu.thread_count(10_000_000, 5, 10, None)
