@@ -422,16 +422,17 @@ def test_ivf_kth_distance_error_and_every_query_gets_k_neighbours(k, rng):
 
 
 def test_ivf_queries_left_short_are_searched_exactly(rng, monkeypatch):
-    """With ~39 vectors per list and nprobe=1, FAISS fills rows with -1 for k=60: those rows
+    """With ~39 vectors per list and nprobe=1, the scan leaves rows with -1 for k=60: those rows
     must be searched again exactly and come out equal to exact search. (The k-aware nprobe
     floor, which normally prevents this, is switched off.)"""
     from hitl_triage.kernels.knn import index as index_module
+    from hitl_triage.kernels.knn.ivf_cpu import search_ivf
 
     monkeypatch.setattr(index_module, "MIN_SCANNED_PER_NEIGHBOUR", 0)
     bank, centres = clustered_bank(rng, 4000, 16)
     queries = make_queries(rng, 300, 16, centres, bank, degenerate=False)
     index = KnnIndex.build(bank, kind="ivf", nlist=4000 // 39, nprobe=1)
-    short = (index.ivf.search(_unit(queries), 60)[1] < 0).any(axis=1)
+    short = (search_ivf(_unit(queries), index.host_unit(), index.lists, 1, 60)[1] < 0).any(axis=1)
     assert short.any(), "the set-up must leave some FAISS rows short"
     distances, ids = knn_search(queries, index, 60, backend="faiss")
     assert (ids >= 0).all()
@@ -474,7 +475,7 @@ def test_add_then_search_equals_build_on_the_concatenation(kind, rng):
     if kind == "flat":
         assert_knn_matches(d, i, queries, bank, 15, cosine_tolerance(24, False), "flat after add")
     else:
-        assert index.ivf.ntotal == 3000 and (i[np.isfinite(d[:, 0])] >= 0).all()
+        assert index.lists.offsets[-1] == 3000 and (i[np.isfinite(d[:, 0])] >= 0).all()
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -507,12 +508,13 @@ def test_save_load_round_trip(kind, mmap, rng, tmp_path):
     assert KnnIndex.load(tmp_path / "bank").ntotal == 2507
 
 
-def test_saving_flat_over_ivf_removes_the_ivf_file(rng, tmp_path):
+def test_saving_flat_over_ivf_removes_the_ivf_files(rng, tmp_path):
     bank, _ = clustered_bank(rng, 500, 8)
     KnnIndex.build(bank, kind="ivf").save(tmp_path)
-    assert (tmp_path / "ivf.faiss").exists()
+    ivf_files = ("row_ids.npy", "centroids.npy", "offsets.npy")
+    assert all((tmp_path / name).exists() for name in ivf_files)
     KnnIndex.build(bank, kind="flat").save(tmp_path)
-    assert not (tmp_path / "ivf.faiss").exists() and KnnIndex.load(tmp_path).kind == "flat"
+    assert not any((tmp_path / name).exists() for name in ivf_files) and KnnIndex.load(tmp_path).kind == "flat"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
 
 
@@ -529,7 +531,8 @@ def test_default_ivf_parameters_follow_the_documented_rule(rng):
     at_threshold = rng.standard_normal((AUTO_IVF_MIN_VECTORS + 1, 2)).astype(np.float32)
     assert KnnIndex.build(at_threshold[:-1]).kind == "flat"
     above = KnnIndex.build(at_threshold)
-    assert (above.kind, above.nlist, above.nprobe) == ("ivf", default_nlist(AUTO_IVF_MIN_VECTORS + 1), 16)
+    nlist = default_nlist(AUTO_IVF_MIN_VECTORS + 1)
+    assert (above.kind, above.nlist, above.nprobe) == ("ivf", nlist, default_nprobe(nlist))
 
 
 def test_faiss_threads_are_set_deliberately(monkeypatch):
@@ -654,7 +657,7 @@ def test_load_errors_name_the_file(rng, tmp_path):
     KnnIndex.build(rng.standard_normal((50, 4)).astype(np.float32)).save(tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, version=99)))
-    with pytest.raises(ValueError, match=r"meta.json: expected format 'hitl-triage-knn-index' version 1, found 'hitl-triage-knn-index' version 99"):
+    with pytest.raises(ValueError, match=r"meta.json: expected format 'hitl-triage-knn-index' version 1 or 2, found 'hitl-triage-knn-index' version 99"):
         KnnIndex.load(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, ntotal=51)))
     with pytest.raises(ValueError, match=r"vectors.npy: expected float32 \(51, 4\), found float32 \(50, 4\)"):

@@ -4,8 +4,9 @@ Public: :func:`knn_distance` (the score), :func:`knn_search` (the same search wi
 and :class:`KnnIndex` (a bank built once and searched many times). The float64 reference in
 :mod:`.reference` is the spec; the backends, chosen per call by :data:`REGISTRY`:
 
-- "faiss": FAISS on the CPU (exact brute force, or IVF-Flat for an IVF index); FAISS-GPU's exact
-  brute force for CUDA queries where a FAISS build with GPU support is installed.
+- "faiss": the CPU path of an index: FAISS's exact brute force for a flat bank, the batched IVF
+  scan of :mod:`.ivf_cpu` for an IVF bank; FAISS-GPU's exact brute force for CUDA queries where a
+  FAISS build with GPU support is installed.
 - "triton": exact search on the GPU, float16 operands, float32 accumulation, fused running top-k.
 - "torch": exact tiled matmul + topk, CPU (float32) or CUDA (float16 operands, float32 results).
 - "reference": float64, readable, slow (memory [B, N]).
@@ -64,9 +65,10 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
         the queries' device. A query that holds NaN/inf or is all zero gets NaN distances and ids
         -1 (it cannot be evaluated). Equal distances may list their ids in any order.
 
-    An IVF :class:`KnnIndex` is searched approximately by the "faiss" backend on the CPU (every
-    query still gets k real neighbours: those FAISS leaves short are searched again exactly);
-    every other backend searches its stored vectors exactly.
+    An IVF :class:`KnnIndex` is searched approximately by the "faiss" backend on the CPU (only
+    the ``nprobe`` nearest lists are scanned; every query still gets k real neighbours: those the
+    probed lists leave short are searched again exactly); every other backend searches its stored
+    vectors exactly.
     """
     numpy_out = returns_numpy(queries)
     q = as_tensor(queries, "queries")
@@ -95,9 +97,9 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
     # so no backend ever sees NaN, inf or a zero norm.
     all_valid = bool(valid.all()) if kind == "cpu" else False
     q_safe = q.contiguous() if all_valid else torch.where(valid[:, None], q, torch.ones((), dtype=q.dtype, device=q.device)).contiguous()
-    distances, ids = impl(q_safe, target, k)
+    distances, rows = impl(q_safe, target, k)
     distances = distances.to(torch.float32)
-    ids = ids.to(torch.int64)
+    ids = target.rows_to_ids(rows.to(torch.int64))
     if not all_valid:
         distances = torch.where(valid[:, None], distances, torch.full_like(distances, float("nan")))
         ids = torch.where(valid[:, None], ids, torch.full_like(ids, -1))

@@ -1,7 +1,9 @@
-"""The "faiss" backend: FAISS's exact brute-force kernel or its IVF-Flat index on the CPU, and
-FAISS-GPU's brute-force kernel for CUDA queries where a FAISS build with GPU support is installed.
+"""The "faiss" backend, the CPU path of an index: FAISS's exact brute-force kernel for a flat
+bank, the batched IVF scan of :mod:`.ivf_cpu` (over lists FAISS's k-means made) for an IVF bank,
+and FAISS-GPU's brute-force kernel for CUDA queries where a FAISS build with GPU support is
+installed.
 
-FAISS is imported on first use only, and its OpenMP thread count is set then, deliberately (see
+FAISS is imported on first use only, and the CPU thread count is set then, deliberately (see
 :func:`set_faiss_threads`), instead of inheriting whatever OpenMP picked at start-up.
 """
 
@@ -32,8 +34,16 @@ def faiss_module():
     return faiss
 
 
+def knn_threads() -> int:
+    """Threads of the CPU k-NN search (see :func:`set_faiss_threads`)."""
+    if _threads_set is None:
+        set_faiss_threads(None)
+    return _threads_set
+
+
 def set_faiss_threads(threads: int | None = None) -> int:
-    """Set the number of OpenMP threads FAISS searches and trains with; returns it.
+    """Set the threads of the CPU k-NN search: FAISS's OpenMP threads (exact search, k-means)
+    and the worker threads of the IVF scan; returns the number.
 
     ``threads`` None means: the environment variable ``HITL_TRIAGE_FAISS_THREADS`` if set, else
     the number of CPUs this process may run on (its affinity mask, which respects container and
@@ -79,14 +89,15 @@ def faiss_devices() -> frozenset[str]:
 
 
 def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k nearest neighbours with FAISS: (distances float32 [B, k] ascending, ids int64 [B, k]).
+    """k nearest neighbours on the index's CPU path: (distances float32 [B, k] ascending, stored
+    rows int64 [B, k]; the caller maps rows to ids).
 
     ``queries`` [B, D] holds valid rows only (finite, nonzero; the caller masks the others).
     On the CPU a flat bank is searched exactly with FAISS's brute-force inner-product kernel (the
-    one ``IndexFlatIP.search`` runs); an IVF bank with its IVF-Flat index, probing
-    ``bank.search_nprobe(k)`` lists (the bank's nprobe, more for large k); every query for which
-    FAISS returned fewer than k neighbours (id -1: the probed lists held fewer than k vectors) is
-    searched again exactly, so each row always has k real ones.
+    one ``IndexFlatIP.search`` runs); an IVF bank with the batched scan of :mod:`.ivf_cpu`,
+    probing ``bank.search_nprobe(k)`` lists (the bank's nprobe, more for large k); every query for
+    which the probed lists held fewer than k vectors is searched again exactly, so each row
+    always has k real neighbours.
     CUDA queries (FAISS-GPU only) are searched exactly on the GPU against the bank's float16 copy,
     for flat and IVF banks alike.
     """
@@ -95,20 +106,22 @@ def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor,
     faiss = faiss_module()
     q = np.ascontiguousarray(unit_rows(queries, torch.float32).numpy())
     vectors = bank.host_unit()
-    if bank.ivf is None:
-        sims, ids = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    if bank.lists is None:
+        sims, rows = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     else:
+        from .ivf_cpu import search_ivf
+
         nprobe = bank.search_nprobe(k)
-        sims, ids = bank.ivf.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
-        short = np.flatnonzero((ids < 0).any(axis=1))
+        sims, rows = search_ivf(q, vectors, bank.lists, nprobe, k, threads=knn_threads())
+        short = np.flatnonzero(rows[:, -1] < 0)
         if short.size:
             logger.debug(
                 "IVF search (nprobe=%d) found fewer than k=%d neighbours for %d of %d queries; "
                 "searching those exactly", nprobe, k, short.size, len(q),
             )
-            sims[short], ids[short] = faiss.knn(q[short], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+            sims[short], rows[short] = faiss.knn(q[short], vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     distances = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0))
-    return torch.from_numpy(distances), torch.from_numpy(ids)
+    return torch.from_numpy(distances), torch.from_numpy(rows)
 
 
 @functools.lru_cache(maxsize=None)

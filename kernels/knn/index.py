@@ -1,26 +1,32 @@
 """The reference bank as an index built once and searched many times.
 
 :class:`KnnIndex` normalises its vectors once (at build and add), refuses rows that cannot be
-normalised, and keeps:
+normalised, and keeps the unit vectors once, as **float32 on the host** in one C-contiguous
+[N, D] array: FAISS's CPU kernels and the IVF scan need float32, the saved file is exact and can
+be memory-mapped. Two kinds:
 
-- the unit vectors as **float32 on the host**, one C-contiguous [N, D] array. FAISS's CPU kernels
-  need float32, the saved file is exact, and the exact re-search of IVF misses reads it. A flat
-  index is exactly this array, searched with FAISS's brute-force inner-product kernel (the code
-  ``IndexFlatIP.search`` runs) rather than a copy inside an ``IndexFlatIP``: one copy in memory,
-  memory-mappable by numpy, and no views into FAISS-owned storage that an ``add`` could free.
-- for ``kind="ivf"``, a FAISS ``IndexIVFFlat`` (inner product, spherical k-means centroids) over
-  the same vectors, for the CPU. It holds a second copy of the vectors in its inverted lists, so
-  an IVF bank takes twice the host memory of a flat one (1M x 128: 2 x 512 MB).
-- on demand, one **float16** copy per GPU for the exact GPU search (``triton``, ``torch`` and
-  FAISS-GPU): half the device memory and bandwidth, and the operand type the tensor cores take.
-  Unit-vector components rounded to float16 move a cosine by at most 2 * 2**-11 (about 1e-3).
+- ``"flat"``: the vectors in id order, searched exactly (FAISS's brute-force inner-product
+  kernel, the code ``IndexFlatIP.search`` runs, directly on this array: no second copy).
+- ``"ivf"``: an inverted file. Spherical k-means (FAISS) splits the vectors into ``nlist`` lists;
+  they are stored list after list, with ``row_ids`` mapping each stored row to its id, and a query
+  scans the ``nprobe`` lists with the nearest centroids. On the CPU the "faiss" backend scans them
+  with the batched kernel of :mod:`.ivf_cpu` (exact float32 inner products within the probed
+  lists, 4-6x faster than FAISS's IndexIVFFlat at the same lists and nprobe); every other backend
+  searches all stored vectors exactly. Memory: the vectors once plus 8 bytes per vector of row ids
+  and the centroids: 1M x 128 takes 520 MB (FAISS's IndexIVFFlat beside the vectors took 1 GB).
 
-Search any index with :func:`hitl_triage.kernels.knn.knn_search` (or :meth:`KnnIndex.search`).
-An IVF index is approximate only on the CPU "faiss" backend; the other backends search its
-stored vectors exactly.
+On demand, one **float16** copy per GPU serves the exact GPU search (``triton``, ``torch`` and
+FAISS-GPU): half the device memory and bandwidth, and the operand type the tensor cores take.
+Unit-vector components rounded to float16 move a cosine by at most 2 * 2**-11 (about 1e-3).
 
-Saved layout (a directory): ``meta.json`` (format, version, kind, dim, ntotal, nlist, nprobe),
-``vectors.npy`` (float32 unit rows) and, for IVF, ``ivf.faiss`` (FAISS's own format).
+Ids are the order of insertion (0 .. ntotal-1) whatever the storage order: backends search the
+stored rows (:meth:`KnnIndex.host_unit`, :meth:`KnnIndex.unit_on`) and
+:func:`~hitl_triage.kernels.knn.knn_search` maps rows to ids (:meth:`KnnIndex.rows_to_ids`).
+
+Saved layout (a directory), format version 2: ``meta.json`` (format, version, kind, dim, ntotal,
+nlist, nprobe), ``vectors.npy`` (float32 unit rows in storage order) and, for IVF,
+``row_ids.npy``, ``centroids.npy``, ``offsets.npy``. Version 1 directories (IVF as a FAISS
+``ivf.faiss`` file beside id-ordered vectors) still load: their lists are read from the FAISS file.
 """
 
 from __future__ import annotations
@@ -35,16 +41,17 @@ import numpy as np
 import torch
 
 from .._arrays import as_tensor
+from .ivf_cpu import IvfLists, assign, group_by_list, merged_order, train_centroids
 from .reference import unit_rows
 
 logger = logging.getLogger(__name__)
 
-#: ``kind="auto"`` builds a flat (exact) index up to this many vectors and IVF beyond. On the CPU,
-#: k-NN is by far the costliest stage of triage (exact search is a GEMM against the whole bank:
-#: 0.07 s per 1000 queries at 10k vectors, 0.8 s at 100k, PERF-NOTES), and already at 20k vectors
-#: IVF was 3.7x faster at a 0.5% mean error of the k-th distance (fleet simulator, nlist 128,
-#: nprobe 16; measured while tuning the engine). The engine tunes ``nprobe`` at fit time to a
-#: measured error bound. The GPU backends search exactly whatever the kind.
+#: ``kind="auto"`` builds a flat (exact) index up to this many vectors and IVF beyond. On the CPU
+#: the k-NN score is the costliest stage of triage, and already at 20k vectors the IVF scan was
+#: 2.4x faster than FAISS's exact search at a 0.4% mean error of the k-th distance (fleet
+#: simulator, 128 lists, nprobe 32, one thread); below ~16k the lists get too short to pay for
+#: the probing. The engine tunes ``nprobe`` at fit time to a measured error bound. The GPU
+#: backends search exactly whatever the kind.
 AUTO_IVF_MIN_VECTORS = 16_384
 
 #: FAISS's k-means warns below 39 training points per centroid; nlist is capped accordingly.
@@ -53,16 +60,20 @@ MIN_POINTS_PER_LIST = 39
 BANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 FORMAT_NAME = "hitl-triage-knn-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+KINDS = ("flat", "ivf")
 
 
 def default_nlist(n: int) -> int:
     """Inverted lists for ``n`` vectors: the power of two nearest sqrt(n), capped so that every
-    list has at least 39 training points (256 lists at 100k vectors, 1024 at 1M).
+    list has at least 39 training points (128 lists at 20k vectors, 256 at 100k, 1024 at 1M).
 
-    Measured on clustered synthetic data (100k x 128, 10 classes, 2-core CPU): 256 lists probed
-    16 at a time erred by 0.3-0.5% on the k-th distance at 6x the exact speed, where 1024 lists
-    needed 64 probes for the same error at half that speed, and trained 3.5x longer.
+    Measured with the batched scan on the fleet simulator (one thread, the first nprobe in a
+    doubling sequence that reached <= 1% mean error of the k-th distance at k = 10 and 50): from
+    sqrt(n) to 8 sqrt(n) lists the cost per query stayed within 30% of the best, fewer lists
+    scanned more vectors, more lists spent longer probing and training (1M vectors: 10 s to
+    train 1024 lists, 45 s for 2048).
     """
     if n < MIN_POINTS_PER_LIST:
         return 1
@@ -78,11 +89,13 @@ MIN_SCANNED_PER_NEIGHBOUR = 64
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists probed per query: a sixteenth of the lists, at least 8 (all when fewer).
+    """Lists probed per query before tuning: a sixteenth of the lists, at least 8 (all when fewer).
 
     The mean relative error of the k-th distance against exact search follows the probed
-    fraction: on the data above 1/32 gave 1.0-1.5%, 1/16 0.3-0.5%, 1/8 under 0.05% (k = 5 and
-    50). nprobe=1 misses neighbours outright (PERF-NOTES); raise ``nprobe`` for harder data.
+    fraction and the data: on the fleet simulator (mixed in-distribution and OOD queries) 1/16
+    erred by 0.7-1.5%, 1/8 by 0.2-0.6% (20k-100k vectors, k = 10 and 50), and at 1M 1/32 by
+    0.9-1.3%, 1/16 by 0.4-0.6%. nprobe=1 misses neighbours outright. The engine doubles nprobe
+    from here until its measured error is within its bound, so this is a floor to start from.
     """
     return min(nlist, max(8, nlist // 16))
 
@@ -123,10 +136,10 @@ def _unit_host(x: torch.Tensor) -> np.ndarray:
 
 
 class _DeviceCopies:
-    """Unit vectors copied to a device in a dtype, made on first use and kept."""
+    """Arrays copied to a device (in a dtype), made on first use and kept."""
 
     def __init__(self):
-        self._copies: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._copies: dict[tuple, torch.Tensor] = {}
 
     def get(self, key, make) -> torch.Tensor:
         if key not in self._copies:
@@ -141,7 +154,7 @@ class RawBank:
     """A bank passed as a plain array: validated and normalised for one call, searched exactly."""
 
     kind = "flat"
-    ivf = None
+    lists = None
     nprobe = None
 
     def __init__(self, vectors):
@@ -172,24 +185,28 @@ class RawBank:
     def reference_vectors(self, device: torch.device) -> torch.Tensor:
         return self._raw.to(device)
 
+    def rows_to_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
 
 class KnnIndex:
     """A reference bank of L2-normalised vectors, built once, searched many times.
 
     Build with :meth:`build`, grow with :meth:`add`, persist with :meth:`save` / :meth:`load`,
-    search with :meth:`search` or :func:`~hitl_triage.kernels.knn.knn_search`. Row ids are the
-    order of insertion (0 .. ntotal-1), across builds, adds and save/load. Not thread-safe for
+    search with :meth:`search` or :func:`~hitl_triage.kernels.knn.knn_search`. Ids are the order
+    of insertion (0 .. ntotal-1), across builds, adds and save/load. Not thread-safe for
     concurrent ``add`` and search.
     """
 
-    def __init__(self, vectors: np.ndarray, kind: str, ivf=None, nlist: int | None = None,
-                 nprobe: int | None = None, mapped: bool = False):
-        """Internal: use :meth:`build` or :meth:`load`."""
-        self._vectors = vectors
-        self._size = vectors.shape[0]
+    def __init__(self, stored: np.ndarray, kind: str, *, size: int | None = None, lists: IvfLists | None = None,
+                 row_ids: np.ndarray | None = None, nprobe: int | None = None, mapped: bool = False):
+        """Internal: use :meth:`build` or :meth:`load`. ``stored`` holds the unit vectors in
+        storage order (its first ``size`` rows; a flat index keeps spare capacity for adds)."""
+        self._stored = stored
+        self._size = stored.shape[0] if size is None else size
         self._kind = kind
-        self._ivf = ivf
-        self._nlist = nlist
+        self._lists = lists
+        self._row_ids = row_ids
         self._nprobe = nprobe
         self._mapped = mapped
         self._copies = _DeviceCopies()
@@ -202,17 +219,20 @@ class KnnIndex:
         """Normalise ``vectors`` [N, D] (any float dtype, numpy / torch / DLPack) and index them.
 
         Args:
-            kind: "flat" (exact), "ivf" (FAISS IVF-Flat on the CPU) or "auto": flat up to
-                :data:`AUTO_IVF_MIN_VECTORS` vectors, IVF beyond.
+            kind: "flat" (exact), "ivf" (inverted file, see the module docstring) or "auto": flat
+                up to :data:`AUTO_IVF_MIN_VECTORS` vectors, IVF beyond.
             nlist: IVF inverted lists (default :func:`default_nlist`); at most N / 39.
             nprobe: IVF lists probed per query (default :func:`default_nprobe`); changeable later
                 through the ``nprobe`` property.
 
         Raises ValueError when a row is non-finite or all zero (counted, the first row named).
+        Building IVF trains spherical k-means on at most 2**18 of the vectors and files every
+        vector under its nearest centroid: about 2 s at 100k x 128 and 10 s at 1M x 128 with
+        1024 lists on two cores.
         """
         x = as_bank_tensor(vectors, "vectors")
         n, dim = x.shape
-        if kind not in ("auto", "flat", "ivf"):
+        if kind not in ("auto",) + KINDS:
             raise ValueError(f"kind: expected 'auto', 'flat' or 'ivf', found {kind!r}")
         if kind == "auto":
             kind = "ivf" if n > AUTO_IVF_MIN_VECTORS else "flat"
@@ -232,7 +252,7 @@ class KnnIndex:
             )
         if nlist is None:
             nlist = default_nlist(n)
-        if not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= max_nlist:
+        if isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= max_nlist:
             raise ValueError(
                 f"nlist: expected an integer in [1, {max_nlist}] (N / {MIN_POINTS_PER_LIST} for "
                 f"N={n}: FAISS's k-means needs {MIN_POINTS_PER_LIST} training points per list), "
@@ -240,31 +260,40 @@ class KnnIndex:
             )
         nlist = int(nlist)
         nprobe = default_nprobe(nlist) if nprobe is None else _check_nprobe(nprobe, nlist)
-        ivf = _train_ivf(unit, nlist)
-        ivf.add(unit)
-        logger.info("built an IVF-Flat index: %d vectors, D=%d, nlist=%d, nprobe=%d", n, dim, nlist, nprobe)
-        return cls(unit, "ivf", ivf=ivf, nlist=nlist, nprobe=nprobe)
+        centroids = train_centroids(unit, nlist)
+        order, offsets = group_by_list(assign(unit, centroids), nlist)
+        stored = unit[order]
+        del unit
+        logger.info("built an IVF index: %d vectors, D=%d, nlist=%d, nprobe=%d", n, dim, nlist, nprobe)
+        return cls(stored, "ivf", lists=IvfLists(centroids, offsets), row_ids=order, nprobe=nprobe)
 
     def add(self, vectors) -> np.ndarray:
         """Normalise and append ``vectors`` [M, D]; returns their ids (int64 [M]).
 
-        An IVF index files the new vectors under its existing centroids (no re-training): rebuild
-        when the bank has grown several times over. A memory-mapped index is first copied into
-        memory (FAISS cannot grow mapped storage).
+        A flat index grows its array by doubling (amortised O(M) per call). An IVF index files
+        the new vectors under its existing centroids (no re-training: rebuild when the bank has
+        grown several times over) and rewrites its list-ordered storage, O(N + M) per call:
+        add in batches. A memory-mapped index is first copied into memory.
         """
         x = as_bank_tensor(vectors, "vectors", dim=self.dim)
         unit = _unit_host(x)
         start, m = self._size, unit.shape[0]
         if self._mapped:
             logger.info("copying a memory-mapped index (%d vectors) into memory before add()", start)
-        self._grow(m)
-        self._vectors[start:start + m] = unit
+        if self._lists is None:
+            self._grow(m)
+            self._stored[start:start + m] = unit
+        else:
+            old_pos, new_pos, offsets = merged_order(self._lists.offsets, assign(unit, self._lists.centroids))
+            stored = np.empty((start + m, self.dim), dtype=np.float32)
+            stored[old_pos] = self._stored[:start]
+            stored[new_pos] = unit
+            row_ids = np.empty(start + m, dtype=np.int64)
+            row_ids[old_pos] = self._row_ids
+            row_ids[new_pos] = np.arange(start, start + m, dtype=np.int64)
+            self._stored, self._row_ids = stored, row_ids
+            self._lists = IvfLists(self._lists.centroids, offsets)
         self._size = start + m
-        if self._ivf is not None:
-            if self._mapped:
-                faiss = _faiss()
-                self._ivf = faiss.deserialize_index(faiss.serialize_index(self._ivf))
-            self._ivf.add(unit)
         self._mapped = False
         self._copies.clear()
         return np.arange(start, start + m, dtype=np.int64)
@@ -272,12 +301,12 @@ class KnnIndex:
     def _grow(self, extra: int) -> None:
         """Make room for ``extra`` rows, doubling the capacity so repeated adds cost O(1) each."""
         needed = self._size + extra
-        if needed <= self._vectors.shape[0] and not self._mapped:
+        if needed <= self._stored.shape[0] and not self._mapped:
             return
-        capacity = needed if self._mapped else max(needed, 2 * self._vectors.shape[0], 16)
+        capacity = needed if self._mapped else max(needed, 2 * self._stored.shape[0], 16)
         grown = np.empty((capacity, self.dim), dtype=np.float32)
-        grown[: self._size] = self._vectors[: self._size]
-        self._vectors = grown
+        grown[: self._size] = self._stored[: self._size]
+        self._stored = grown
 
     # ------------------------------------------------------------------ persistence
 
@@ -289,16 +318,19 @@ class KnnIndex:
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        _replace_with(path / "vectors.npy", lambda tmp: _save_npy(tmp, self.vectors))
-        ivf_path = path / "ivf.faiss"
-        if self._ivf is not None:
-            faiss = _faiss()
-            _replace_with(ivf_path, lambda tmp: faiss.write_index(self._ivf, str(tmp)))
-        elif ivf_path.exists():
-            ivf_path.unlink()
+        _replace_with(path / "vectors.npy", lambda tmp: _save_npy(tmp, self.host_unit()))
+        ivf_names = ("row_ids.npy", "centroids.npy", "offsets.npy")
+        if self._lists is not None:
+            arrays = (self._row_ids, self._lists.centroids, self._lists.offsets)
+            for name, array in zip(ivf_names, arrays):
+                _replace_with(path / name, lambda tmp, array=array: _save_npy(tmp, np.asarray(array)))
+        stale = ("ivf.faiss",) + (() if self._lists is not None else ivf_names)  # ivf.faiss: version 1
+        for name in stale:
+            if (path / name).exists():
+                (path / name).unlink()
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
-            "ntotal": self.ntotal, "nlist": self._nlist, "nprobe": self._nprobe,
+            "ntotal": self.ntotal, "nlist": self.nlist, "nprobe": self._nprobe,
             "dtype": "float32", "normalised": True,
         }
         _replace_with(path / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -308,39 +340,67 @@ class KnnIndex:
     def load(cls, directory, mmap: bool = True) -> "KnnIndex":
         """Read an index written by :meth:`save`.
 
-        With ``mmap`` the vectors (and IVF lists) are memory-mapped read-only: opening is
-        instant, pages are read as searches touch them and shared between processes; the first
-        :meth:`add` copies them into memory.
+        With ``mmap`` the vectors (and an IVF index's row ids) are memory-mapped read-only:
+        opening is instant, pages are read as searches touch them and shared between processes;
+        the first :meth:`add` copies them into memory. A version 1 IVF directory is converted on
+        loading (its vectors are re-ordered in memory; save it again to map it next time).
         """
         path = Path(directory)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"directory: expected a saved KnnIndex with {meta_path}, found no such file")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        if meta.get("format") != FORMAT_NAME or meta.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{meta_path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, found "
-                f"{meta.get('format')!r} version {meta.get('version')!r}"
+                f"{meta_path}: expected format {FORMAT_NAME!r} version {' or '.join(map(str, READABLE_VERSIONS))}, "
+                f"found {meta.get('format')!r} version {meta.get('version')!r}"
             )
-        vectors = np.load(path / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        if meta.get("kind") not in KINDS:
+            raise ValueError(f"{meta_path}: expected kind 'flat' or 'ivf', found {meta.get('kind')!r}")
+        mode = "r" if mmap else None
         expected = (meta["ntotal"], meta["dim"])
-        if vectors.dtype != np.float32 or vectors.shape != expected:
+        stored = _load_npy(path / "vectors.npy", mode, np.float32, expected)
+        if meta["kind"] == "flat":
+            return cls(stored, "flat", mapped=mmap)
+        if meta["version"] == 1:
+            return cls._from_faiss_ivf(path, np.asarray(stored), meta)
+        nlist = meta.get("nlist")
+        if isinstance(nlist, bool) or not isinstance(nlist, int) or not 1 <= nlist <= expected[0]:
+            raise ValueError(f"{meta_path}: expected nlist an integer in [1, ntotal={expected[0]}], found {nlist!r}")
+        row_ids = _load_npy(path / "row_ids.npy", mode, np.int64, (expected[0],))
+        centroids = _load_npy(path / "centroids.npy", None, np.float32, (nlist, expected[1]))
+        offsets = _load_npy(path / "offsets.npy", None, np.int64, (nlist + 1,))
+        if offsets[0] != 0 or offsets[-1] != expected[0] or np.any(np.diff(offsets) < 0):
             raise ValueError(
-                f"{path / 'vectors.npy'}: expected float32 {expected}, found {vectors.dtype} {vectors.shape}"
+                f"{path / 'offsets.npy'}: expected non-decreasing offsets from 0 to {expected[0]}, "
+                f"found {offsets[0]} .. {offsets[-1]}"
             )
-        ivf = None
-        if meta["kind"] == "ivf":
-            faiss = _faiss()
-            ivf = faiss.read_index(str(path / "ivf.faiss"), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
-            if (ivf.ntotal, ivf.d) != expected:
-                raise ValueError(
-                    f"{path / 'ivf.faiss'}: expected {expected[0]} vectors of D={expected[1]}, "
-                    f"found {ivf.ntotal} of D={ivf.d}"
-                )
-        elif meta["kind"] != "flat":
-            raise ValueError(f"{meta_path}: expected kind 'flat' or 'ivf', found {meta['kind']!r}")
-        return cls(vectors, meta["kind"], ivf=ivf, nlist=meta.get("nlist"), nprobe=meta.get("nprobe"),
-                   mapped=mmap)
+        return cls(stored, "ivf", lists=IvfLists(centroids, offsets), row_ids=row_ids,
+                   nprobe=_check_nprobe(meta.get("nprobe"), nlist), mapped=mmap)
+
+    @classmethod
+    def _from_faiss_ivf(cls, path: Path, vectors: np.ndarray, meta: dict) -> "KnnIndex":
+        """A version 1 IVF directory: id-ordered vectors beside a FAISS IndexIVFFlat."""
+        from .faiss_cpu import faiss_module
+
+        faiss = faiss_module()
+        index = faiss.read_index(str(path / "ivf.faiss"))
+        if (index.ntotal, index.d) != vectors.shape:
+            raise ValueError(
+                f"{path / 'ivf.faiss'}: expected {vectors.shape[0]} vectors of D={vectors.shape[1]}, "
+                f"found {index.ntotal} of D={index.d}"
+            )
+        ivf = faiss.extract_index_ivf(index)
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        assignment = np.empty(vectors.shape[0], dtype=np.int64)
+        for lst in range(ivf.nlist):
+            size = ivf.invlists.list_size(lst)
+            if size:
+                assignment[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+        order, offsets = group_by_list(assignment, ivf.nlist)
+        logger.info("converted a version 1 IVF index (%d vectors, %d lists) from %s", vectors.shape[0], ivf.nlist, path)
+        return cls(vectors[order], "ivf", lists=IvfLists(np.ascontiguousarray(centroids, dtype=np.float32), offsets),
+                   row_ids=order, nprobe=_check_nprobe(meta.get("nprobe"), ivf.nlist))
 
     # ------------------------------------------------------------------ properties
 
@@ -352,7 +412,7 @@ class KnnIndex:
     @property
     def dim(self) -> int:
         """Dimension D of the vectors."""
-        return self._vectors.shape[1]
+        return self._stored.shape[1]
 
     @property
     def kind(self) -> str:
@@ -362,42 +422,55 @@ class KnnIndex:
     @property
     def nlist(self) -> int | None:
         """IVF inverted lists (None for flat)."""
-        return self._nlist
+        return None if self._lists is None else self._lists.nlist
 
     @property
     def nprobe(self) -> int | None:
         """IVF lists probed per query on the CPU (None for flat); a search for many neighbours
-        may probe more (see :meth:`search_nprobe`)."""
+        may probe more (see :meth:`search_nprobe`). The engine tunes it at fit time."""
         return self._nprobe
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         if self._kind != "ivf":
             raise ValueError(f"nprobe: only meaningful for kind='ivf', found kind={self._kind!r}")
-        self._nprobe = _check_nprobe(value, self._nlist)
+        self._nprobe = _check_nprobe(value, self.nlist)
 
     def search_nprobe(self, k: int) -> int | None:
         """Lists an IVF search for ``k`` neighbours probes: ``nprobe``, raised so that about
         :data:`MIN_SCANNED_PER_NEIGHBOUR` * k vectors are scanned (None for flat)."""
         if self._kind != "ivf":
             return None
-        floor = math.ceil(MIN_SCANNED_PER_NEIGHBOUR * k * self._nlist / max(self._size, 1))
-        return min(self._nlist, max(self._nprobe, floor))
+        floor = math.ceil(MIN_SCANNED_PER_NEIGHBOUR * k * self.nlist / max(self._size, 1))
+        return min(self.nlist, max(self._nprobe, floor))
 
     @property
-    def ivf(self):
-        """The FAISS IVF-Flat index (None for flat)."""
-        return self._ivf
+    def lists(self) -> IvfLists | None:
+        """The IVF lists (centroids and offsets into the stored rows), None for flat."""
+        return self._lists
 
     @property
     def vectors(self) -> np.ndarray:
-        """The stored unit vectors, float32 [ntotal, D], read-only view."""
-        view = self._vectors[: self._size].view()
+        """The unit vectors in id order, float32 [ntotal, D], read-only: a view for a flat index,
+        a copy (ordered by id) for an IVF index, which stores them list after list."""
+        if self._row_ids is None:
+            view = self._stored[: self._size].view()
+        else:
+            view = np.empty((self._size, self.dim), dtype=np.float32)
+            view[self._row_ids] = self._stored
         view.flags.writeable = False
         return view
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory the index holds: vectors, row ids, centroids and offsets (bytes)."""
+        total = self._size * self.dim * 4
+        if self._lists is not None:
+            total += self._row_ids.nbytes + self._lists.centroids.nbytes + self._lists.offsets.nbytes
+        return total
+
     def __repr__(self) -> str:
-        extra = f", nlist={self._nlist}, nprobe={self._nprobe}" if self._kind == "ivf" else ""
+        extra = f", nlist={self.nlist}, nprobe={self._nprobe}" if self._kind == "ivf" else ""
         return f"KnnIndex(kind={self._kind!r}, ntotal={self.ntotal}, dim={self.dim}{extra})"
 
     # ------------------------------------------------------------------ search
@@ -409,11 +482,20 @@ class KnnIndex:
         return knn_search(queries, self, k, backend=backend)
 
     def host_unit(self) -> np.ndarray:
-        """Internal: the float32 unit vectors, C-contiguous [ntotal, D] (FAISS's input)."""
-        return self._vectors[: self._size]
+        """Internal: the float32 unit vectors in storage order, C-contiguous [ntotal, D] (what the
+        backends search; map the rows they find with :meth:`rows_to_ids`)."""
+        return self._stored[: self._size]
+
+    def rows_to_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Internal: ids of stored rows (int64 tensor, any device; -1 stays -1)."""
+        if self._row_ids is None:
+            return rows
+        table = self._copies.get(("row_ids", str(rows.device)),
+                                 lambda: torch.from_numpy(np.array(self._row_ids)).to(rows.device))
+        return torch.where(rows >= 0, table[rows.clamp(min=0)], rows)
 
     def unit_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Internal: the unit vectors on ``device`` in ``dtype`` (host float32 is a view)."""
+        """Internal: the stored unit vectors on ``device`` in ``dtype`` (host float32 is a view)."""
         device = torch.device(device)
         if device.type == "cpu" and dtype == torch.float32:
             return as_tensor(self.host_unit(), "vectors")
@@ -435,26 +517,20 @@ class KnnIndex:
 
 
 def _check_nprobe(nprobe, nlist: int) -> int:
-    if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= nlist:
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= nlist:
         raise ValueError(f"nprobe: expected an integer in [1, nlist={nlist}], found {nprobe!r}")
     return int(nprobe)
 
 
-def _faiss():
-    from .faiss_cpu import faiss_module
-
-    return faiss_module()
-
-
-def _train_ivf(unit: np.ndarray, nlist: int):
-    """An untrained-then-trained IVF-Flat index for inner product on unit vectors."""
-    faiss = _faiss()
-    dim = unit.shape[1]
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    # Spherical k-means keeps centroids on the unit sphere, where cosine assignment is meaningful.
-    faiss.extract_index_ivf(index).cp.spherical = True
-    index.train(unit)
-    return index
+def _load_npy(path: Path, mode, dtype, shape: tuple) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a saved array, found no such file")
+    array = np.load(path, mmap_mode=mode, allow_pickle=False)
+    if array.dtype != dtype or array.shape != tuple(shape):
+        raise ValueError(
+            f"{path}: expected {np.dtype(dtype).name} {tuple(shape)}, found {array.dtype} {array.shape}"
+        )
+    return array
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
