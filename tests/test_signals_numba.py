@@ -342,6 +342,13 @@ def test_a_specialisation_that_fails_falls_back_to_the_generic_kernel(failure, t
     assert caplog.text.count("no kernel specialised for C=7") == 1, "logged once, not per call"
 
 
+def test_precompile_readies_the_kernels_of_a_shape(monkeypatch):
+    monkeypatch.setattr(numba_specialise, "_kernels", {})  # as in a fresh process
+    assert numba_cpu.precompile(4, 3) == ["blocked", "specialised"]
+    assert numba_specialise.loaded_kernel(3) is not None, "later small batches use it too"
+    assert numba_cpu.precompile(2, 500) == ["rowwise"]
+
+
 def test_generated_source_names_its_class_count():
     src = numba_specialise.generate_source(5)
     compile(src, "<generated>", "exec")  # valid Python

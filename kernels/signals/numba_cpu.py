@@ -214,7 +214,8 @@ def _exp_poly(x):
 
 @njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def exp32(x):
-    """exp(x) for a float32 ``x``, branch-free. Returns float32."""
+    """exp(x) for any float32 ``x``, branch-free. The kernels use :func:`exp_softmax` (same
+    polynomial, the same bits on its domain); this full-range form is what the tests sweep."""
     x = x if x > EXP_LO else EXP_LO
     x = x if x < EXP_HI else EXP_HI
     y, n = _exp_poly(x)
@@ -289,7 +290,8 @@ def split_exponent(x):
 
 @njit(fastmath=MATH_FLAGS, error_model="numpy", cache=True, inline="always")
 def log32(x):
-    """log(x) for a float32 ``x`` >= 0, branch-free: denormals exact, -inf at 0, +inf at +inf."""
+    """log(x) for a float32 ``x`` >= 0, branch-free: denormals exact, -inf at 0, +inf at +inf.
+    The kernels call split_exponent and log_parts directly; the tests sweep them through this."""
     tiny = x < _FLT_MIN
     # Denormals are scaled into the normal range first; the exponent is corrected below.
     xs = x * _TWO23 if tiny else x
