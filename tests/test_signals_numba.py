@@ -109,6 +109,25 @@ def test_exp_softmax_is_exp32_on_its_domain():
     assert np.array_equal(a.view(np.int32), b.view(np.int32)), f"differs at x={x[a != b][:5]}"
 
 
+def test_row_wise_helpers_keep_exp_and_log_exact(rng):
+    # The math helpers are inlined into their caller and take its fast-math flags; under
+    # "reassoc" LLVM folds exp's range reduction. The row-wise kernel's exp and p*log(p) loops
+    # must therefore give exp32's and log32's bits.
+    z = rng.uniform(-90.0, 5.0, size=100_003).astype(np.float32)
+    e = np.empty_like(z)
+    d = np.empty_like(z)
+    numba_cpu._member_exp(z, np.float32(5.0), np.float32(0.9), e, d)
+    want = np.empty_like(z)
+    _exp_all(d, want)
+    assert np.array_equal(e.view(np.int32), want.view(np.int32))
+    p = rng.uniform(1e-30, 1.0, size=100_003).astype(np.float32)
+    plogp = np.empty_like(p)
+    numba_cpu._p_log_p(p, plogp)
+    logs = np.empty_like(p)
+    _log_all(p, logs)
+    assert np.array_equal(plogp.view(np.int32), (p * logs).view(np.int32))
+
+
 def test_log32_against_numpy_for_every_exponent_and_denormals(rng):
     # Random mantissas under every float32 exponent (denormals are exponent field 0), plus 1 and
     # its neighbours (cancellation), sqrt(2) (the reduction's switch point) and the extremes.
