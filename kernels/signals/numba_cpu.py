@@ -437,7 +437,7 @@ def _load_block(raw, kind, row0, nrows, members, classes, x, conv, arg, bad):
     stop = (row0 + nrows) * width
     if kind != KIND_F64:
         # Common case first: one vectorised OR over the block's bits, then a plain transposing
-        # copy (a gather per class, vectorised across rows).
+        # copy (8x8 register tiles).
         flag = i32(0)
         if kind == KIND_F32:
             src = raw.view(np.int32)[start:stop]
