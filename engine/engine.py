@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from hitl_triage.kernels import ensemble_signals, knn_distance
+from hitl_triage.kernels.signals import prepare_signals
 
 from . import audit
 from .decode import BatchError, decode_batch
@@ -158,6 +159,7 @@ class TriageEngine:
             dtype=torch.float32, device=self.device,
         )
         self._categories = CategoryTables.build(profile.config.policy, profile.config.tiers, self.device)
+        prepare_signals(profile.members, profile.classes, self.device)
         self._missing_embedding_ok = profile.config.policy.on_missing_embedding == "escalate"
 
     @property

@@ -7,6 +7,7 @@ in :mod:`.reference` is the spec; ``numba`` (CPU) and ``triton`` (CUDA) are the 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import torch
@@ -94,6 +95,20 @@ def ensemble_signals(logits, temperature=1.0, *, temperature_index=None, backend
     return out.map(lambda t: to_caller(t, numpy_out))
 
 
+def prepare_signals(members: int, classes: int, device="cpu", *, backend: str | None = None) -> str:
+    """Compile (or load from disk caches) what will serve [B, members, classes] logits on
+    ``device``, so that no batch pays for it; returns the backend's name. A server calls this
+    when it loads a profile (the numba kernel specialised for C takes seconds to compile cold)."""
+    device = torch.device(device)
+    name, impl = REGISTRY.resolve(device.type, backend)
+    warm = getattr(sys.modules[impl.__module__], "precompile", None)
+    if warm is not None:
+        warm(members, classes)
+    else:  # JIT backends compile on their first call
+        ensemble_signals(torch.zeros((1, members, classes), device=device), 1.0, backend=name)
+    return name
+
+
 def _as_output_dtype(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t
@@ -147,4 +162,4 @@ def _temperature_table(temperature, temperature_index, batch: int, device) -> tu
     return temps, index.contiguous()
 
 
-__all__ = ["EnsembleSignals", "ensemble_signals", "REGISTRY"]
+__all__ = ["EnsembleSignals", "REGISTRY", "ensemble_signals", "prepare_signals"]
