@@ -1,0 +1,262 @@
+"""The CPU fast path of an IVF bank (:mod:`hitl_triage.kernels.knn.ivf_cpu`): the batched,
+register-blocked scan against an independent float64 search of the same probed lists, its
+invariance to threads and chunking, short lists, adding to list-ordered storage, version 1
+directories, memory maps, and nprobe tuning.
+
+Neighbour checks are tie-aware, as in test_knn.py: the rows returned are re-scored in float64 and
+must be a true top-k of the probed vectors within the float32 error of a dot product of unit
+vectors of dimension D (normalisation and summation: at most (2 D + 8) 2**-24 on the cosine).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hitl_triage.kernels.knn import KnnIndex, knn_distance, knn_search
+from hitl_triage.kernels.knn import ivf_cpu
+from hitl_triage.kernels.knn.ivf_cpu import IvfLists, group_by_list, merged_order, search_ivf
+
+U32 = 2.0**-24
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(rng, n: int, dim: int, classes: int = 6) -> np.ndarray:
+    centres = rng.standard_normal((classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return unit(centres[rng.integers(0, classes, n)] + rng.standard_normal((n, dim)) * (0.7 / np.sqrt(dim)))
+
+
+def lists_for(rng, x: np.ndarray, nlist: int) -> tuple[np.ndarray, IvfLists, np.ndarray]:
+    """Random unit centroids (the scan must not depend on how good they are), rows filed under
+    their nearest centroid: (vectors in list order, lists, row ids of that order)."""
+    centroids = unit(rng.standard_normal((nlist, x.shape[1])))
+    assignment = np.argmax(x.astype(np.float64) @ centroids.T.astype(np.float64), axis=1)
+    order, offsets = group_by_list(assignment, nlist)
+    return np.ascontiguousarray(x[order]), IvfLists(centroids, offsets), order
+
+
+def probed_reference(q: np.ndarray, stored: np.ndarray, lists: IvfLists, nprobe: int, k: int):
+    """Float64: for each query the top-k similarities among the stored rows of its nprobe lists
+    with the largest centroid similarity (-inf padded), and the set of lists probed."""
+    q64, x64, c64 = q.astype(np.float64), stored.astype(np.float64), lists.centroids.astype(np.float64)
+    probes = np.argsort(-(q64 @ c64.T), axis=1, kind="stable")[:, :nprobe]
+    sims = np.full((len(q), k), -np.inf)
+    for i, probe in enumerate(probes):
+        rows = np.concatenate([np.arange(lists.offsets[p], lists.offsets[p + 1]) for p in probe])
+        s = np.sort(x64[rows] @ q64[i])[::-1][:k]
+        sims[i, :s.size] = s
+    return sims, probes
+
+
+def check_scan(q, stored, lists, nprobe, k, sims, rows, label):
+    dim = q.shape[1]
+    tol = (2 * dim + 8) * U32
+    ref, probes = probed_reference(q, stored, lists, nprobe, k)
+    assert sims.shape == (len(q), k) and rows.shape == (len(q), k), label
+    assert sims.dtype == np.float32 and rows.dtype == np.int64, label
+    found = rows >= 0
+    np.testing.assert_array_equal(found, np.isfinite(ref), err_msg=f"{label}: rows found vs vectors probed")
+    with np.errstate(invalid="ignore"):  # -inf - -inf past the rows found
+        steps = np.diff(sims, axis=1)
+    assert np.all((steps <= 0) | ~found[:, 1:]), f"{label}: not descending"
+    list_of = np.searchsorted(lists.offsets, np.where(found, rows, 0), side="right") - 1
+    assert all(set(list_of[i][found[i]]) <= set(probes[i]) for i in range(len(q))), f"{label}: a row outside the probed lists"
+    true = np.einsum("bd,bkd->bk", q.astype(np.float64), stored.astype(np.float64)[np.where(found, rows, 0)])
+    np.testing.assert_allclose(sims[found], true[found], atol=tol, err_msg=f"{label}: similarity vs its row")
+    # A true top-k: the re-scored similarities, sorted, match the reference's within tolerance.
+    resorted = np.sort(np.where(found, true, -np.inf), axis=1)[:, ::-1]
+    np.testing.assert_allclose(resorted[found], ref[found], atol=2 * tol, err_msg=f"{label}: not a top-k")
+    assert all(len(set(r[f])) == f.sum() for r, f in zip(rows, found)), f"{label}: repeated rows"
+
+
+SCAN_CASES = [  # (queries, vectors, D, nlist, nprobe, k): odd sizes, every remainder of the 2x6 block
+    (1, 500, 128, 8, 3, 1),
+    (3, 701, 128, 16, 4, 10),
+    (257, 1999, 130, 32, 5, 50),
+    (64, 300, 3, 6, 6, 7),
+    (33, 1000, 17, 10, 1, 60),  # one list of ~100: some queries come up short
+    (20, 97, 8, 4, 4, 97),  # every list probed, k = N: exact
+]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "B{}-N{}-D{}-L{}-p{}-k{}".format(*c))
+def test_scan_is_exact_within_the_probed_lists(case, rng):
+    batch, n, dim, nlist, nprobe, k = case
+    x = clustered(rng, n, dim)
+    stored, lists, _ = lists_for(rng, x, nlist)
+    q = unit(clustered(rng, batch, dim) + 0.3 * rng.standard_normal((batch, dim)))
+    sims, rows = search_ivf(q, stored, lists, nprobe, k)
+    check_scan(q, stored, lists, nprobe, k, sims, rows, str(case))
+
+
+def test_empty_lists_and_empty_batch(rng):
+    x = clustered(rng, 400, 12)
+    stored, lists, _ = lists_for(rng, x, 5)
+    # Two extra centroids far from everything: empty lists that queries near them still probe.
+    centroids = np.concatenate([lists.centroids, -lists.centroids[:2]])
+    lists = IvfLists(centroids, np.concatenate([lists.offsets, [400, 400]]))
+    q = unit(np.concatenate([-x[:5], x[:5]]))
+    sims, rows = search_ivf(q, stored, lists, 3, 8)
+    check_scan(q, stored, lists, 3, 8, sims, rows, "empty lists")
+    sims, rows = search_ivf(q[:0], stored, lists, 3, 8)
+    assert sims.shape == (0, 8) and rows.shape == (0, 8)
+
+
+def test_results_do_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
+    """Bit-identical results: a query's similarities never depend on which queries share its
+    chunk (nor on how many threads share the chunks)."""
+    x = clustered(rng, 3001, 64)
+    stored, lists, _ = lists_for(rng, x, 24)
+    q = unit(clustered(rng, 1501, 64))
+    reference = search_ivf(q, stored, lists, 5, 9, threads=1)
+    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(ivf_cpu, "MAX_CHUNK_ROWS", 61)
+    assert ivf_cpu.chunk_rows(1501, 24, 5) == 61
+    for threads in (1, 2, 3):
+        sims, rows = search_ivf(q, stored, lists, 5, 9, threads=threads)
+        np.testing.assert_array_equal(sims, reference[0])
+        np.testing.assert_array_equal(rows, reference[1])
+    for i in (0, 17, 1500):  # alone, every query is the odd one out in every list it probes
+        sims, rows = search_ivf(q[i:i + 1], stored, lists, 5, 9)
+        np.testing.assert_array_equal(sims[0], reference[0][i])
+        np.testing.assert_array_equal(rows[0], reference[1][i])
+
+
+def test_worker_errors_reach_the_caller(rng, monkeypatch):
+    x = clustered(rng, 200, 8)
+    stored, lists, _ = lists_for(rng, x, 4)
+    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 10)
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ivf_cpu, "_ivf_search_chunk", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        search_ivf(unit(x[:100]), stored, lists, 2, 3, threads=2)
+
+
+def test_merged_order_equals_grouping_the_concatenation(rng):
+    nlist = 9
+    old = rng.integers(0, nlist, 500)
+    new = rng.integers(0, nlist, 77)
+    new[:5] = 3  # several new rows in one list, and lists that get none
+    order, offsets = group_by_list(old, nlist)
+    old_pos, new_pos, new_offsets = merged_order(offsets, new)
+    both_order, both_offsets = group_by_list(np.concatenate([old, new]), nlist)
+    np.testing.assert_array_equal(new_offsets, both_offsets)
+    placed = np.empty(577, dtype=np.int64)
+    placed[old_pos] = order  # stored row j of the old layout holds id order[j]
+    placed[new_pos] = 500 + np.arange(77)
+    np.testing.assert_array_equal(placed, both_order)
+
+
+def test_ivf_add_equals_filing_everything_under_the_same_centroids(rng):
+    x = clustered(rng, 4000, 24)
+    index = KnnIndex.build(x[:3000], kind="ivf", nlist=16, nprobe=4)
+    index.add(x[3000:3001])
+    index.add(torch.from_numpy(x[3001:]).double())
+    assert index.ntotal == 4000 and index.nbytes == 4000 * 24 * 4 + 4000 * 8 + 16 * 24 * 4 + 17 * 8
+    np.testing.assert_allclose(index.vectors, x, atol=1e-7)
+    # The same lists as filing all 4000 rows under the trained centroids at once.
+    assignment = np.argmax(x.astype(np.float64) @ index.lists.centroids.T, axis=1)
+    _, offsets = group_by_list(assignment, 16)
+    np.testing.assert_array_equal(index.lists.offsets, offsets)
+    q = unit(clustered(rng, 300, 24))
+    d, ids = knn_search(q, index, 12)
+    d_stored, rows = search_ivf(q, index.host_unit(), index.lists, index.search_nprobe(12), 12)
+    np.testing.assert_allclose(d, np.sqrt(np.maximum(2 - 2 * d_stored, 0)), atol=1e-6)
+    np.testing.assert_array_equal(index.vectors[ids], index.host_unit()[rows])
+
+
+def test_ivf_probing_every_list_is_exact(rng):
+    x = clustered(rng, 2500, 32)
+    q = unit(clustered(rng, 200, 32))
+    index = KnnIndex.build(x, kind="ivf", nlist=20)
+    index.nprobe = index.nlist
+    d_ivf, i_ivf = knn_search(q, index, 10, backend="faiss")
+    d_flat, i_flat = knn_search(q, KnnIndex.build(x, kind="flat"), 10, backend="faiss")
+    np.testing.assert_allclose(d_ivf, d_flat, atol=2e-6)
+    assert (np.sort(i_ivf, axis=1) == np.sort(i_flat, axis=1)).mean() > 0.999  # ties aside
+
+
+def test_memory_mapped_ivf_searches_like_in_memory(rng, tmp_path):
+    x = clustered(rng, 3000, 16)
+    q = unit(clustered(rng, 100, 16))
+    index = KnnIndex.build(x, kind="ivf", nprobe=3)
+    index.save(tmp_path / "bank")
+    mapped = KnnIndex.load(tmp_path / "bank", mmap=True)
+    assert isinstance(mapped.host_unit(), np.memmap) or isinstance(mapped.host_unit().base, np.memmap)
+    for backend in ("faiss", "torch"):
+        np.testing.assert_array_equal(knn_search(q, mapped, 7, backend=backend)[1], knn_search(q, index, 7, backend=backend)[1])
+
+
+def test_version_1_ivf_directory_loads(rng, tmp_path):
+    """A bank saved before format 2: id-ordered vectors beside a FAISS IndexIVFFlat. Its lists
+    are read back from the FAISS file, so searches equal FAISS's own IVF search."""
+    import faiss
+
+    x = clustered(rng, 2000, 20)
+    q = unit(clustered(rng, 150, 20))
+    ivf = faiss.index_factory(20, "IVF12,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    faiss.write_index(ivf, str(tmp_path / "ivf.faiss"))
+    np.save(tmp_path / "vectors.npy", x)
+    meta = {"format": "hitl-triage-knn-index", "version": 1, "kind": "ivf", "dim": 20, "ntotal": 2000,
+            "nlist": 12, "nprobe": 3, "dtype": "float32", "normalised": True}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    loaded = KnnIndex.load(tmp_path)
+    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.ntotal) == ("ivf", 12, 3, 2000)
+    np.testing.assert_array_equal(loaded.vectors, x)
+    d, ids = knn_search(q, loaded, 5, backend="faiss")
+    sims, expected = ivf.search(q, 5, params=faiss.SearchParametersIVF(nprobe=3))
+    np.testing.assert_allclose(d, np.sqrt(np.maximum(2 - 2 * sims, 0)), atol=2e-6)
+    assert (np.sort(ids, axis=1) == np.sort(expected, axis=1)).mean() > 0.999  # ties aside
+    loaded.save(tmp_path)  # rewritten as version 2 in place
+    assert json.loads((tmp_path / "meta.json").read_text())["version"] == 2 and not (tmp_path / "ivf.faiss").exists()
+    np.testing.assert_array_equal(knn_search(q, KnnIndex.load(tmp_path), 5, backend="faiss")[1], ids)
+
+
+def test_load_refuses_inconsistent_ivf_files(rng, tmp_path):
+    KnnIndex.build(clustered(rng, 500, 8), kind="ivf", nlist=5).save(tmp_path)
+    np.save(tmp_path / "offsets.npy", np.array([0, 100, 50, 300, 400, 500]))
+    with pytest.raises(ValueError, match=r"offsets.npy: expected non-decreasing offsets from 0 to 500"):
+        KnnIndex.load(tmp_path)
+    np.save(tmp_path / "offsets.npy", np.arange(5))
+    with pytest.raises(ValueError, match=r"offsets.npy: expected int64 \(6,\), found int64 \(5,\)"):
+        KnnIndex.load(tmp_path)
+    (tmp_path / "row_ids.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"row_ids.npy: expected a saved array, found no such file"):
+        KnnIndex.load(tmp_path)
+
+
+def test_tune_nprobe_finds_the_smallest_passing_value(rng):
+    """The error only falls as nprobe grows; the tuned value passes and the one below fails."""
+    x = clustered(rng, 6000, 32, classes=4)
+    calibration = unit(clustered(rng, 600, 32, classes=4))
+    index = KnnIndex.build(x, kind="ivf", nlist=64)
+    exact = knn_distance(calibration, KnnIndex.build(x, kind="flat"), 5)
+
+    def bound(nprobe):
+        index.nprobe = nprobe
+        rel = np.abs(knn_distance(calibration, index, 5) - exact) / exact
+        return rel.mean() + 2 * rel.std() / np.sqrt(rel.size)
+
+    report = index.tune_nprobe(calibration, 5, 0.005)
+    chosen = report["nprobe"]
+    assert report["knn_error_bound"] <= 0.005 and report["knn_error"] <= report["knn_error_bound"]
+    assert chosen == 1 or bound(chosen - 1) > 0.005
+    assert bound(chosen) <= 0.005
+    errors = [bound(p) for p in (1, 2, 4, 8, 16, 64)]
+    # Probing every list is exact up to float32 summation order (the scan's against FAISS's).
+    assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-6
+    with pytest.raises(ValueError, match=r"kind: tune_nprobe needs kind='ivf', found 'flat'"):
+        KnnIndex.build(x, kind="flat").tune_nprobe(calibration, 5, 0.01)
