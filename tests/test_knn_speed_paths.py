@@ -260,3 +260,13 @@ def test_tune_nprobe_finds_the_smallest_passing_value(rng):
     assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-6
     with pytest.raises(ValueError, match=r"kind: tune_nprobe needs kind='ivf', found 'flat'"):
         KnnIndex.build(x, kind="flat").tune_nprobe(calibration, 5, 0.01)
+
+
+def test_prepare_knn_compiles_ahead(rng):
+    from hitl_triage.kernels.knn import prepare_knn
+
+    x = clustered(rng, 300, 8)
+    for kind in ("flat", "ivf"):
+        assert prepare_knn(KnnIndex.build(x, kind=kind), 5) == "faiss"
+    with pytest.raises(TypeError, match="bank: expected a KnnIndex, found ndarray"):
+        prepare_knn(x, 5)

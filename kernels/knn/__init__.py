@@ -1,8 +1,17 @@
 """k-NN out-of-distribution distance (Sun et al. 2022): how far an embedding lies from a bank.
 
 Public: :func:`knn_distance` (the score), :func:`knn_search` (the same search with neighbour ids)
-and :class:`KnnIndex` (a bank built once and searched many times). The float64 reference in
-:mod:`.reference` is the spec; the backends, chosen per call by :data:`REGISTRY`:
+and :class:`KnnIndex` (a bank built once and searched many times), :func:`prepare_knn` (compile
+ahead of the first batch) and :func:`set_faiss_threads` (the CPU search's threads).
+
+Index kinds (:meth:`KnnIndex.build`): "flat" (exact), "ivf" (inverted file: on the CPU only the
+``nprobe`` lists nearest each query are scanned, by the batched kernel of :mod:`.ivf_cpu`, 4-6x
+faster than FAISS's own IVF scan; :meth:`KnnIndex.tune_nprobe` sets ``nprobe`` to the smallest
+value whose measured error of the k-th distance meets a bound) and "auto" (flat up to
+:data:`AUTO_IVF_MIN_VECTORS` vectors, IVF beyond).
+
+The float64 reference in :mod:`.reference` is the spec; the backends, chosen per call by
+:data:`REGISTRY`:
 
 - "faiss": the CPU path of an index: FAISS's exact brute force for a flat bank, the batched IVF
   scan of :mod:`.ivf_cpu` for an IVF bank; FAISS-GPU's exact brute force for CUDA queries where a
@@ -20,6 +29,7 @@ from __future__ import annotations
 import logging
 import numbers
 
+import numpy as np
 import torch
 
 from .._arrays import as_tensor, device_kind, returns_numpy, to_caller
@@ -117,6 +127,21 @@ def knn_distance(queries, bank, k: int, *, backend: str | None = None):
     return distances[:, -1].copy() if returns_numpy(queries) else distances[:, -1].contiguous()
 
 
+def prepare_knn(bank: KnnIndex, k: int, device="cpu", *, backend: str | None = None) -> str:
+    """Compile (or load from numba's disk cache) and import what will search ``bank`` for ``k``
+    neighbours from ``device``, so that no batch pays for it; returns the backend's name. The IVF
+    scan takes about 10 s to compile cold on two cores, 0.2 s from the cache; a server calls this
+    when it loads a profile."""
+    if not isinstance(bank, KnnIndex):
+        raise TypeError(f"bank: expected a KnnIndex, found {type(bank).__name__}")
+    device = torch.device(device)
+    name, _ = REGISTRY.resolve(device.type, backend)
+    if bank.ntotal:
+        probe = torch.as_tensor(np.asarray(bank.host_unit()[:1]), device=device)
+        knn_search(probe, bank, min(k, bank.ntotal), backend=name)
+    return name
+
+
 def _raw_bank(bank, q: torch.Tensor) -> RawBank:
     raw = RawBank(bank)
     if raw.device != q.device:
@@ -134,5 +159,5 @@ def _env_forced() -> bool:
 
 
 __all__ = [
-    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "REGISTRY", "knn_distance", "knn_search", "set_faiss_threads",
+    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "REGISTRY", "knn_distance", "knn_search", "prepare_knn", "set_faiss_threads",
 ]

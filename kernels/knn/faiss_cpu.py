@@ -49,6 +49,16 @@ def set_faiss_threads(threads: int | None = None) -> int:
     the number of CPUs this process may run on (its affinity mask, which respects container and
     taskset limits, unlike OpenMP's default of every core of the machine). The setting is
     process-wide, as it is in FAISS.
+
+    Why FAISS with one thread used to beat two on the shared 2-core machine: torch, numba and
+    FAISS each run an OpenMP pool, and with OpenMP's default wait policy idle workers spin.
+    Measured around a 262k-row numba signal pass and a torch op (20k bank, 10k queries), with
+    OMP_WAIT_POLICY=ACTIVE the IVF search took 2x as long as with PASSIVE (the other pools'
+    spinning workers held the cores), and a spinning or descheduled second FAISS thread made
+    FAISS's statically split parallel loops wait for it. The IVF scan here uses plain threads
+    taking chunks from a queue, so it neither spins nor waits for a slow core; the passive
+    policy that :mod:`hitl_triage.kernels` sets takes effect only if it is in the environment
+    before torch is imported (torch reads it when it loads its OpenMP runtime).
     """
     global _threads_set
     import faiss
