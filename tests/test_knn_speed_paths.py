@@ -270,3 +270,21 @@ def test_prepare_knn_compiles_ahead(rng):
         assert prepare_knn(KnnIndex.build(x, kind=kind), 5) == "faiss"
     with pytest.raises(TypeError, match="bank: expected a KnnIndex, found ndarray"):
         prepare_knn(x, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_backends_search_an_ivf_index_exactly_by_id(backend, rng):
+    """The GPU backends search an IVF index's stored (list-ordered) rows exactly; the ids must
+    come back as insertion ids, mapped on the GPU."""
+    x = clustered(rng, 5000, 64)
+    q = unit(clustered(rng, 300, 64))
+    index = KnnIndex.build(x, kind="ivf", nprobe=1)
+    d, ids = knn_search(torch.from_numpy(q).cuda(), index, 10, backend=backend)
+    assert d.is_cuda and ids.is_cuda
+    d_ref, _ = knn_search(q, KnnIndex.build(x, kind="flat"), 10, backend="torch")
+    true = np.sqrt(np.maximum(2 - 2 * np.einsum("bd,bkd->bk", q.astype(np.float64), x.astype(np.float64)[ids.cpu().numpy()]), 0))
+    # float16 operands on the GPU move a cosine by at most 2 * 2**-11 (test_knn.py), a distance
+    # d = sqrt(2 - 2 cos) by at most sqrt(2 * 2 * 2**-11) = 0.044 (the worst case, d near 0)
+    np.testing.assert_allclose(np.sort(true, axis=1), d_ref, atol=0.05)
+    np.testing.assert_allclose(d.cpu().numpy(), true, atol=0.05)
