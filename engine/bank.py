@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hitl_triage.kernels.knn import KnnIndex, knn_distance
+from hitl_triage.kernels.knn import KnnIndex
 
 from .config import BankConfig
 from .decode import BatchError
@@ -74,22 +74,14 @@ TUNING_QUERIES = 2000
 
 
 def tune_nprobe(index: KnnIndex, queries, k: int, max_error: float) -> dict:
-    """Double the IVF ``nprobe`` until the mean relative error of the k-th-neighbour distance,
-    against an exact search of the same vectors, is at most ``max_error`` on up to
-    ``TUNING_QUERIES`` of ``queries``. Approximate search errs most on the rows that matter
-    (PERF-NOTES: it overestimates OOD distances), so the error is measured, not assumed."""
+    """Tune the IVF ``nprobe`` on up to ``TUNING_QUERIES`` usable rows of ``queries`` (a fixed
+    sample, so a refit on the same data gives the same profile): :meth:`KnnIndex.tune_nprobe`.
+    Approximate search errs most on the rows that matter (PERF-NOTES: it overestimates OOD
+    distances), so the error is measured against an exact search, not assumed."""
     queries = np.asarray(queries.detach().cpu() if isinstance(queries, torch.Tensor) else queries, dtype=np.float32)
     queries = queries[usable_rows(queries)]
     if len(queries) > TUNING_QUERIES:
         queries = queries[np.random.default_rng(0).choice(len(queries), TUNING_QUERIES, replace=False)]
     if len(queries) == 0:
-        return {"nprobe": index.nprobe, "knn_error": float("nan")}
-    exact = knn_distance(queries, index, k, backend="torch")  # non-FAISS backends search IVF exactly
-    while True:
-        approx = knn_distance(queries, index, k, backend="faiss")
-        error = float(np.mean(np.abs(approx - exact) / np.maximum(exact, 1e-6)))
-        if error <= max_error or index.nprobe >= index.nlist:
-            break
-        index.nprobe = min(index.nlist, 2 * index.nprobe)
-    logger.info("bank: IVF nprobe %d of %d lists, k-th distance error %.4f", index.nprobe, index.nlist, error)
-    return {"nprobe": index.nprobe, "nlist": index.nlist, "knn_error": error}
+        return {"nprobe": index.nprobe, "nlist": index.nlist, "knn_error": float("nan")}
+    return index.tune_nprobe(queries, k, max_error)
