@@ -22,6 +22,7 @@ from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixtu
     ANOMALY,
     AUDIT,
     CONFIDENCE,
+    assert_tables_equal,
     DISAGREEMENT,
     POLICY,
     column,
@@ -365,6 +366,18 @@ def test_tiny_batches(fleet, profile, rows):
     whole = TriageEngine(profile, device="cpu").triage(fleet[0].slice(0, 100))
     for name in ("reason_mask", "audit_weight", "tier", "confidence"):
         assert column(decisions, name).tolist() == column(whole, name)[:rows].tolist(), name
+
+
+def test_decisions_do_not_depend_on_the_batch_split(triaged, profile):
+    """Every decision column, bit for bit, whether the 12,000 rows (damaged ones included) come
+    in one batch or in batches of 1, 7 and 1,999 rows: retries and replicas agree."""
+    batch, whole = triaged
+    engine = TriageEngine(profile, device="cpu")
+    for size in (7, 1999):
+        parts = pa.Table.from_batches([engine.triage(batch.slice(i, size)) for i in range(0, batch.num_rows, size)])
+        assert_tables_equal(whole, parts)
+    singles = pa.Table.from_batches([engine.triage(batch.slice(i, 1)) for i in range(40)])
+    assert_tables_equal(whole.slice(0, 40), singles)
 
 
 def test_integer_ids_come_back_as_int64(fleet, profile):

@@ -130,6 +130,35 @@ def test_results_do_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
         np.testing.assert_array_equal(rows[0], reference[1][i])
 
 
+@pytest.mark.parametrize("dim", [3, 128, 257])
+def test_flat_search_does_not_depend_on_the_batch(rng, dim):
+    """The exact flat search (FAISS candidates re-scored in float64) gives a row the same bits
+    alone, among 6 (FAISS's per-vector loop), among 1000 (its BLAS path) and in the whole batch;
+    the k-th distance equals a float64 search within float32 rounding of the distance."""
+    bank = KnnIndex.build(unit(rng.standard_normal((2500, dim))), kind="flat")
+    q = unit(rng.standard_normal((2001, dim)))
+    whole = np.asarray(knn_distance(q, bank, 7))
+    for size in (1, 6, 1000):
+        parts = np.concatenate([np.asarray(knn_distance(q[i:i + size], bank, 7)) for i in range(0, 60 if size == 1 else 2001, size)])
+        np.testing.assert_array_equal(parts, whole[:parts.size], err_msg=f"batches of {size}")
+    sims = np.sort(q.astype(np.float64) @ bank.vectors.astype(np.float64).T, axis=1)[:, -7]
+    exact = np.sqrt(np.maximum(2 - 2 * sims, 0))
+    # the engine re-normalises rows in float32: cosine error c <= (2 D + 8) 2^-24 (module
+    # docstring), and d^2 = 2 - 2 cos gives |d' - d| <= min(sqrt(2 c), 2 c / d); plus the float32
+    # rounding of d
+    c = (2 * dim + 8) * U32
+    bound = np.minimum(np.sqrt(2 * c), 2 * c / np.maximum(exact, 1e-30)) + 2 * U32 * exact
+    assert (np.abs(whole - exact) <= bound).all(), np.max(np.abs(whole - exact) / bound)
+
+
+def test_flat_search_breaks_ties_by_row(rng):
+    """Duplicated vectors: the ids come back in ascending order among equal similarities."""
+    base = unit(rng.standard_normal((50, 16)))
+    bank = KnnIndex.build(np.concatenate([base, base, base]), kind="flat")
+    _, ids = knn_search(base[:4], bank, 3)
+    np.testing.assert_array_equal(np.asarray(ids), np.arange(4)[:, None] + np.array([0, 50, 100]))
+
+
 def test_worker_errors_reach_the_caller(rng, monkeypatch):
     x = clustered(rng, 200, 8)
     stored, lists, _ = lists_for(rng, x, 4)
