@@ -27,9 +27,13 @@ from ..runner import NotAvailableYet
 from .common import failure, not_yet, time_call
 
 SUITE = "knn"
-TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "kth_rel_err")
+TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "kth_rel_err", "nprobe")
 TABLE_HIDE = ("sizes", "dtype", "best s", "compile s")  # the case names bank and k; the JSON has all
 KS = (5, 50)
+#: Calibration embeddings the IVF rows tune nprobe on (as many as `triage fit` uses).
+TUNING_ROWS = 2000
+#: max_knn_error of the IVF rows: the engine's default, and a tighter one (AUROC nearer exact).
+IVF_ERRORS = (None, 0.002)
 PEERS = ("sklearn brute", "pytorch-ood KNN", "cleanlab OOD")
 
 
@@ -50,9 +54,12 @@ def run(ctx) -> None:
     max_bank = max(b for b, _ in sizes)
     max_queries = max(q for _, q in sizes)
     ctx.console.print(f"  generating a bank of {max_bank:,} and {max_queries:,} queries ...")
-    data = fleet_data(max_queries, bank_rows=max_bank, calibration_rows=0, seed=ctx.seed + 7,
+    data = fleet_data(max_queries, bank_rows=max_bank, calibration_rows=TUNING_ROWS, seed=ctx.seed + 7,
                       ood_share=0.2, burst_ood_share=0.0, drift_strength=0.0)
-    ctx.note(f"data: {data.origin}; {data.is_ood.mean():.1%} of the queries are OOD")
+    tuning = calibration_embedding(data)
+    ctx.note(f"data: {data.origin}; {data.is_ood.mean():.1%} of the queries are OOD; IVF nprobe tuned as "
+             f"`triage fit` tunes it, on {len(tuning):,} calibration embeddings (in-distribution, in neither "
+             f"the bank nor the queries), tuning time in fit_s")
     if ctx.quick:
         ctx.note("quick mode: banks 10k (2,000 queries) and 100k (1,000 queries); cleanlab at 10k only")
 
@@ -67,7 +74,7 @@ def run(ctx) -> None:
             ctx.progress.update(task, description=f"{SUITE}: bank {bank_rows:,}, k={k}, exact reference")
             exact = exact_kth_distance(q, bank, k)
             rows = []
-            for label, fit, score, kind in _implementations(ctx, bank_rows, k, built):
+            for label, fit, score, kind in _implementations(ctx, bank_rows, k, built, tuning):
                 ctx.progress.update(task, description=f"{SUITE}: bank {bank_rows:,}, k={k}, {label}")
                 rows.append(_measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact))
             _ratios(rows)
@@ -104,22 +111,36 @@ class Prebuilt:
         self.model, self.seconds = model, seconds
 
 
-def _implementations(ctx, bank_rows: int, k: int, built: dict):
+def calibration_embedding(data) -> np.ndarray:
+    """The unit calibration embeddings of the fleet data (float32 [n, D]), empty without any."""
+    if data.calibration is None or "embedding" not in data.calibration.schema.names:
+        return np.empty((0, data.bank_embedding.shape[1]), np.float32)
+    from ..factories import fixed_list_values
+
+    return normalise(fixed_list_values(data.calibration.column("embedding"), data.bank_embedding.shape[1]))
+
+
+def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarray):
     """(label, fit(bank) -> model, score(model, queries) -> scores, kind) where kind is
     "distance" (comparable with the exact k-th distance), "higher-is-ood" or "lower-is-ood";
     or (label, None, status, None) for one that cannot run."""
+    from hitl_triage.engine.bank import tune_nprobe
+    from hitl_triage.engine.config import BankConfig
     from hitl_triage.kernels.knn import KnnIndex, knn_distance
 
     impls = []
 
-    def ours(kind_of_index: str, backend: str):
+    def ours(kind_of_index: str, backend: str, max_error: float | None = None):
         def fit(bank):
-            # One index per bank and kind, searched for every k (as a profile's bank is); the
-            # build time measured the first time is reported on every row that uses it.
-            key = (kind_of_index, len(bank))
+            # One flat index per bank, searched for every k (as a profile's bank is); an IVF
+            # index is built and tuned per k and error bound, as `triage fit` would. The time
+            # measured the first time is reported on every row that uses the index.
+            key = (kind_of_index, len(bank)) if kind_of_index == "flat" else (kind_of_index, len(bank), k, max_error)
             if key not in built:
                 t0 = time.perf_counter()
                 index = KnnIndex.build(bank, kind=kind_of_index)
+                if kind_of_index == "ivf" and len(tuning):
+                    tune_nprobe(index, tuning, k, max_error)
                 built[key] = (index, time.perf_counter() - t0)
             return Prebuilt(*built[key])
 
@@ -127,12 +148,14 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict):
             return knn_distance(queries, index, k, backend=backend)
         return fit, score
 
-    for label, kind_of_index, backend in (
-        ("ours: faiss flat", "flat", "faiss"),
-        ("ours: faiss IVF", "ivf", "faiss"),
-        ("ours: torch exact", "flat", "torch"),
+    default_error = BankConfig().max_knn_error
+    for label, kind_of_index, backend, max_error in (
+        ("ours: faiss flat", "flat", "faiss", None),
+        *((f"ours: IVF, error <= {e or default_error:g}" + (" (default)" if e is None else ""), "ivf", "faiss",
+           e or default_error) for e in IVF_ERRORS),
+        ("ours: torch exact", "flat", "torch", None),
     ):
-        fit, score = ours(kind_of_index, backend)
+        fit, score = ours(kind_of_index, backend, max_error)
         impls.append((label, fit, score, "distance"))
 
     if ctx.cuda:
@@ -245,6 +268,8 @@ def _measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact) -> Row:
         row.quality["kth_rel_err"] = float(np.mean(np.abs(scores[finite] - exact[finite]) / np.maximum(exact[finite], 1e-12)))
         row.quality["auroc_exact"] = float(roc_auc_score(is_ood, exact))
     row.quality["non_finite"] = int((~finite).sum())
+    if getattr(model, "kind", None) == "ivf":
+        row.quality["nprobe"] = f"{model.search_nprobe(k)}/{model.nlist}"
     return row
 
 
