@@ -61,23 +61,29 @@ PAIRS_PER_LIST = 128
 
 
 @njit(inline="always")
+def _sift_down(heap_sims, heap_rows, q, size, s, row):
+    """Place (s, row) at the root of query q's min-heap of ``size`` entries and sift it down."""
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and heap_sims[q, child + 1] < heap_sims[q, child]:
+            child += 1
+        if heap_sims[q, child] >= s:
+            break
+        heap_sims[q, pos] = heap_sims[q, child]
+        heap_rows[q, pos] = heap_rows[q, child]
+        pos = child
+    heap_sims[q, pos] = s
+    heap_rows[q, pos] = row
+
+
+@njit(inline="always")
 def _push(heap_sims, heap_rows, q, k, s, row):
     """Offer (s, row) to query q's min-heap of its k best similarities (the root is the k-th)."""
     if s > heap_sims[q, 0]:
-        pos = 0
-        while True:
-            child = 2 * pos + 1
-            if child >= k:
-                break
-            if child + 1 < k and heap_sims[q, child + 1] < heap_sims[q, child]:
-                child += 1
-            if heap_sims[q, child] >= s:
-                break
-            heap_sims[q, pos] = heap_sims[q, child]
-            heap_rows[q, pos] = heap_rows[q, child]
-            pos = child
-        heap_sims[q, pos] = s
-        heap_rows[q, pos] = row
+        _sift_down(heap_sims, heap_rows, q, k, s, row)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -170,20 +176,7 @@ def _sort_heaps(heap_sims, heap_rows):
             row = heap_rows[q, end]
             heap_sims[q, end] = heap_sims[q, 0]
             heap_rows[q, end] = heap_rows[q, 0]
-            pos = 0
-            while True:
-                child = 2 * pos + 1
-                if child >= end:
-                    break
-                if child + 1 < end and heap_sims[q, child + 1] < heap_sims[q, child]:
-                    child += 1
-                if heap_sims[q, child] >= s:
-                    break
-                heap_sims[q, pos] = heap_sims[q, child]
-                heap_rows[q, pos] = heap_rows[q, child]
-                pos = child
-            heap_sims[q, pos] = s
-            heap_rows[q, pos] = row
+            _sift_down(heap_sims, heap_rows, q, end, s, row)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
