@@ -124,6 +124,8 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
     """(label, fit(bank) -> model, score(model, queries) -> scores, kind) where kind is
     "distance" (comparable with the exact k-th distance), "higher-is-ood" or "lower-is-ood";
     or (label, None, status, None) for one that cannot run."""
+    import torch
+
     from hitl_triage.engine.bank import tune_nprobe
     from hitl_triage.engine.config import BankConfig
     from hitl_triage.kernels.knn import KnnIndex, knn_distance
@@ -159,8 +161,6 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
         impls.append((label, fit, score, "distance"))
 
     if ctx.cuda:
-        import torch
-
         on_device = {}  # the queries are copied to the GPU once, outside the timed calls
 
         for backend in ("triton", "torch"):
@@ -193,7 +193,6 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
 
     try:
         knn_detector = peers.load_peer("pytorch-ood")
-        import torch
 
         def fit_pood(bank):
             x = torch.from_numpy(np.ascontiguousarray(bank))

@@ -26,18 +26,13 @@ TABLE_HIDE = ("dtype", "compile s")
 
 def run(ctx) -> None:
     try:
-        from hitl_triage.engine.config import TriageConfig  # noqa: F401
-        from hitl_triage.engine.profile import Profile  # noqa: F401
-        from hitl_triage.serve.fleet import FleetConfig, simulate_fleet  # noqa: F401
-        from hitl_triage.serve.offline import run_offline  # noqa: F401
+        from hitl_triage.engine.config import TriageConfig
+        from hitl_triage.engine.profile import Profile
+        from hitl_triage.serve.fleet import FleetConfig, simulate_fleet
+        from hitl_triage.serve.offline import run_offline
     except ImportError as exc:
         raise NotAvailableYet(f"triage run (engine profile, serve.offline, serve.fleet): {exc}") from exc
     import pyarrow.parquet as pq
-
-    from hitl_triage.engine.config import TriageConfig
-    from hitl_triage.engine.profile import Profile
-    from hitl_triage.serve.fleet import FleetConfig, simulate_fleet
-    from hitl_triage.serve.offline import run_offline
 
     rows, bank_rows = _sizes(ctx.quick)
     if ctx.quick:
