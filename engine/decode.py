@@ -164,6 +164,18 @@ class PredictionBatch:
         """The device every tensor of the batch lives on."""
         return self.logits.device
 
+    def take(self, rows: torch.Tensor) -> "PredictionBatch":
+        """The batch of the given rows (int64 indices on the host), in that order."""
+        arrow_rows = pa.array(rows.numpy())
+        tensor = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        column = lambda a: None if a is None else a.take(arrow_rows)  # noqa: E731
+        return PredictionBatch(
+            num_rows=int(rows.shape[0]), ids=self.ids.take(arrow_rows), logits=self.logits[rows.to(self.logits.device)],
+            logits_missing=tensor(self.logits_missing), embedding=tensor(self.embedding),
+            embedding_missing=tensor(self.embedding_missing), source=column(self.source),
+            category=column(self.category), label=tensor(self.label),
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Column descriptions: what was found, from an Arrow type or an in-process array

@@ -19,14 +19,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hitl_triage.kernels import ensemble_signals, knn_distance
+from hitl_triage.kernels.knn import prepare_knn
 from hitl_triage.kernels.signals import prepare_signals
 
 from . import audit
 from .decode import BatchError, decode_batch
-from .lookup import lookup_codes
-from .policy import CategoryTables, RuleInputs, apply_rules, category_codes
+from .policy import CategoryTables, apply_rules
 from .profile import Profile
+from .scoring import TemperatureTable, ood_scores, rule_inputs
 
 DECISION_SCHEMA = pa.schema(
     [
@@ -153,13 +153,11 @@ class TriageEngine:
         self.profile = profile
         self.device = torch.device(device or default_device())
         self._timer = StageTimer(time_stages, self.device)
-        self._source_index = {name: i + 1 for i, name in enumerate(sorted(profile.source_temperatures))}
-        self._temperatures = torch.tensor(
-            [profile.temperature] + [profile.source_temperatures[s] for s in sorted(profile.source_temperatures)],
-            dtype=torch.float32, device=self.device,
-        )
+        self._temperatures = TemperatureTable(profile.temperature, profile.source_temperatures, self.device)
         self._categories = CategoryTables.build(profile.config.policy, profile.config.tiers, self.device)
         prepare_signals(profile.members, profile.classes, self.device)
+        if profile.bank is not None:  # the k-NN search compiled now, not on the first batch
+            prepare_knn(profile.bank, profile.k, self.device)
         self._missing_embedding_ok = profile.config.policy.on_missing_embedding == "escalate"
 
     @property
@@ -200,58 +198,36 @@ class TriageEngine:
                     )
 
         with t.stage("signals"):
-            index = None
-            if self._source_index and x.source is not None:
-                index = torch.from_numpy(lookup_codes(x.source, self._source_index).astype(np.int32)).to(self.device)
-            temps = self._temperatures if index is not None else self._temperatures[:1]
-            s = ensemble_signals(x.logits, temps, temperature_index=index)
-            scoreable = s.valid if x.logits_missing is None else s.valid & ~x.logits_missing
+            s = self._temperatures.signals(x.logits, x.source)
 
         ood = None
         if has_bank:
             with t.stage("knn"):
-                ood = _ood_scores(x, p)
+                ood = ood_scores(x, p.bank, p.k)
 
         with t.stage("audit"):
-            columns = audit.AuditColumns(x.ids, x.source, x.category, s.predicted_class, s.confidence)
-            sampled, weight = audit.sample(columns, p.config.audit)
-            sampled_rows = torch.nonzero(sampled).flatten().cpu().numpy()
+            inputs, weight, columns = rule_inputs(
+                x, s, ood, self._categories, p.config.audit, members=p.members, classes=p.classes
+            )
+            valid = inputs.valid
+            sampled_rows = torch.nonzero(inputs.audit_sampled).flatten().cpu().numpy()
             strata = audit.stratum_labels(columns, p.config.audit, sampled_rows)
             stratum = _scatter_strings(x.num_rows, sampled_rows, strata)
 
         with t.stage("policy"):
-            rules = apply_rules(
-                RuleInputs(
-                    confidence=s.confidence, mutual_info=s.mutual_info, vote_agreement=s.vote_agreement,
-                    predicted_class=s.predicted_class, scoreable=scoreable, ood_score=ood,
-                    category_code=category_codes(x.category, self._categories, self.device),
-                    audit_sampled=sampled, members=p.members, classes=p.classes,
-                ),
-                p.thresholds, p.config.tiers, self._categories,
-            )
+            rules = apply_rules(inputs, p.thresholds, p.config.tiers, self._categories)
         nan = torch.full_like(s.confidence, float("nan"))
         return Decisions(
             ids=x.ids, escalate=rules.reason_mask > 0, reason_mask=rules.reason_mask,
             tier_rank=rules.tier_rank, priority=rules.priority,
-            predicted_class=torch.where(scoreable, s.predicted_class, torch.full_like(s.predicted_class, -1)),
-            confidence=torch.where(scoreable, s.confidence, nan), margin=torch.where(scoreable, s.margin, nan),
-            mutual_info=torch.where(scoreable, s.mutual_info, nan),
-            vote_agreement=torch.where(scoreable, s.vote_agreement, nan),
+            predicted_class=torch.where(valid, s.predicted_class, torch.full_like(s.predicted_class, -1)),
+            confidence=torch.where(valid, s.confidence, nan), margin=torch.where(valid, s.margin, nan),
+            mutual_info=torch.where(valid, s.mutual_info, nan),
+            vote_agreement=torch.where(valid, s.vote_agreement, nan),
             ood_score=ood if ood is not None else nan, audit_weight=weight, audit_stratum=stratum,
-            valid=scoreable, source=x.source, category=x.category,
+            valid=valid, source=x.source, category=x.category,
             tier_names=list(p.config.tiers.order), profile_version=p.version,
         )
-
-
-def _ood_scores(x, profile: Profile) -> torch.Tensor:
-    """k-NN distance per row; NaN where the embedding is missing (or zero, from the kernel)."""
-    if x.embedding is None:
-        return torch.full((x.num_rows,), float("nan"), dtype=torch.float32, device=x.logits.device)
-    scores = knn_distance(x.embedding, profile.bank, profile.k)
-    scores = torch.as_tensor(scores, device=x.logits.device).to(torch.float32)
-    if x.embedding_missing is not None:
-        scores = torch.where(x.embedding_missing, torch.full_like(scores, float("nan")), scores)
-    return scores
 
 
 def _scatter_strings(n: int, rows: np.ndarray, values: list[str]) -> pa.Array:

@@ -23,14 +23,14 @@ import time
 import numpy as np
 import torch
 
-from hitl_triage.kernels import audit_uniform, ensemble_signals, knn_distance
+from hitl_triage.kernels import audit_uniform, ensemble_signals
 
 from .calibration import calibration_metrics, fit_temperature
 from .config import TriageConfig
 from .decode import BatchError, decode_batch, validate_labels
-from .lookup import lookup_codes
-from .policy import Thresholds
+from .policy import CategoryTables, Thresholds, fire_triggers
 from .profile import Profile
+from .scoring import TemperatureTable, ood_scores, rule_inputs
 from .thresholds import budget_thresholds, escalation_rates, ood_threshold, target_risk_threshold
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _report(progress, stage: str, done: int = 0, total: int = 1) -> None:
         progress(stage, done, total)
 
 
-def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, device: str = "cpu", progress=None) -> Profile:
+def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, progress=None) -> Profile:
     """See :meth:`Profile.fit` and this module's docstring."""
     config = (config or TriageConfig()).check()
     started = time.perf_counter()
@@ -57,24 +57,24 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
         raise BatchError(f"class_names: expected {classes} names (C of the logits), found {len(config.class_names)}")
     known = np.asarray(validate_labels(x.label, x.ids, classes))
     raw = ensemble_signals(x.logits, 1.0)
-    scoreable = np.asarray(raw.valid)
+    valid = np.asarray(raw.valid)
     if x.logits_missing is not None:
-        scoreable &= ~np.asarray(x.logits_missing)
-    usable = known & scoreable
+        valid &= ~np.asarray(x.logits_missing)
+    labelled = known & valid
     report["rows"] = {
         "calibration": x.num_rows,
         "unknown_label": int((~known).sum()),
-        "unscoreable": int((known & ~scoreable).sum()),
-        "used": int(usable.sum()),
+        "invalid": int((known & ~valid).sum()),
+        "used": int(labelled.sum()),
     }
-    if usable.sum() < 100:
+    if labelled.sum() < 100:
         raise BatchError(
-            f"label: expected at least 100 calibration rows with a known label and finite logits, found {int(usable.sum())}"
+            f"label: expected at least 100 calibration rows with a known label and finite logits, found {int(labelled.sum())}"
         )
 
     holdout = np.asarray(audit_uniform(x.ids, SPLIT_SEED)) < config.calibration.holdout
-    fit_rows = usable & ~holdout if config.calibration.holdout > 0 else usable
-    eval_rows = usable & holdout if config.calibration.holdout > 0 else usable
+    fit_rows = labelled & ~holdout if config.calibration.holdout > 0 else labelled
+    eval_rows = labelled & holdout if config.calibration.holdout > 0 else labelled
     report["rows"].update(temperature_fit=int(fit_rows.sum()), thresholds=int(eval_rows.sum()))
     labels = np.asarray(x.label).astype(np.int64)
     logits = x.logits
@@ -91,24 +91,21 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
     )
     source_temperatures = {str(k): float(v) for k, v in (temp.per_source or {}).items()}
 
-    # -- signals of the threshold rows at the fitted temperature --------------------------------
+    # -- the rule's inputs on the threshold rows, as a run computes them -------------------------
     eval_idx = np.nonzero(eval_rows)[0]
-    eval_logits = logits[torch.from_numpy(eval_idx)]
-    table = [temp.temperature] + [source_temperatures[s] for s in sorted(source_temperatures)]
-    index = None
-    if source_temperatures and x.source is not None:
-        mapping = {s: i + 1 for i, s in enumerate(sorted(source_temperatures))}
-        index = lookup_codes(x.source, mapping)[eval_idx].astype(np.int32)
-    s = ensemble_signals(eval_logits, np.asarray(table if index is not None else table[:1], np.float32), temperature_index=index)
-    confidence = np.asarray(s.confidence, np.float64)
-    mutual_info = np.asarray(s.mutual_info, np.float64)
-    vote = np.asarray(s.vote_agreement, np.float64)
-    correct = np.asarray(s.predicted_class) == labels[eval_rows]
+    eval_rows_t = torch.from_numpy(eval_idx)
+    heldout = x.take(eval_rows_t)
+    table = TemperatureTable(temp.temperature, source_temperatures)
+    s = table.signals(heldout.logits, heldout.source)
+    codes = table.codes(heldout.source)
+    eval_labels = labels[eval_rows]
+    correct = np.asarray(s.predicted_class) == eval_labels
     report["calibration"] = {
         "temperature": temp.to_dict(),
-        "holdout_before": calibration_metrics(eval_logits, labels[eval_rows], 1.0).to_dict(),
+        "holdout_before": calibration_metrics(heldout.logits, eval_labels, 1.0).to_dict(),
         "holdout_after": calibration_metrics(
-            eval_logits, labels[eval_rows], np.asarray(table), index if index is not None else np.zeros(len(eval_idx), np.int32)
+            heldout.logits, eval_labels, table.values.numpy().astype(np.float64),
+            codes if codes is not None else np.zeros(len(eval_idx), np.int32),
         ).to_dict(),
     }
 
@@ -123,15 +120,18 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
         index_obj, bank_report = build_bank(bank, config.bank, progress=progress, queries=tuning)
         report["bank"] = bank_report
         _report(progress, "score calibration rows against the bank")
-        embedding = x.embedding[torch.from_numpy(eval_idx)]
-        ood = np.asarray(knn_distance(embedding, index_obj, config.bank.k), np.float64)
-        if x.embedding_missing is not None:
-            ood[np.asarray(x.embedding_missing)[eval_idx]] = np.nan
+        ood = ood_scores(heldout, index_obj, config.bank.k)
+    tables = CategoryTables.build(config.policy, config.tiers, "cpu")
+    inputs, _, _ = rule_inputs(heldout, s, ood, tables, config.audit, members=members, classes=classes)
 
     # -- thresholds -----------------------------------------------------------------------------------
     _report(progress, "choose thresholds")
     tc = config.thresholds
     use_mi = members > 1
+    confidence = inputs.confidence.numpy().astype(np.float64)
+    mutual_info = inputs.mutual_info.numpy().astype(np.float64)
+    vote = inputs.vote_agreement.numpy().astype(np.float64)
+    ood = None if inputs.ood_score is None else inputs.ood_score.numpy().astype(np.float64)
     if tc.mode == "budget":
         chosen = budget_thresholds(
             confidence, mutual_info if use_mi else None, ood, tc.budget, split=tc.split,
@@ -147,19 +147,16 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, d
     else:
         t_ood = float(ood_threshold(ood[~np.isnan(ood)], tc.ood_pass_rate)) if ood is not None else math.inf
         t_mi = float(np.quantile(mutual_info, tc.disagreement_quantile)) if use_mi and tc.disagreement_quantile < 1 else math.inf
-        escalated = (mutual_info > t_mi) | (vote < tc.vote_floor)
-        if ood is not None:
-            escalated |= ~(ood <= t_ood)
+        # Rows the rule escalates whatever the confidence threshold: the other triggers, and the
+        # confidence trigger at a threshold of 0 (category floors alone).
+        others = fire_triggers(inputs, Thresholds(confidence=0.0, mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood), tables)
+        escalated = (others.confidence | others.disagreement | others.anomaly).numpy()
         risk = target_risk_threshold(confidence, correct, tc.target_risk, tc.delta, escalated=escalated)
         thresholds = Thresholds(confidence=float(risk.threshold), mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood)
         report["thresholds"] = {"mode": "target_risk", **risk.to_dict()}
 
-    rates = escalation_rates(thresholds, confidence, mutual_info if use_mi else None, ood, vote_agreement=vote if use_mi else None)
-    report["expected_rates"] = {
-        **rates.solo,
-        "union_before_policy_and_audit": rates.union,
-        "with_audit": rates.union + (1 - rates.union) * config.audit.base_rate,
-    }
+    # Expected rates: the rule itself on the threshold rows (a run on the same rows fires the same bits).
+    report["expected_rates"] = escalation_rates(inputs, thresholds, tables)
     report["fit_seconds"] = time.perf_counter() - started
     _report(progress, "done", 1, 1)
     return Profile(

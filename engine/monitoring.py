@@ -19,7 +19,7 @@ class TriageSummary:
 
     rows: int = 0
     escalated: int = 0
-    unscoreable: int = 0
+    invalid: int = 0
     no_embedding: int = 0
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     by_tier: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -34,7 +34,7 @@ class TriageSummary:
         self.seconds += seconds
         escalate = decisions.column("escalate")
         self.escalated += pc.sum(escalate).as_py() or 0
-        self.unscoreable += decisions.num_rows - (pc.sum(decisions.column("valid")).as_py() or 0)
+        self.invalid += decisions.num_rows - (pc.sum(decisions.column("valid")).as_py() or 0)
         mask = decisions.column("reason_mask").to_numpy()
         ood = decisions.column("ood_score").to_numpy(zero_copy_only=False)
         # ANOMALY with a NaN distance: the row had no usable embedding, so OOD was not evaluated.
@@ -75,7 +75,7 @@ class TriageSummary:
             "rows": self.rows,
             "escalated": self.escalated,
             "escalation_rate": self.escalated / self.rows if self.rows else 0.0,
-            "unscoreable": self.unscoreable,
+            "invalid": self.invalid,
             "no_embedding": self.no_embedding,
             "audit_samples": self.audit_samples,
             "by_reason": dict(self.by_reason),

@@ -109,18 +109,59 @@ def category_codes(category, tables: CategoryTables, device) -> torch.Tensor | N
 
 @dataclasses.dataclass
 class RuleInputs:
-    """Per-row inputs of the rules, all tensors of length B on one device."""
+    """Per-row inputs of the rules, all tensors of length B on one device (built by
+    :func:`hitl_triage.engine.scoring.rule_inputs`, at fit time and at run time alike)."""
 
     confidence: torch.Tensor
     mutual_info: torch.Tensor
     vote_agreement: torch.Tensor
     predicted_class: torch.Tensor
-    scoreable: torch.Tensor          # bool: the logits could be scored
-    ood_score: torch.Tensor | None   # NaN where the embedding was missing or zero
+    valid: torch.Tensor              # bool: the row could be scored (finite logits, none missing)
+    ood_score: torch.Tensor | None   # NaN where the embedding was missing or zero; None without a bank
     category_code: torch.Tensor | None
     audit_sampled: torch.Tensor      # bool
     members: int
     classes: int
+
+    def take(self, rows: torch.Tensor) -> "RuleInputs":
+        """The inputs of the given rows (int64 indices or a bool mask)."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return dataclasses.replace(
+            self, confidence=self.confidence[rows], mutual_info=self.mutual_info[rows],
+            vote_agreement=self.vote_agreement[rows], predicted_class=self.predicted_class[rows],
+            valid=self.valid[rows], ood_score=pick(self.ood_score), category_code=pick(self.category_code),
+            audit_sampled=self.audit_sampled[rows],
+        )
+
+
+@dataclasses.dataclass
+class Triggers:
+    """Which reason bits fire on each row (bool [B] each), and the confidence threshold each row
+    was held to (float32 [B]: global or per class, raised to the row's category floor)."""
+
+    confidence: torch.Tensor
+    disagreement: torch.Tensor
+    policy: torch.Tensor
+    anomaly: torch.Tensor
+    audit: torch.Tensor
+    confidence_threshold: torch.Tensor
+    high_mi: torch.Tensor
+    low_vote: torch.Tensor
+    missing_embedding: torch.Tensor
+
+    def model(self) -> torch.Tensor:
+        """bool [B]: a model trigger fired (confidence, disagreement or anomaly)."""
+        return self.confidence | self.disagreement | self.anomaly
+
+    def reason_mask(self) -> torch.Tensor:
+        """uint8 [B] ``reason_mask`` (bits of :class:`Reason`)."""
+        return (
+            self.confidence.to(torch.uint8) * int(Reason.CONFIDENCE)
+            | self.disagreement.to(torch.uint8) * int(Reason.DISAGREEMENT)
+            | self.policy.to(torch.uint8) * int(Reason.POLICY)
+            | self.anomaly.to(torch.uint8) * int(Reason.ANOMALY)
+            | self.audit.to(torch.uint8) * int(Reason.AUDIT)
+        )
 
 
 @dataclasses.dataclass
@@ -130,76 +171,90 @@ class RuleOutputs:
     priority: torch.Tensor     # float32
 
 
-def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables: CategoryTables) -> RuleOutputs:
-    """Set each reason bit independently, then the tier and the priority of every row."""
-    device = x.confidence.device
-    rank = {name: i for i, name in enumerate(tiers.order)}
-    zeros = torch.zeros(x.confidence.shape, dtype=torch.float32, device=device)
-    cannot_score = ~x.scoreable
+def fire_triggers(x: RuleInputs, thresholds: Thresholds, tables: CategoryTables) -> Triggers:
+    """The escalation rule: which reason bits fire for these inputs, thresholds and categories.
 
-    # CONFIDENCE: below the row's threshold, or not scoreable (NaN never means "auto-accept").
-    conf_threshold = torch.full_like(zeros, thresholds.confidence)
+    This is the only statement of the rule; choosing thresholds, the expected rates a fit
+    reports and the decisions of a run all call it. Thresholds are compared in the signals'
+    float32 (torch casts a Python scalar to the tensor's dtype), so a row on a threshold falls on
+    the same side everywhere. A row that cannot be scored fires every model trigger that could
+    fire (NaN never means "auto-accept"); a missing embedding fires ANOMALY, even where the
+    anomaly threshold is off, because the bank could not vouch for the row.
+    """
+    device = x.confidence.device
+    invalid = ~x.valid
+    nothing = torch.zeros(x.confidence.shape, dtype=torch.bool, device=device)
+
+    # CONFIDENCE: below the row's threshold, or not valid.
+    conf_threshold = torch.full(x.confidence.shape, thresholds.confidence, dtype=torch.float32, device=device)
     if thresholds.per_class_confidence is not None:
         table = torch.tensor(thresholds.per_class_confidence, dtype=torch.float32, device=device)
         conf_threshold = table[x.predicted_class.long().clamp(min=0)]
     if x.category_code is not None:
         conf_threshold = torch.maximum(conf_threshold, tables.min_confidence[x.category_code])
-    low_confidence = (x.confidence < conf_threshold) | cannot_score
+    low_confidence = (x.confidence < conf_threshold) | invalid
 
     # DISAGREEMENT: only an ensemble can disagree.
     if x.members > 1:
         high_mi = x.mutual_info > thresholds.mutual_info
         low_vote = x.vote_agreement < thresholds.vote_floor
-        disagreement = high_mi | low_vote | cannot_score
+        disagreement = high_mi | low_vote | invalid
     else:
-        high_mi = low_vote = disagreement = torch.zeros_like(low_confidence)
+        high_mi = low_vote = disagreement = nothing
 
-    policy = tables.mandatory[x.category_code] if x.category_code is not None else torch.zeros_like(low_confidence)
+    policy = tables.mandatory[x.category_code] if x.category_code is not None else nothing
 
     if x.ood_score is not None:
         missing_embedding = torch.isnan(x.ood_score)
         anomaly = (x.ood_score > thresholds.ood) | missing_embedding
     else:
-        missing_embedding = anomaly = torch.zeros_like(low_confidence)
-
-    mask = (
-        low_confidence.to(torch.uint8) * int(Reason.CONFIDENCE)
-        | disagreement.to(torch.uint8) * int(Reason.DISAGREEMENT)
-        | policy.to(torch.uint8) * int(Reason.POLICY)
-        | anomaly.to(torch.uint8) * int(Reason.ANOMALY)
-        | x.audit_sampled.to(torch.uint8) * int(Reason.AUDIT)
+        missing_embedding = anomaly = nothing
+    return Triggers(
+        confidence=low_confidence, disagreement=disagreement, policy=policy, anomaly=anomaly,
+        audit=x.audit_sampled, confidence_threshold=conf_threshold, high_mi=high_mi, low_vote=low_vote,
+        missing_embedding=missing_embedding,
     )
+
+
+def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables: CategoryTables) -> RuleOutputs:
+    """Fire the reason bits (:func:`fire_triggers`), then set the tier and the priority of every row."""
+    device = x.confidence.device
+    rank = {name: i for i, name in enumerate(tiers.order)}
+    fired = fire_triggers(x, thresholds, tables)
+    invalid = ~x.valid
+    mask = fired.reason_mask()
 
     # Tier: the highest-ranked tier among the fired reasons and the row's category.
     tier = torch.full(mask.shape, -1, dtype=torch.int8, device=device)
-    for fired, tier_name in (
-        (x.audit_sampled, tiers.audit),
-        (low_confidence, tiers.confidence),
-        (disagreement, tiers.disagreement),
-        (anomaly, tiers.anomaly),
-        (policy, tiers.policy),
-        (cannot_score | missing_embedding, tiers.invalid),
+    for rows, tier_name in (
+        (fired.audit, tiers.audit),
+        (fired.confidence, tiers.confidence),
+        (fired.disagreement, tiers.disagreement),
+        (fired.anomaly, tiers.anomaly),
+        (fired.policy, tiers.policy),
+        (invalid | fired.missing_embedding, tiers.invalid),
     ):
-        tier = torch.where(fired, torch.clamp(tier, min=rank[tier_name]), tier)
+        tier = torch.where(rows, torch.clamp(tier, min=rank[tier_name]), tier)
     if x.category_code is not None:
         category_rank = tables.tier_rank[x.category_code]
         tier = torch.where(mask > 0, torch.maximum(tier, category_rank), tier)
 
     # Priority: the largest severity among fired reasons (module docstring).
-    severity = zeros
+    severity = torch.zeros(x.confidence.shape, dtype=torch.float32, device=device)
     # Per row: the threshold may come from a category floor even where the global one is 0.
+    conf_threshold = fired.confidence_threshold
     conf_sev = ((conf_threshold - x.confidence) / conf_threshold.clamp(min=1e-6)).clamp(0, 1)
-    severity = torch.where(low_confidence, torch.maximum(severity, conf_sev.nan_to_num(0.0)), severity)
+    severity = torch.where(fired.confidence, torch.maximum(severity, conf_sev.nan_to_num(0.0)), severity)
     if x.members > 1:
         mi_max = math.log(min(x.members, x.classes))
         span = max(mi_max - thresholds.mutual_info, 1e-6) if math.isfinite(thresholds.mutual_info) else 1.0
         mi_sev = ((x.mutual_info - thresholds.mutual_info) / span).clamp(0, 1).nan_to_num(0.0)
-        mi_sev = torch.where(low_vote & ~high_mi, torch.ones_like(mi_sev), mi_sev)
-        severity = torch.where(disagreement, torch.maximum(severity, mi_sev), severity)
+        mi_sev = torch.where(fired.low_vote & ~fired.high_mi, torch.ones_like(mi_sev), mi_sev)
+        severity = torch.where(fired.disagreement, torch.maximum(severity, mi_sev), severity)
     if x.ood_score is not None and math.isfinite(thresholds.ood):
         ood_sev = ((x.ood_score - thresholds.ood) / max(thresholds.ood, 1e-6)).clamp(0, 1).nan_to_num(0.0)
-        severity = torch.where(anomaly, torch.maximum(severity, ood_sev), severity)
+        severity = torch.where(fired.anomaly, torch.maximum(severity, ood_sev), severity)
     if x.category_code is not None:
-        severity = torch.where(policy, torch.maximum(severity, tables.priority[x.category_code]), severity)
-    severity = torch.where(cannot_score | missing_embedding, torch.ones_like(severity), severity)
+        severity = torch.where(fired.policy, torch.maximum(severity, tables.priority[x.category_code]), severity)
+    severity = torch.where(invalid | fired.missing_embedding, torch.ones_like(severity), severity)
     return RuleOutputs(reason_mask=mask, tier_rank=tier, priority=severity.to(torch.float32))

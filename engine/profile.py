@@ -3,7 +3,7 @@
     PROFILE_DIR/
       profile.toml   human-readable: version, model shape, temperatures, thresholds, rules,
                      audit strata and rates, fit metrics, and the configuration it came from
-      bank/          the k-NN reference bank (written by ``hitl_triage.kernels.knn.KnnIndex``)
+      bank/          the k-NN reference bank (written by ``hitl_triage.engine.bank.save_bank``)
 
 A profile's ``version`` is ``"<generation>-<hash>"``: the generation counts refits (feedback makes
 generation + 1 with ``parent`` pointing back), the hash is the first 12 hex digits of a BLAKE2b of
@@ -71,7 +71,7 @@ class Profile:
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, calibration, *, bank=None, config: TriageConfig | None = None, device: str = "cpu", progress=None) -> "Profile":
+    def fit(cls, calibration, *, bank=None, config: TriageConfig | None = None, progress=None) -> "Profile":
         """Fit a profile from labelled calibration data and, optionally, bank embeddings.
 
         ``calibration``: an Arrow table/batch (or mapping of arrays) in the data contract with a
@@ -80,7 +80,7 @@ class Profile:
         """
         from .fit import fit_profile
 
-        return fit_profile(calibration, bank=bank, config=config, device=device, progress=progress)
+        return fit_profile(calibration, bank=bank, config=config, progress=progress)
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -131,7 +131,9 @@ class Profile:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.bank is not None:
-            self.bank.save(directory / BANK_DIR)
+            from .bank import save_bank
+
+            save_bank(self.bank, directory / BANK_DIR)
         tmp = directory / (PROFILE_FILE + ".tmp")
         tmp.write_text(
             f"# hitl-triage profile {self.version}; written by `triage fit`. Safe to read; edit the\n"
@@ -169,9 +171,9 @@ class Profile:
             )
         index = None
         if bank.get("present"):
-            from hitl_triage.kernels.knn import KnnIndex
+            from .bank import load_bank
 
-            index = KnnIndex.load(directory / bank["path"], mmap=mmap)
+            index = load_bank(directory / bank["path"], mmap=mmap)
             if index.kind == "ivf" and "nprobe" in bank:
                 index.nprobe = int(bank["nprobe"])
         profile = cls(

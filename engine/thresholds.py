@@ -19,8 +19,8 @@ Three ways to choose thresholds:
   auto-accepted rows have an error rate <= alpha with probability >= 1 - delta (selective
   classification with guaranteed risk, Geifman & El-Yaniv 2017).
 
-:func:`escalation_rates` gives the share of rows each trigger fires on, alone and together, for
-any set of thresholds (the expected escalation rate a profile reports).
+:func:`escalation_rates` gives the share of rows each reason bit fires on under a set of
+thresholds, by calling the rule itself (the expected escalation rate a profile reports).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import beta as beta_distribution
 
-from .policy import Thresholds
+from .policy import CategoryTables, RuleInputs, Thresholds, fire_triggers
 
 logger = logging.getLogger(__name__)
 
@@ -91,86 +91,24 @@ def _fraction(value, name: str, *, low_open: bool, high_open: bool) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class EscalationRates:
-    """Share of rows each trigger fires on alone (``solo``, keyed by trigger name) and the share on
-    which at least one fires (``union``); ``rows`` the number of rows measured."""
-
-    solo: dict
-    union: float
-    rows: int
-
-    def to_dict(self) -> dict:
-        return {"solo": {k: float(v) for k, v in self.solo.items()}, "union": float(self.union), "rows": int(self.rows)}
-
-
-def trigger_masks(
-    thresholds,
-    confidence,
-    mutual_info=None,
-    ood_score=None,
-    *,
-    vote_agreement=None,
-    predicted_class=None,
-) -> dict[str, np.ndarray]:
-    """Boolean [N] mask of the rows each trigger fires on, keyed by trigger name.
-
-    ``thresholds``: any object with ``confidence``, ``mutual_info``, ``ood`` and ``vote_floor``
-    attributes (:class:`BudgetThresholds`, the engine's
-    ``policy.Thresholds``); where it has a non-empty ``per_class_confidence`` list, row i's
-    confidence threshold is that list's entry for ``predicted_class[i]``.
-    """
-    c = _scores(confidence, "confidence")
-    rows = c.shape[0]
-    t_conf = np.float64(thresholds.confidence)
-    per_class = getattr(thresholds, "per_class_confidence", None)
-    if per_class:
-        if predicted_class is None:
-            raise ValueError("predicted_class: required with per-class confidence thresholds, found None")
-        pred = _scores(predicted_class, "predicted_class", rows).astype(np.int64)
-        table = np.asarray(per_class, dtype=np.float64)
-        t_conf = np.where((pred >= 0) & (pred < len(table)), table[np.clip(pred, 0, len(table) - 1)], np.inf)
-    masks = {"confidence": ~(c >= t_conf)}  # NaN fires
-
-    t_mi, floor = float(thresholds.mutual_info), float(getattr(thresholds, "vote_floor", 0.0))
-    disagreement = np.zeros(rows, dtype=bool)
-    if t_mi < math.inf:
-        if mutual_info is None:
-            raise ValueError(f"mutual_info: required when the mutual-information threshold is finite ({t_mi}), found None")
-        disagreement |= ~(_scores(mutual_info, "mutual_info", rows) <= t_mi)
-    if floor > 0 and vote_agreement is not None:
-        disagreement |= ~(_scores(vote_agreement, "vote_agreement", rows) >= floor)
-    masks["disagreement"] = disagreement
-
-    t_ood = float(thresholds.ood)
-    anomaly = np.zeros(rows, dtype=bool)
-    if t_ood < math.inf:
-        if ood_score is None:
-            raise ValueError(f"ood_score: required when the anomaly threshold is finite ({t_ood}), found None")
-        anomaly = ~(_scores(ood_score, "ood_score", rows) <= t_ood)
-    masks["anomaly"] = anomaly
-    return masks
-
-
-def escalation_rates(
-    thresholds,
-    confidence,
-    mutual_info=None,
-    ood_score=None,
-    *,
-    vote_agreement=None,
-    predicted_class=None,
-) -> EscalationRates:
-    """The expected escalation rate of ``thresholds`` on these signals: each trigger's share of
-    rows alone and the union's (policy and audit rows come on top). Arguments as
-    :func:`trigger_masks`."""
-    masks = trigger_masks(
-        thresholds, confidence, mutual_info, ood_score, vote_agreement=vote_agreement, predicted_class=predicted_class
-    )
-    rows = len(masks["confidence"])
-    union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
-    rate = (lambda m: float(m.mean())) if rows else (lambda m: math.nan)
-    return EscalationRates(solo={k: rate(m) for k, m in masks.items()}, union=rate(union), rows=rows)
+def escalation_rates(inputs: RuleInputs, thresholds: Thresholds, tables: CategoryTables) -> dict:
+    """The share of rows on which each reason bit fires under ``thresholds``, from the rule
+    itself (:func:`hitl_triage.engine.policy.fire_triggers`), so a run over the same rows fires
+    exactly these shares. Keys: each reason's name, ``union_before_policy_and_audit`` (a model
+    trigger fired), ``with_audit`` (any bit: the escalation rate) and ``rows``."""
+    fired = fire_triggers(inputs, thresholds, tables)
+    rows = int(inputs.confidence.shape[0])
+    rate = (lambda m: float(m.double().mean())) if rows else (lambda m: math.nan)
+    return {
+        "confidence": rate(fired.confidence),
+        "disagreement": rate(fired.disagreement),
+        "policy": rate(fired.policy),
+        "anomaly": rate(fired.anomaly),
+        "audit": rate(fired.audit),
+        "union_before_policy_and_audit": rate(fired.model()),
+        "with_audit": rate(fired.reason_mask() > 0),
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,11 +351,12 @@ def budget_thresholds(
     t_conf = -chosen["confidence"] if "confidence" in chosen else -math.inf
     t_mi = chosen.get("disagreement", math.inf)
     t_ood = chosen.get("anomaly", math.inf)
-    result_thresholds = Thresholds(confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor)
-    rates = escalation_rates(result_thresholds, c, mutual_info, ood_score, vote_agreement=vote_agreement)
+    # The bisection's own count of what these thresholds fire on the rows it was given (the
+    # rates a profile reports come from the rule, fit.py).
+    solo = {name: float(active[name].fires(chosen[name]).mean()) if name in chosen else 0.0 for name in TRIGGERS}
     return BudgetThresholds(
         confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor, budget=b, split=tuple(weights),
-        shares=shares, scale=scale, solo_rates=rates.solo, union_rate=rates.union, rows=rows,
+        shares=shares, scale=scale, solo_rates=solo, union_rate=union_rows(chosen) / rows, rows=rows,
     )
 
 
@@ -583,7 +522,6 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
 
 __all__ = [
     "BudgetThresholds",
-    "EscalationRates",
     "RiskThreshold",
     "TRIGGERS",
     "budget_thresholds",
@@ -591,5 +529,4 @@ __all__ = [
     "escalation_rates",
     "ood_threshold",
     "target_risk_threshold",
-    "trigger_masks",
 ]

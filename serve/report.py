@@ -81,7 +81,7 @@ def print_fit(profile: Profile, directory) -> None:
     table.add_column()
     rows = r.get("rows", {})
     table.add_row("calibration rows", f"{rows.get('used', 0):,} used of {rows.get('calibration', 0):,} "
-                  f"({rows.get('unknown_label', 0):,} unknown label, {rows.get('unscoreable', 0):,} unscoreable); "
+                  f"({rows.get('unknown_label', 0):,} unknown label, {rows.get('invalid', 0):,} invalid); "
                   f"{rows.get('temperature_fit', 0):,} fit T, {rows.get('thresholds', 0):,} choose thresholds")
     temp = f"{profile.temperature:.4f}"
     if profile.source_temperatures:
@@ -103,7 +103,8 @@ def print_fit(profile: Profile, directory) -> None:
     if rates:
         table.add_row("expected escalation", f"{fmt_rate(rates['union_before_policy_and_audit'])} (confidence "
                       f"{fmt_rate(rates['confidence'])}, disagreement {fmt_rate(rates['disagreement'])}, anomaly "
-                      f"{fmt_rate(rates['anomaly'])}); with audit {fmt_rate(rates['with_audit'])}, before policy rules")
+                      f"{fmt_rate(rates['anomaly'])}); with policy {fmt_rate(rates.get('policy', 0.0))} and audit "
+                      f"{fmt_rate(rates.get('audit', 0.0))}: {fmt_rate(rates['with_audit'])}")
     if "bank" in r:
         b = r["bank"]
         table.add_row("bank", f"{b['kept']:,} vectors, D={b['dim']}, {b['kind']} index" + (f", {b['dropped']} dropped" if b["dropped"] else ""))
@@ -119,7 +120,7 @@ def print_summary(summary: TriageSummary, *, title: str = "Triage summary", top_
     head.add_column()
     head.add_row("rows", f"{s.rows:,}")
     head.add_row("escalated", f"{s.escalated:,} ({fmt_rate(s.escalated / s.rows if s.rows else 0)})")
-    head.add_row("unscoreable (escalated)", f"{s.unscoreable:,}")
+    head.add_row("invalid (escalated)", f"{s.invalid:,}")
     if s.no_embedding:
         head.add_row("no usable embedding (escalated)", f"{s.no_embedding:,}")
     head.add_row("audit samples", f"{s.audit_samples:,}")

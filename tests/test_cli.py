@@ -108,7 +108,7 @@ def test_run_summary_matches_the_decisions_file(pipeline):
     escalate = column(decisions, "escalate")
     assert number(table["rows"]) == decisions.num_rows
     assert number(table["escalated"]) == int(escalate.sum())
-    assert number(table["unscoreable (escalated)"]) == int((~column(decisions, "valid")).sum())
+    assert number(table["invalid (escalated)"]) == int((~column(decisions, "valid")).sum())
     assert number(table["audit samples"]) == int(((mask & BITS["audit"]) > 0).sum())
     for reason, bit in BITS.items():
         assert number(table[reason]) == int(((mask & bit) > 0).sum()), reason

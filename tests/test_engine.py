@@ -265,7 +265,7 @@ def test_unscoreable_logits_are_escalated_never_accepted_and_counted(triaged, pr
     assert all(order.index(t) >= invalid_rank for t in column(decisions, "tier")[bad])
 
     summary = TriageSummary().update(decisions)
-    assert summary.unscoreable == len(bad)
+    assert summary.invalid == len(bad)
     assert summary.escalated == int(column(decisions, "escalate").sum())
 
     # The bad rows do not change anyone else's decision.
@@ -396,7 +396,7 @@ def test_summary_merge_equals_one_summary_of_everything(triaged):
     pieces = [TriageSummary().update(decisions.slice(a, b - a)) for a, b in ((0, 5000), (5000, 5001), (5001, 12_000))]
     merged = pieces[2].merge(pieces[0]).merge(pieces[1])
     expected, got = whole.to_dict(), merged.to_dict()
-    for key in ("rows", "escalated", "unscoreable", "audit_samples", "by_tier", "rows_by_source",
+    for key in ("rows", "escalated", "invalid", "audit_samples", "by_tier", "rows_by_source",
                 "escalated_by_source", "audit_by_stratum"):
         assert got[key] == expected[key], key
     # Independent counts from the columns.

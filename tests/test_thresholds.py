@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 from scipy.stats import binom, binomtest
 
-from hitl_triage.engine.policy import Thresholds
+import torch
+
+from hitl_triage.engine.config import PolicyConfig, TierConfig
+from hitl_triage.engine.policy import CategoryTables, RuleInputs, Thresholds
 from hitl_triage.engine.thresholds import (
     budget_thresholds,
     clopper_pearson_upper,
     escalation_rates,
     ood_threshold,
     target_risk_threshold,
-    trigger_masks,
 )
 
 if sys.version_info >= (3, 11):
@@ -89,36 +91,68 @@ def test_ood_threshold_rejects_bad_input():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_masks_follow_the_conventions_and_nan_never_passes(rng):
-    c, mi, ood, votes = signals(rng, 500)
+def oracle_masks(th, c, mi=None, ood=None, votes=None, predicted=None):
+    """The trigger conventions written out in numpy (the module docstring): NaN never passes."""
+    t_conf = np.asarray(th.confidence, np.float64)
+    if getattr(th, "per_class_confidence", None) is not None:
+        t_conf = np.asarray(th.per_class_confidence, np.float64)[predicted]
+    with np.errstate(invalid="ignore"):
+        conf = ~(c >= t_conf)
+        dis = np.zeros(len(c), bool)
+        if mi is not None and th.mutual_info < math.inf:
+            dis |= ~(mi <= th.mutual_info)
+        if votes is not None and th.vote_floor > 0:
+            dis |= ~(votes >= th.vote_floor)
+        anomaly = np.zeros(len(c), bool) if ood is None or th.ood == math.inf else ~(ood <= th.ood)
+    return {"confidence": conf, "disagreement": dis, "anomaly": anomaly}
+
+
+def rule_rates(th, c, mi=None, ood=None, votes=None, predicted=None):
+    """``escalation_rates`` (the engine's rule) on float32 copies of numpy signals; a row with a
+    NaN signal is an invalid row, as the signal kernel reports it."""
+    rows = len(c)
+    f32 = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    valid = ~np.isnan(c) & (np.ones(rows, bool) if mi is None else ~np.isnan(mi))
+    valid &= np.ones(rows, bool) if votes is None else ~np.isnan(votes)
+    inputs = RuleInputs(
+        confidence=f32(c), mutual_info=f32(np.zeros(rows) if mi is None else mi),
+        vote_agreement=f32(np.ones(rows) if votes is None else votes),
+        predicted_class=torch.from_numpy(np.zeros(rows, np.int32) if predicted is None else predicted.astype(np.int32)),
+        valid=torch.from_numpy(valid), ood_score=None if ood is None else f32(ood), category_code=None,
+        audit_sampled=torch.zeros(rows, dtype=torch.bool), members=1 if mi is None else 5, classes=10,
+    )
+    return escalation_rates(inputs, th, CategoryTables.build(PolicyConfig(), TierConfig(), "cpu"))
+
+
+def test_rates_come_from_the_rule_and_nan_never_passes(rng):
+    c, mi, ood, votes = (a.astype(np.float32).astype(np.float64) for a in signals(rng, 500))
     c[3], mi[4], ood[5], votes[6] = np.nan, np.nan, np.nan, np.nan
     th = Thresholds(confidence=0.7, mutual_info=0.1, ood=2.0, vote_floor=0.6)
-    masks = trigger_masks(th, c, mi, ood, vote_agreement=votes)
-    with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(masks["confidence"], (c < 0.7) | np.isnan(c))
-        np.testing.assert_array_equal(masks["disagreement"], (mi > 0.1) | np.isnan(mi) | (votes < 0.6) | np.isnan(votes))
-        np.testing.assert_array_equal(masks["anomaly"], (ood > 2.0) | np.isnan(ood))
-    rates = escalation_rates(th, c, mi, ood, vote_agreement=votes)
+    masks = oracle_masks(th, c, mi, ood, votes)
+    invalid = np.isnan(c) | np.isnan(mi) | np.isnan(votes)
+    # An invalid row fires every model trigger that could fire; a NaN distance (no embedding)
+    # fires the anomaly trigger.
+    masks["confidence"] |= invalid
+    masks["disagreement"] |= invalid
+    rates = rule_rates(th, c, mi, ood, votes)
     union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
-    assert rates.union == union.mean() and rates.solo["anomaly"] == masks["anomaly"].mean()
-    # Triggers that are off never fire, NaN or not: no bank, M = 1.
-    off = escalation_rates(Thresholds(confidence=0.7), c, None, np.full(500, np.nan))
-    assert off.solo["disagreement"] == off.solo["anomaly"] == 0.0
+    assert rates["union_before_policy_and_audit"] == union.mean()
+    for name in ("confidence", "disagreement", "anomaly"):
+        assert rates[name] == masks[name].mean(), name
+    # Triggers that are off never fire, except ANOMALY for rows without an embedding, which the
+    # bank could not vouch for (the engine's documented rule): M = 1, anomaly threshold off.
+    clean = ~np.isnan(c)
+    off = rule_rates(Thresholds(confidence=0.7), c[clean], None, np.where(np.arange(clean.sum()) < 7, np.nan, 1.0))
+    assert off["disagreement"] == 0.0 and off["anomaly"] == 7 / clean.sum()
 
 
-def test_rates_accept_the_engine_thresholds_and_per_class_confidence(rng):
-    from hitl_triage.engine.policy import Thresholds
-
-    c, mi, ood, votes = signals(rng, 300)
+def test_rates_apply_per_class_confidence(rng):
+    c, mi, _, _ = (a.astype(np.float32).astype(np.float64) for a in signals(rng, 300))
     predicted = rng.integers(0, 3, 300)
     th = Thresholds(confidence=0.5, mutual_info=0.2, vote_floor=0.0, ood=math.inf, per_class_confidence=[0.6, 0.7, 0.8])
-    rates = escalation_rates(th, c, mi, None, predicted_class=predicted)
-    expected = c < np.array([0.6, 0.7, 0.8])[predicted]
-    assert rates.solo["confidence"] == expected.mean()
-    with pytest.raises(ValueError, match="predicted_class: required"):
-        escalation_rates(th, c, mi)
-    with pytest.raises(ValueError, match="ood_score: required"):
-        escalation_rates(Thresholds(confidence=0.5, ood=1.0), c)
+    rates = rule_rates(th, c, mi, None, None, predicted)
+    expected = c < np.array([0.6, 0.7, 0.8], np.float32)[predicted]
+    assert rates["confidence"] == expected.mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,11 +172,13 @@ def test_budget_union_rate_holds_on_fresh_data(budget, split, rng):
     for name, share in chosen.shares.items():
         assert abs(chosen.solo_rates[name] - share * chosen.scale * budget) <= 1.0 / rows, name
     assert chosen.scale >= 1.0  # overlaps only ever push s up
-    fresh = escalation_rates(chosen, *signals(rng, rows)[:3])
+    fresh_c, fresh_mi, fresh_ood, _ = signals(rng, rows)
+    fresh_masks = oracle_masks(chosen, fresh_c, fresh_mi, fresh_ood)
+    fresh_union = (fresh_masks["confidence"] | fresh_masks["disagreement"] | fresh_masks["anomaly"]).mean()
     # Fresh union rate = the thresholds' true rate (within ~sqrt(b(1-b)/N) of b, from fitting)
     # plus the fresh sample's own binomial noise: 5 standard deviations of both.
     tolerance = 5 * math.sqrt(2 * budget * (1 - budget) / rows)
-    assert abs(fresh.union - budget) < tolerance, (fresh.union, budget, tolerance)
+    assert abs(fresh_union - budget) < tolerance, (fresh_union, budget, tolerance)
 
 
 def test_budget_triggers_without_data_hand_their_share_on(rng):
@@ -166,7 +202,7 @@ def test_budget_counts_nan_and_low_votes_as_firing(rng):
     c[:150] = np.nan
     chosen = budget_thresholds(c, mi, ood, 0.1, vote_agreement=votes, vote_floor=0.4)
     assert 0 < np.mean(votes < 0.4) < 0.05  # some rows fire on their votes alone
-    masks = trigger_masks(chosen, c, mi, ood, vote_agreement=votes)
+    masks = oracle_masks(chosen, c, mi, ood, votes)
     union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
     assert union[:150].all()
     assert chosen.union_rate == union.mean()

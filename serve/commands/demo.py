@@ -73,8 +73,8 @@ def print_demo(result, wall: float) -> None:
     strata, top, low, high = audit_strata_summary(dict(s.audit_by_stratum))
     table.add_row("audit sample", f"{s.audit_samples:,} rows in {strata} strata ({low}-{high} per stratum); "
                   f"largest: " + ", ".join(f"{name} {count}" for name, count in top[:3]))
-    if s.unscoreable or s.no_embedding:
-        table.add_row("unscoreable", f"{s.unscoreable:,} rows with unusable logits and {s.no_embedding:,} without a "
+    if s.invalid or s.no_embedding:
+        table.add_row("invalid", f"{s.invalid:,} rows with unusable logits and {s.no_embedding:,} without a "
                       "usable embedding were escalated")
     table.add_row("profile", f"{result.profile_dir} (version {result.profile.version}, T={result.profile.temperature:.3f})")
     table.add_row("decisions", str(result.run.output))
