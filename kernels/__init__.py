@@ -15,10 +15,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._dispatch import BackendUnavailable  # noqa: E402
 from .audit import audit_uniform
+from .calibration import RowStatistics, nll_derivative_sums, row_statistics
 from .knn import KnnIndex, knn_distance, knn_search
 from .signals import EnsembleSignals, ensemble_signals
 
 __all__ = [
-    "BackendUnavailable", "EnsembleSignals", "KnnIndex", "audit_uniform", "ensemble_signals", "knn_distance",
-    "knn_search",
+    "BackendUnavailable", "EnsembleSignals", "KnnIndex", "RowStatistics", "audit_uniform", "ensemble_signals",
+    "knn_distance", "knn_search", "nll_derivative_sums", "row_statistics",
 ]

@@ -17,6 +17,7 @@ from sklearn.metrics import log_loss
 
 from hitl_triage.engine import calibration
 from hitl_triage.engine.calibration import calibration_metrics, fit_temperature
+from hitl_triage.kernels.calibration import numba_cpu as calibration_numba
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -297,7 +298,7 @@ def test_result_does_not_depend_on_the_thread_count(rng, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as single:
-        monkeypatch.setattr(calibration, "_POOL", single)
+        monkeypatch.setattr(calibration_numba, "_POOL", single)
         again = fit_temperature(z, y)
     assert again.temperature == reference.temperature and again.after.nll == reference.after.nll
 

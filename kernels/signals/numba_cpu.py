@@ -52,6 +52,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .._numba_math import LOG2E, bits_f32, f32_bits
+
 logger = logging.getLogger(__name__)
 
 f32 = np.float32
@@ -74,37 +76,14 @@ i32 = np.int32
 # float64 and halve the vector width. The helpers are inlined by numba (``inline="always"``): left
 # to LLVM's inliner, f16_to_f32 stayed a call inside the 16-bit load loop, which then ran scalar.
 #
-# They live in this file on purpose: numba's on-disk cache of a function is keyed on the time stamp
-# of that function's own source file only, so a kernel cached here would keep a stale inlined copy
-# of a helper edited in another file.
+# The float32 polynomials live in this file on purpose: numba's on-disk cache of a function is keyed
+# on the time stamp of that function's own source file only, so a kernel cached here would keep a
+# stale inlined copy of a helper edited in another file. The bit casts and log2(e), identical for
+# the float64 calibration kernels, come from kernels/_numba_math.py (see its note on editing).
 
 # Flags for every helper: fused multiply-add only. "reassoc" would let LLVM fold the Cody-Waite
 # split x - n*C1 - n*C2 into x - n*(C1+C2) and lose the low bits.
 MATH_FLAGS = {"contract"}
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """The IEEE-754 bits of a float32 as an int32 (a register move, vectorises)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def bits_f32(typingctx, x):
-    """The float32 whose IEEE-754 bits are the int32 ``x``."""
-    if x != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
 
 @intrinsic
 def fmax(typingctx, a, b):
@@ -179,7 +158,7 @@ def transpose8(typingctx, src, src_start, src_stride, dst, dst_start, dst_stride
 
 # exp: x = n*ln2 + r with |r| <= ln2/2, exp(x) = 2^n * P(r). ln2 is split in two (C1 has few
 # mantissa bits, so n*C1 is exact) to keep r accurate for |n| up to 150.
-_LOG2E = f32(1.44269504088896341)
+_LOG2E = f32(LOG2E)
 _EXP_C1 = f32(0.693359375)
 _EXP_C2 = f32(-2.12194440e-4)
 _EXP_P0 = f32(1.9875691500e-4)
