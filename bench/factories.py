@@ -8,7 +8,7 @@ suites decide them.
 - :func:`make_triage_data`: a labelled, clustered world with ground truth (true class, OOD flag),
   from which logits of a small overconfident ensemble and embeddings are derived, so calibration,
   OOD scoring and escalation quality can be measured on one data set. It stands in for the fleet
-  simulator (``hitl_triage.serve.fleet``) where that is not available.
+  simulator (``hitl_triage.serve.sim``) where that is not available.
 - :func:`to_arrow`: the same data as an Arrow table in the data contract (Parquet-ready).
 """
 
@@ -251,12 +251,12 @@ def fleet_data(
     seed: int = 0,
     **fleet_overrides,
 ) -> FleetData:
-    """Data from ``hitl_triage.serve.fleet`` (``FleetConfig(**fleet_overrides)``), or, where the
+    """Data from ``hitl_triage.serve.sim`` (``FleetConfig(**fleet_overrides)``), or, where the
     fleet simulator is not installed, from :func:`make_triage_data` (``ood_share`` carried over)."""
     import pyarrow as pa
 
     try:
-        from hitl_triage.serve.fleet import (
+        from hitl_triage.serve.sim import (
             FleetConfig,
             generate_bank_batches,
             generate_calibration_batches,
@@ -282,7 +282,7 @@ def fleet_data(
         calibration_logits=fixed_list_values(calibration.column("logits"), members, classes) if calibration is not None else np.empty((0, members, classes), np.float32),
         calibration_labels=calibration.column("label").to_numpy() if calibration is not None else np.empty(0, np.int32),
         bank_embedding=fixed_list_values(bank.column("embedding"), dim) if bank is not None else np.empty((0, dim), np.float32),
-        origin=f"fleet simulator (hitl_triage.serve.fleet, seed {seed}"
+        origin=f"fleet simulator (hitl_triage.serve.sim, seed {seed}"
         + "".join(f", {k}={v}" for k, v in fleet_overrides.items()) + ")",
     )
 

@@ -14,7 +14,7 @@ from hitl_triage.engine.config import TriageConfig
 from hitl_triage.engine.evaluation import CatchRates, catch_rates, escalate_top
 from hitl_triage.engine.profile import Profile
 
-from .fleet import FleetConfig, FleetFiles, simulate_fleet
+from .sim import FleetConfig, FleetFiles, simulate_fleet
 from .offline import RunResult, run_offline
 
 DEMO_POLICY = {
@@ -69,7 +69,7 @@ def run_demo(
         files = simulate_fleet(out_dir / "fleet.parquet", FleetConfig(rows=rows, sources=sources, seed=seed),
                                progress=simulate_progress)
     elif data == "digits":
-        from .digits import make_digits_files
+        from .sim.digits import make_digits_files
 
         announce("training a 5-member ensemble on scikit-learn's digits (0-7; 8 and 9 are unseen)")
         files = make_digits_files(out_dir / "fleet.parquet", seed=seed)

@@ -296,8 +296,8 @@ def fleet_tables(rows: int, *, seed: int = 0, dim: int = 16, calibration_rows: i
                  sources: int = 4):
     """A small simulated fleet in memory (fleet, truth, calibration, bank tables), made once per
     process and shared by the test modules (the simulator is deterministic per seed)."""
-    from hitl_triage.serve.fleet import (FleetConfig, generate_bank_batches, generate_calibration_batches,
-                                         generate_fleet_with_truth)
+    from hitl_triage.serve.sim import (FleetConfig, generate_bank_batches, generate_calibration_batches,
+                                       generate_fleet_with_truth)
 
     config = FleetConfig(rows=rows, seed=seed, dim=dim, calibration_rows=calibration_rows, bank_rows=bank_rows,
                          sources=sources)

@@ -1,5 +1,5 @@
 """A real dataset a Python package ships: scikit-learn's handwritten digits (issue 3, "How it is
-shown"), through serve/digits.make_digits_files: a 5-member MLP ensemble trained here on digits
+shown"), through serve/sim/digits.make_digits_files: a 5-member MLP ensemble trained here on digits
 0-7 (8 and 9 held out as "unseen_class", plus corrupted scans), its calibration, bank and fleet
 files, a profile fitted on them and the fleet triaged.
 
@@ -32,7 +32,7 @@ from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixtu
 )
 from hitl_triage.engine.engine import TriageEngine
 from hitl_triage.engine.profile import Profile
-from hitl_triage.serve.digits import make_digits_files
+from hitl_triage.serve.sim.digits import make_digits_files
 
 SEED = 0
 

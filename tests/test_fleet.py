@@ -24,9 +24,9 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from hitl_triage.serve import fleet
 from hitl_triage.serve.cli import main
-from hitl_triage.serve.fleet import (
+from hitl_triage.serve.sim import (
+    DAY_MS,
     GENERATION_BLOCK_ROWS,
     KINDS,
     TRUTH_SCHEMA,
@@ -37,6 +37,7 @@ from hitl_triage.serve.fleet import (
     generate_fleet_with_truth,
     simulate_fleet,
 )
+from hitl_triage.serve.sim.world import build_world
 
 CONFIG = FleetConfig(rows=60_000, sources=6, calibration_rows=8_000, bank_rows=10_000, seed=11)
 K_NEIGHBOURS = 10  # the k of the k-NN OOD score (DESIGN.md: distance to the k-th nearest)
@@ -279,9 +280,9 @@ def test_traffic_categories_and_timestamps(day):
     ts = fleet_table.column("ts").cast(pa.int64()).to_numpy()
     start = int(dt.datetime.fromisoformat(CONFIG.day_start).timestamp() * 1000)
     assert np.all(np.diff(ts) >= 0)
-    assert start <= ts[0] < start + 60_000 and start + fleet.DAY_MS - 60_000 < ts[-1] < start + fleet.DAY_MS
+    assert start <= ts[0] < start + 60_000 and start + DAY_MS - 60_000 < ts[-1] < start + DAY_MS
     cal_ts = calibration.column("ts").cast(pa.int64()).to_numpy()
-    assert cal_ts.min() >= start - fleet.DAY_MS and cal_ts.max() < start
+    assert cal_ts.min() >= start - DAY_MS and cal_ts.max() < start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def test_logits_are_the_member_heads_applied_to_the_embedding(day):
     # Tolerance: float32 products of length <= D with |terms| up to the row's largest logit, so a
     # few ulps of that (1e-5 relative) - a forgotten part (drift, corruption) is off by far more.
     fleet_table, truth, _, _ = day
-    world = fleet._world(CONFIG)
+    world = build_world(CONFIG)
     z = logits_of(fleet_table, CONFIG).reshape(fleet_table.num_rows, -1)
     expected = embeddings_of(fleet_table, CONFIG) @ world.heads.astype(np.float64) + world.biases
     scale = np.abs(expected).max(axis=1, keepdims=True)
@@ -402,7 +403,7 @@ def test_burst_and_drift_are_where_configured(day):
     source = column(fleet_table, "source")
     ts = fleet_table.column("ts").cast(pa.int64()).to_numpy()
     start = int(dt.datetime.fromisoformat(CONFIG.day_start).timestamp() * 1000)
-    when = (ts - start) / fleet.DAY_MS
+    when = (ts - start) / DAY_MS
     names = CONFIG.source_names
 
     # Burst: 40% OOD (all corrupted) on source 1 in [0.55, 0.60) of the day, the 2% base elsewhere.

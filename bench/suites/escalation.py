@@ -1,6 +1,6 @@
 """escalation: how much of what matters each policy sends to review at a 5%, 10% and 20% budget.
 
-Data: one simulated day of the fleet (``hitl_triage.serve.fleet`` defaults: a few percent of
+Data: one simulated day of the fleet (``hitl_triage.serve.sim`` defaults: a few percent of
 out-of-distribution rows, an OOD burst on one source, drift on another), its labelled calibration
 rows and its reference bank; the truth file says which rows the ensemble got wrong and which are OOD.
 

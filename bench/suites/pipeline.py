@@ -28,10 +28,10 @@ def run(ctx) -> None:
     try:
         from hitl_triage.engine.config import TriageConfig
         from hitl_triage.engine.profile import Profile
-        from hitl_triage.serve.fleet import FleetConfig, simulate_fleet
+        from hitl_triage.serve.sim import FleetConfig, simulate_fleet
         from hitl_triage.serve.offline import run_offline
     except ImportError as exc:
-        raise NotAvailableYet(f"triage run (engine profile, serve.offline, serve.fleet): {exc}") from exc
+        raise NotAvailableYet(f"triage run (engine profile, serve.offline, serve.sim): {exc}") from exc
     import pyarrow.parquet as pq
 
     rows, bank_rows = _sizes(ctx.quick)

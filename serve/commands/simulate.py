@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..fleet import FleetConfig, simulate_fleet
+from ..sim import FleetConfig, simulate_fleet
 
 _DEFAULTS = FleetConfig()
 logger = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .fleet import TRUTH_SCHEMA, FleetFiles, fleet_paths
+from .encode import TRUTH_SCHEMA
+from .parquet import FleetFiles, fleet_paths
 
 logger = logging.getLogger(__name__)
 
