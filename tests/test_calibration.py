@@ -15,7 +15,6 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from hitl_triage.engine import calibration
 from hitl_triage.engine.calibration import calibration_metrics, fit_temperature
 from hitl_triage.kernels.calibration import numba_cpu as calibration_numba
 
