@@ -52,10 +52,11 @@ def cache_dir() -> Path:
 
 
 def _digest() -> str:
+    from .. import _numba_math
     from . import numba_cpu
 
     h = hashlib.sha256()
-    for path in (__file__, numba_cpu.__file__):
+    for path in (__file__, numba_cpu.__file__, _numba_math.__file__):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
