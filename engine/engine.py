@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from hitl_triage.kernels.audit import REGISTRY as AUDIT_BACKENDS
 from hitl_triage.kernels.knn import prepare_knn
 from hitl_triage.kernels.signals import prepare_signals
 
@@ -156,7 +157,9 @@ class TriageEngine:
         self._temperatures = TemperatureTable(profile.temperature, profile.source_temperatures, self.device)
         self._categories = CategoryTables.build(profile.config.policy, profile.config.tiers, self.device)
         prepare_signals(profile.members, profile.classes, self.device)
-        if profile.bank is not None:  # the k-NN search compiled now, not on the first batch
+        # Every kernel a batch calls is compiled (or loaded from numba's cache) now, not on the first batch.
+        AUDIT_BACKENDS.resolve(self.device.type)  # imports the audit draw's backend (eagerly compiled kernels)
+        if profile.bank is not None:
             prepare_knn(profile.bank, profile.k, self.device)
         self._missing_embedding_ok = profile.config.policy.on_missing_embedding == "escalate"
 

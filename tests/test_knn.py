@@ -21,13 +21,15 @@ import torch
 
 from hitl_triage.kernels import BackendUnavailable, knn_distance
 from hitl_triage.kernels._dispatch import triton_interpreting
+from hitl_triage.engine.bank import load_bank, save_bank
 from hitl_triage.kernels.knn import REGISTRY, KnnIndex, knn_search, set_faiss_threads
 from hitl_triage.kernels.knn.index import RawBank, default_nlist, default_nprobe
 from hitl_triage.kernels.knn.reference import knn_search_reference
 
 HAS_CUDA = torch.cuda.is_available()
-CPU_BACKENDS = REGISTRY.available("cpu")
-EXACT_CPU_BACKENDS = [b for b in ("faiss", "torch", "reference") if b in CPU_BACKENDS]
+# The backends that search a raw array (exactly); "ivf" needs an IVF index and has its own tests.
+CPU_BACKENDS = [b for b in REGISTRY.available("cpu") if b != "ivf"]
+EXACT_CPU_BACKENDS = [b for b in ("faiss", "torch", "reference") if b in CPU_BACKENDS]  # "ivf" is approximate
 
 # Unit roundoffs. Tolerances below are bounds on the error of the cosine (see cosine_tolerance).
 U32 = 2.0**-24
@@ -411,7 +413,7 @@ def test_ivf_kth_distance_error_and_every_query_gets_k_neighbours(k, rng):
     assert (index.nlist, index.nprobe) == (default_nlist(20_000), default_nprobe(default_nlist(20_000)))
     # Large k from a small bank probes more lists: at least 64 * k vectors scanned on average.
     assert index.search_nprobe(k) == min(index.nlist, max(index.nprobe, -(-64 * k * index.nlist // 20_000)))
-    approx, ids = knn_search(queries, index, k, backend="faiss")
+    approx, ids = knn_search(queries, index, k, backend="ivf")
     exact, _ = knn_search(queries, bank, k, backend="faiss")
     assert (ids >= 0).all(), "every query must get k real neighbours"
     rel = np.abs(approx[:, -1] - exact[:, -1]) / exact[:, -1]
@@ -434,7 +436,7 @@ def test_ivf_queries_left_short_are_searched_exactly(rng, monkeypatch):
     index = KnnIndex.build(bank, kind="ivf", nlist=4000 // 39, nprobe=1)
     short = (search_ivf(_unit(queries), index.host_unit(), index.lists, 1, 60)[1] < 0).any(axis=1)
     assert short.any(), "the set-up must leave some FAISS rows short"
-    distances, ids = knn_search(queries, index, 60, backend="faiss")
+    distances, ids = knn_search(queries, index, 60, backend="ivf")
     assert (ids >= 0).all()
     exact_d, exact_i = knn_search(queries, index, 60, backend="torch")
     np.testing.assert_allclose(distances[short], exact_d[short], atol=2e-6)
@@ -445,7 +447,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("backend", [b for b in EXACT_CPU_BACKENDS if b != "faiss"])
+@pytest.mark.parametrize("backend", EXACT_CPU_BACKENDS)
 def test_ivf_index_with_an_exact_backend_is_exact(backend, rng):
     bank, centres = clustered_bank(rng, 2000, 16)
     queries = make_queries(rng, 100, 16, centres, bank)
@@ -471,7 +473,7 @@ def test_add_then_search_equals_build_on_the_concatenation(kind, rng):
         d_whole, i_whole = knn_search(queries, whole, 15, backend=backend)
         np.testing.assert_array_equal(i_added, i_whole)
         np.testing.assert_allclose(d_added, d_whole, atol=1e-6)
-    d, i = knn_search(queries, index, 15, backend="faiss")
+    d, i = knn_search(queries, index, 15)  # the automatic choice: "faiss" for flat, "ivf" for IVF
     if kind == "flat":
         assert_knn_matches(d, i, queries, bank, 15, cosine_tolerance(24, False), "flat after add")
     else:
@@ -485,10 +487,10 @@ def test_save_load_round_trip(kind, mmap, rng, tmp_path):
     queries = make_queries(rng, 100, 20, centres, bank)
     index = KnnIndex.build(bank, kind=kind, **({"nprobe": 3} if kind == "ivf" else {}))
     before = knn_search(queries, index, 8)
-    index.save(tmp_path / "bank")
+    save_bank(index, tmp_path / "bank")
     meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
     assert meta["kind"] == kind and meta["ntotal"] == 2500 and meta["dim"] == 20
-    loaded = KnnIndex.load(tmp_path / "bank", mmap=mmap)
+    loaded = load_bank(tmp_path / "bank", mmap=mmap)
     assert (loaded.kind, loaded.ntotal, loaded.dim, loaded.nlist, loaded.nprobe) == (
         index.kind, index.ntotal, index.dim, index.nlist, index.nprobe)
     np.testing.assert_array_equal(loaded.vectors, index.vectors)
@@ -503,18 +505,18 @@ def test_save_load_round_trip(kind, mmap, rng, tmp_path):
     d, i = knn_search(bank[:7], loaded, 2, backend="torch")
     assert [sorted(row) for row in i.tolist()] == [[j, 2500 + j] for j in range(7)]
     np.testing.assert_allclose(d, 0.0, atol=1e-3)
-    assert KnnIndex.load(tmp_path / "bank", mmap=mmap).ntotal == 2500
-    loaded.save(tmp_path / "bank")
-    assert KnnIndex.load(tmp_path / "bank").ntotal == 2507
+    assert load_bank(tmp_path / "bank", mmap=mmap).ntotal == 2500
+    save_bank(loaded, tmp_path / "bank")
+    assert load_bank(tmp_path / "bank").ntotal == 2507
 
 
 def test_saving_flat_over_ivf_removes_the_ivf_files(rng, tmp_path):
     bank, _ = clustered_bank(rng, 500, 8)
-    KnnIndex.build(bank, kind="ivf").save(tmp_path)
+    save_bank(KnnIndex.build(bank, kind="ivf"), tmp_path)
     ivf_files = ("row_ids.npy", "centroids.npy", "offsets.npy")
     assert all((tmp_path / name).exists() for name in ivf_files)
-    KnnIndex.build(bank, kind="flat").save(tmp_path)
-    assert not any((tmp_path / name).exists() for name in ivf_files) and KnnIndex.load(tmp_path).kind == "flat"
+    save_bank(KnnIndex.build(bank, kind="flat"), tmp_path)
+    assert not any((tmp_path / name).exists() for name in ivf_files) and load_bank(tmp_path).kind == "flat"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
 
 
@@ -615,6 +617,80 @@ def test_environment_variable_picks_the_backend(monkeypatch):
     assert calls == [1]
 
 
+def test_automatic_choice_follows_the_bank_kind_and_names_what_runs(rng, monkeypatch):
+    """CPU queries: "ivf" (the numba scan) for an IVF bank, "faiss" (exact) for a flat bank or a
+    raw array; the backend asked for is the code that runs."""
+    monkeypatch.delenv("HITL_TRIAGE_KNN_BACKEND", raising=False)
+    assert REGISTRY.resolve("cpu", index_kind="ivf")[0] == "ivf"
+    assert REGISTRY.resolve("cpu", index_kind="flat")[0] == "faiss" and REGISTRY.resolve("cpu")[0] == "faiss"
+    bank, centres = clustered_bank(rng, 2000, 16)
+    queries = make_queries(rng, 50, 16, centres, bank, degenerate=False)
+    ivf = KnnIndex.build(bank, kind="ivf", nprobe=1)
+    calls = []
+    for name in ("faiss", "ivf"):
+        real = REGISTRY._load(name)
+        monkeypatch.setitem(REGISTRY._loaded, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    knn_search(queries, ivf, 5)
+    knn_search(queries, KnnIndex.build(bank, kind="flat"), 5)
+    knn_search(queries, bank, 5)
+    knn_search(queries, ivf, 5, backend="faiss")
+    assert calls == ["ivf", "faiss", "faiss", "faiss"]
+    # "faiss" searches an IVF bank exactly: the same distances as a flat bank of the same vectors.
+    np.testing.assert_array_equal(knn_search(queries, ivf, 5, backend="faiss")[0],
+                                  knn_search(queries, KnnIndex.build(bank, kind="flat"), 5, backend="faiss")[0])
+
+
+def test_ivf_backend_refuses_a_bank_without_lists(rng, monkeypatch):
+    bank, _ = clustered_bank(rng, 200, 8)
+    with pytest.raises(BackendUnavailable, match=r"knn backend 'ivf' \(from the backend argument\) cannot serve a flat bank"):
+        knn_search(bank[:3], KnnIndex.build(bank, kind="flat"), 2, backend="ivf")
+    monkeypatch.setenv("HITL_TRIAGE_KNN_BACKEND", "ivf")
+    with pytest.raises(BackendUnavailable, match=r"'ivf' \(from the environment variable HITL_TRIAGE_KNN_BACKEND\) cannot serve a flat"):
+        knn_search(bank[:3], bank, 2)
+    assert knn_search(bank[:3], KnnIndex.build(bank, kind="ivf"), 2)[1].shape == (3, 2)
+
+
+def test_ivf_bank_falls_back_to_exact_search_with_a_warning(rng, monkeypatch, caplog):
+    """Where the IVF scan cannot be imported, an automatic choice searches an IVF bank exactly
+    (the flat preference) and says so once; forcing "ivf" then raises."""
+    from hitl_triage.kernels._dispatch import Backend, cpu_only
+
+    monkeypatch.delenv("HITL_TRIAGE_KNN_BACKEND", raising=False)
+    monkeypatch.setitem(REGISTRY.backends, "ivf", Backend("ivf", "hitl_triage.kernels.knn.no_such_module", "x", cpu_only))
+    monkeypatch.setattr(REGISTRY, "_loaded", {k: v for k, v in REGISTRY._loaded.items() if k != "ivf"})
+    monkeypatch.setattr(REGISTRY, "_import_errors", {})
+    monkeypatch.setattr(REGISTRY, "_warned", set())
+    bank, centres = clustered_bank(rng, 500, 8)
+    index = KnnIndex.build(bank, kind="ivf")
+    with caplog.at_level("WARNING", logger="hitl_triage.kernels.knn"):
+        assert REGISTRY.resolve("cpu", index_kind="ivf")[0] == "faiss"
+        knn_search(bank[:4], index, 3)
+    warnings = [r.getMessage() for r in caplog.records if "IVF bank" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped: ivf (ModuleNotFoundError" in warnings[0], warnings
+    with pytest.raises(BackendUnavailable, match=r"knn backend 'ivf' \(from the backend argument\) could not be imported"):
+        knn_search(bank[:4], index, 3, backend="ivf")
+
+
+def test_from_arrays_rebuilds_an_index_from_to_arrays(rng):
+    bank, centres = clustered_bank(rng, 1500, 12)
+    queries = make_queries(rng, 60, 12, centres, bank)
+    for kind in ("flat", "ivf"):
+        index = KnnIndex.build(bank, kind=kind)
+        arrays = index.to_arrays()
+        assert set(arrays) == ({"vectors"} if kind == "flat" else {"vectors", "row_ids", "centroids", "offsets"})
+        again = KnnIndex.from_arrays(**arrays, **({"nprobe": index.nprobe} if kind == "ivf" else {}))
+        assert (again.kind, again.ntotal, again.nlist, again.nprobe) == (index.kind, index.ntotal, index.nlist, index.nprobe)
+        for a, b in zip(knn_search(queries, again, 7), knn_search(queries, index, 7)):
+            np.testing.assert_array_equal(a, b)
+    arrays = KnnIndex.build(bank, kind="ivf").to_arrays()
+    with pytest.raises(ValueError, match=r"nprobe: an IVF index needs row_ids, centroids, offsets and nprobe"):
+        KnnIndex.from_arrays(**arrays)
+    with pytest.raises(ValueError, match=r"vectors: expected a C-contiguous float32 array \[N, D\], found float64"):
+        KnnIndex.from_arrays(bank.astype(np.float64))
+    with pytest.raises(ValueError, match=r"offsets: expected non-decreasing offsets from 0 to 1500"):
+        KnnIndex.from_arrays(**dict(arrays, offsets=arrays["offsets"][::-1].copy()), nprobe=1)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only refusal")
 def test_faiss_refuses_cuda_inputs_where_it_has_no_gpu():
     with pytest.raises(BackendUnavailable, match=r"knn backend 'faiss' \(from the backend argument\) cannot serve cuda inputs: serves cpu"):
@@ -653,15 +729,15 @@ def test_index_property_and_add_errors(rng):
 
 def test_load_errors_name_the_file(rng, tmp_path):
     with pytest.raises(FileNotFoundError, match="directory: expected a saved KnnIndex with .*meta.json, found no such file"):
-        KnnIndex.load(tmp_path / "missing")
-    KnnIndex.build(rng.standard_normal((50, 4)).astype(np.float32)).save(tmp_path)
+        load_bank(tmp_path / "missing")
+    save_bank(KnnIndex.build(rng.standard_normal((50, 4)).astype(np.float32)), tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, version=99)))
     with pytest.raises(ValueError, match=r"meta.json: expected format 'hitl-triage-knn-index' version 1 or 2, found 'hitl-triage-knn-index' version 99"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, ntotal=51)))
     with pytest.raises(ValueError, match=r"vectors.npy: expected float32 \(51, 4\), found float32 \(50, 4\)"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, kind="hnsw")))
     with pytest.raises(ValueError, match=r"meta.json: expected kind 'flat' or 'ivf', found 'hnsw'"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hitl_triage.engine.bank import load_bank, save_bank, tune_nprobe
 from hitl_triage.kernels.knn import KnnIndex, knn_distance, knn_search
 from hitl_triage.kernels.knn import ivf_cpu
 from hitl_triage.kernels.knn.ivf_cpu import IvfLists, group_by_list, merged_order, search_ivf
@@ -210,7 +211,7 @@ def test_ivf_probing_every_list_is_exact(rng):
     q = unit(clustered(rng, 200, 32))
     index = KnnIndex.build(x, kind="ivf", nlist=20)
     index.nprobe = index.nlist
-    d_ivf, i_ivf = knn_search(q, index, 10, backend="faiss")
+    d_ivf, i_ivf = knn_search(q, index, 10, backend="ivf")
     d_flat, i_flat = knn_search(q, KnnIndex.build(x, kind="flat"), 10, backend="faiss")
     np.testing.assert_allclose(d_ivf, d_flat, atol=2e-6)
     assert (np.sort(i_ivf, axis=1) == np.sort(i_flat, axis=1)).mean() > 0.999  # ties aside
@@ -220,10 +221,10 @@ def test_memory_mapped_ivf_searches_like_in_memory(rng, tmp_path):
     x = clustered(rng, 3000, 16)
     q = unit(clustered(rng, 100, 16))
     index = KnnIndex.build(x, kind="ivf", nprobe=3)
-    index.save(tmp_path / "bank")
-    mapped = KnnIndex.load(tmp_path / "bank", mmap=True)
+    save_bank(index, tmp_path / "bank")
+    mapped = load_bank(tmp_path / "bank", mmap=True)
     assert isinstance(mapped.host_unit(), np.memmap) or isinstance(mapped.host_unit().base, np.memmap)
-    for backend in ("faiss", "torch"):
+    for backend in ("ivf", "faiss", "torch"):
         np.testing.assert_array_equal(knn_search(q, mapped, 7, backend=backend)[1], knn_search(q, index, 7, backend=backend)[1])
 
 
@@ -242,29 +243,29 @@ def test_version_1_ivf_directory_loads(rng, tmp_path):
     meta = {"format": "hitl-triage-knn-index", "version": 1, "kind": "ivf", "dim": 20, "ntotal": 2000,
             "nlist": 12, "nprobe": 3, "dtype": "float32", "normalised": True}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    loaded = KnnIndex.load(tmp_path)
+    loaded = load_bank(tmp_path)
     assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.ntotal) == ("ivf", 12, 3, 2000)
     np.testing.assert_array_equal(loaded.vectors, x)
-    d, ids = knn_search(q, loaded, 5, backend="faiss")
+    d, ids = knn_search(q, loaded, 5, backend="ivf")
     sims, expected = ivf.search(q, 5, params=faiss.SearchParametersIVF(nprobe=3))
     np.testing.assert_allclose(d, np.sqrt(np.maximum(2 - 2 * sims, 0)), atol=2e-6)
     assert (np.sort(ids, axis=1) == np.sort(expected, axis=1)).mean() > 0.999  # ties aside
-    loaded.save(tmp_path)  # rewritten as version 2 in place
+    save_bank(loaded, tmp_path)  # rewritten as version 2 in place
     assert json.loads((tmp_path / "meta.json").read_text())["version"] == 2 and not (tmp_path / "ivf.faiss").exists()
-    np.testing.assert_array_equal(knn_search(q, KnnIndex.load(tmp_path), 5, backend="faiss")[1], ids)
+    np.testing.assert_array_equal(knn_search(q, load_bank(tmp_path), 5, backend="ivf")[1], ids)
 
 
 def test_load_refuses_inconsistent_ivf_files(rng, tmp_path):
-    KnnIndex.build(clustered(rng, 500, 8), kind="ivf", nlist=5).save(tmp_path)
+    save_bank(KnnIndex.build(clustered(rng, 500, 8), kind="ivf", nlist=5), tmp_path)
     np.save(tmp_path / "offsets.npy", np.array([0, 100, 50, 300, 400, 500]))
     with pytest.raises(ValueError, match=r"offsets.npy: expected non-decreasing offsets from 0 to 500"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)
     np.save(tmp_path / "offsets.npy", np.arange(5))
     with pytest.raises(ValueError, match=r"offsets.npy: expected int64 \(6,\), found int64 \(5,\)"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)
     (tmp_path / "row_ids.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"row_ids.npy: expected a saved array, found no such file"):
-        KnnIndex.load(tmp_path)
+        load_bank(tmp_path)
 
 
 def test_tune_nprobe_finds_the_smallest_passing_value(rng):
@@ -279,7 +280,7 @@ def test_tune_nprobe_finds_the_smallest_passing_value(rng):
         rel = np.abs(knn_distance(calibration, index, 5) - exact) / exact
         return rel.mean() + 2 * rel.std() / np.sqrt(rel.size)
 
-    report = index.tune_nprobe(calibration, 5, 0.005)
+    report = tune_nprobe(index, calibration, 5, 0.005)
     chosen = report["nprobe"]
     assert report["knn_error_bound"] <= 0.005 and report["knn_error"] <= report["knn_error_bound"]
     assert chosen == 1 or bound(chosen - 1) > 0.005
@@ -288,15 +289,15 @@ def test_tune_nprobe_finds_the_smallest_passing_value(rng):
     # Probing every list is exact up to float32 summation order (the scan's against FAISS's).
     assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-6
     with pytest.raises(ValueError, match=r"kind: tune_nprobe needs kind='ivf', found 'flat'"):
-        KnnIndex.build(x, kind="flat").tune_nprobe(calibration, 5, 0.01)
+        tune_nprobe(KnnIndex.build(x, kind="flat"), calibration, 5, 0.01)
 
 
 def test_prepare_knn_compiles_ahead(rng):
     from hitl_triage.kernels.knn import prepare_knn
 
     x = clustered(rng, 300, 8)
-    for kind in ("flat", "ivf"):
-        assert prepare_knn(KnnIndex.build(x, kind=kind), 5) == "faiss"
+    for kind, backend in (("flat", "faiss"), ("ivf", "ivf")):
+        assert prepare_knn(KnnIndex.build(x, kind=kind), 5) == backend
     with pytest.raises(TypeError, match="bank: expected a KnnIndex, found ndarray"):
         prepare_knn(x, 5)
 

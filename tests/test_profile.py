@@ -367,7 +367,7 @@ def test_ivf_bank_is_tuned_at_fit_and_keeps_its_nprobe(tmp_path):
     exact = np.asarray(knn_distance(queries, profile.bank, 5, backend="torch"), np.float64)
 
     def error() -> float:
-        approx = np.asarray(knn_distance(queries, profile.bank, 5, backend="faiss"), np.float64)
+        approx = np.asarray(knn_distance(queries, profile.bank, 5, backend="ivf"), np.float64)
         return float(np.mean(np.abs(approx - exact) / exact))
 
     # The fleet holds OOD rows the calibration data lacks, and 4,000 other rows: allow 2x the bound.

@@ -153,8 +153,8 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
     default_error = BankConfig().max_knn_error
     for label, kind_of_index, backend, max_error in (
         ("ours: faiss flat", "flat", "faiss", None),
-        (f"ours: IVF, error <= {default_error:g} (default)", "ivf", "faiss", default_error),
-        (f"ours: IVF, error <= {TIGHT_KNN_ERROR:g}", "ivf", "faiss", TIGHT_KNN_ERROR),
+        (f"ours: IVF, error <= {default_error:g} (default)", "ivf", "ivf", default_error),
+        (f"ours: IVF, error <= {TIGHT_KNN_ERROR:g}", "ivf", "ivf", TIGHT_KNN_ERROR),
         ("ours: torch exact", "flat", "torch", None),
     ):
         fit, score = ours(kind_of_index, backend, max_error)

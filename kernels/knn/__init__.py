@@ -4,36 +4,45 @@ Public: :func:`knn_distance` (the score), :func:`knn_search` (the same search wi
 and :class:`KnnIndex` (a bank built once and searched many times), :func:`prepare_knn` (compile
 ahead of the first batch) and :func:`set_faiss_threads` (the CPU search's threads).
 
-Index kinds (:meth:`KnnIndex.build`): "flat" (exact), "ivf" (inverted file: on the CPU only the
-``nprobe`` lists nearest each query are scanned, by the batched kernel of :mod:`.ivf_cpu`, 4-6x
-faster than FAISS's own IVF scan; :meth:`KnnIndex.tune_nprobe` sets ``nprobe`` to the smallest
-value whose measured error of the k-th distance meets a bound) and "auto" (flat up to
-:data:`AUTO_IVF_MIN_VECTORS` vectors, IVF beyond).
+Index kinds (:meth:`KnnIndex.build`): "flat" (exact), "ivf" (inverted file: the "ivf" backend
+scans only the ``nprobe`` lists nearest each query, by the batched kernel of :mod:`.ivf_cpu`, 4-6x
+faster than FAISS's own IVF scan; :func:`hitl_triage.engine.bank.tune_nprobe` sets ``nprobe`` to
+the smallest value whose measured error of the k-th distance meets a bound) and "auto" (flat up
+to :data:`AUTO_IVF_MIN_VECTORS` vectors, IVF beyond). Storing a bank is the engine's
+(:mod:`hitl_triage.engine.bank`); this package only computes.
 
 The float64 reference in :mod:`.reference` is the spec; the backends, chosen per call by
-:data:`REGISTRY`:
+:data:`REGISTRY` (each name is what runs):
 
-- "faiss": the CPU path of an index: FAISS's exact brute force for a flat bank, the batched IVF
-  scan of :mod:`.ivf_cpu` for an IVF bank; FAISS-GPU's exact brute force for CUDA queries where a
-  FAISS build with GPU support is installed.
+- "faiss": FAISS's exact brute force, on the CPU (float32, re-scored in float64) and, where a
+  FAISS build with GPU support is installed, on CUDA queries. Searches every stored vector of any
+  bank, an IVF bank's included.
+- "ivf": the batched IVF scan of :mod:`.ivf_cpu` (numba, CPU only), approximate: only the probed
+  lists are scanned, and queries they leave short of k are searched again exactly by FAISS's
+  brute force. Needs a bank built with kind="ivf".
 - "triton": exact search on the GPU, float16 operands, float32 accumulation, fused running top-k.
 - "torch": exact tiled matmul + topk, CPU (float32) or CUDA (float16 operands, float32 results).
 - "reference": float64, readable, slow (memory [B, N]).
 
-Automatic choice: CPU queries -> faiss, torch, reference; CUDA queries -> faiss (FAISS-GPU only),
-triton, torch. ``HITL_TRIAGE_KNN_BACKEND`` or ``backend=`` forces one.
+Automatic choice: CPU queries -> ivf for an IVF bank, then faiss, torch, reference; CUDA queries
+-> faiss (FAISS-GPU only), triton, torch (exact, whatever the bank's kind). A fallback from the
+first choice is logged once. ``HITL_TRIAGE_KNN_BACKEND`` or ``backend=`` forces one; a forced
+backend that cannot run (unknown, not importable, the wrong device, or "ivf" for a bank without
+lists) raises :class:`~hitl_triage.kernels.BackendUnavailable`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
+import os
 
 import numpy as np
 import torch
 
 from .._arrays import as_tensor, device_kind, returns_numpy, to_caller
-from .._dispatch import Backend, PassRegistry, cpu_and_cuda, triton_devices
+from .._dispatch import Backend, BackendUnavailable, PassRegistry, cpu_and_cuda, cpu_only, triton_devices
 from .faiss_cpu import faiss_devices, set_faiss_threads
 from .index import AUTO_IVF_MIN_VECTORS, KnnIndex, RawBank
 from .reference import valid_rows
@@ -42,15 +51,58 @@ logger = logging.getLogger(__name__)
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-REGISTRY = PassRegistry(
+
+
+@dataclasses.dataclass
+class KnnRegistry(PassRegistry):
+    """The k-NN pass's backends, whose automatic choice depends on the bank as well as on the
+    device: for a bank with inverted lists (``index_kind="ivf"``) the backends of
+    ``ivf_preference[device]`` come first, then ``preference[device]`` as for a flat bank. The
+    backends in ``needs_lists`` search a bank's lists and refuse, even when forced, one without."""
+
+    ivf_preference: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    needs_lists: frozenset[str] = frozenset()
+
+    def resolve(self, device_kind: str, requested: str | None = None, *,
+                index_kind: str = "flat") -> tuple[str, object]:
+        """``(backend name, implementation)`` for queries on ``device_kind`` against a bank of
+        ``index_kind`` ("flat" or "ivf"; a raw array is "flat")."""
+        source = "backend argument" if requested is not None else f"environment variable {self.env_var}"
+        if requested is not None or os.environ.get(self.env_var):
+            name, fn = super().resolve(device_kind, requested)
+            if name in self.needs_lists and index_kind != "ivf":
+                raise BackendUnavailable(
+                    f"{self.pass_name} backend {name!r} (from the {source}) cannot serve a {index_kind} bank: "
+                    "it scans the inverted lists of a KnnIndex built with kind='ivf'"
+                )
+            return name, fn
+        if index_kind == "ivf":
+            preferred = self.ivf_preference.get(device_kind, ())
+            for name in preferred:
+                fn = self._load(name) if device_kind in self.backends[name].devices() else None
+                if fn is not None:
+                    return name, fn
+            if preferred and (device_kind, "ivf bank") not in self._warned:
+                self._warned.add((device_kind, "ivf bank"))
+                logger.warning(
+                    "%s pass on %s: an IVF bank is searched exactly by the next backend available; skipped: %s",
+                    self.pass_name, device_kind, ", ".join(f"{n} ({self._why_not(n, device_kind)})" for n in preferred),
+                )
+        return super().resolve(device_kind)
+
+
+REGISTRY = KnnRegistry(
     pass_name="knn",
     backends={
         "faiss": Backend("faiss", f"{__name__}.faiss_cpu", "knn_search_faiss", faiss_devices),
+        "ivf": Backend("ivf", f"{__name__}.ivf_cpu", "knn_search_ivf", cpu_only),
         "triton": Backend("triton", f"{__name__}.triton_gpu", "knn_search_triton", triton_devices),
         "torch": Backend("torch", f"{__name__}.torch_exact", "knn_search_torch", cpu_and_cuda),
         "reference": Backend("reference", f"{__name__}.reference", "knn_search_backend", cpu_and_cuda),
     },
     preference={"cpu": ("faiss", "torch", "reference"), "cuda": ("faiss", "triton", "torch")},
+    ivf_preference={"cpu": ("ivf",)},
+    needs_lists=frozenset({"ivf"}),
 )
 
 #: Largest k the triton backend takes; an automatic choice falls back to torch beyond it.
@@ -66,8 +118,9 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
         bank: a :class:`KnnIndex`, or a raw array [N, D] (normalised for this call and searched
             exactly; it must live on the queries' device). Bank rows must be finite and nonzero.
         k: neighbours per query, 1 <= k <= N.
-        backend: "faiss", "triton", "torch" or "reference"; default from
-            ``HITL_TRIAGE_KNN_BACKEND``, else chosen by the queries' device.
+        backend: "faiss", "ivf", "triton", "torch" or "reference"; default from
+            ``HITL_TRIAGE_KNN_BACKEND``, else chosen by the queries' device and the bank's kind
+            ("ivf" for an IVF bank on the CPU, "faiss" for a flat one: see the module docstring).
 
     Returns:
         (distances float32 [B, k], ids int64 [B, k]): distances in [0, 2] in ascending order
@@ -75,10 +128,10 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
         the queries' device. A query that holds NaN/inf or is all zero gets NaN distances and ids
         -1 (it cannot be evaluated). Equal distances may list their ids in any order.
 
-    An IVF :class:`KnnIndex` is searched approximately by the "faiss" backend on the CPU (only
-    the ``nprobe`` nearest lists are scanned; every query still gets k real neighbours: those the
-    probed lists leave short are searched again exactly); every other backend searches its stored
-    vectors exactly.
+    An IVF :class:`KnnIndex` is searched approximately by the "ivf" backend (CPU; only the
+    ``nprobe`` nearest lists are scanned; every query still gets k real neighbours: those the
+    probed lists leave short are searched again exactly); every other backend searches all its
+    stored vectors exactly.
     """
     numpy_out = returns_numpy(queries)
     q = as_tensor(queries, "queries")
@@ -93,7 +146,7 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= target.ntotal:
         raise ValueError(f"k: expected an integer in [1, N={target.ntotal}] (the bank's size), found {k!r}")
     k = int(k)
-    name, impl = REGISTRY.resolve(kind, backend)
+    name, impl = REGISTRY.resolve(kind, backend, index_kind=target.kind)
     if name == "triton" and k > TRITON_MAX_K and backend is None and not _env_forced():
         logger.warning("k=%d exceeds the triton backend's limit of %d: searching with torch", k, TRITON_MAX_K)
         name, impl = REGISTRY.resolve(kind, "torch")
@@ -129,16 +182,19 @@ def knn_distance(queries, bank, k: int, *, backend: str | None = None):
 
 def prepare_knn(bank: KnnIndex, k: int, device="cpu", *, backend: str | None = None) -> str:
     """Compile (or load from numba's disk cache) and import what will search ``bank`` for ``k``
-    neighbours from ``device``, so that no batch pays for it; returns the backend's name. The IVF
-    scan takes about 10 s to compile cold on two cores, 0.2 s from the cache; a server calls this
-    when it loads a profile."""
+    neighbours from ``device``, so that no batch pays for it; returns the backend's name (the one
+    :func:`knn_search` will choose). The IVF scan takes about 10 s to compile cold on two cores,
+    0.2 s from the cache; :class:`~hitl_triage.engine.TriageEngine` calls this when it is built."""
     if not isinstance(bank, KnnIndex):
         raise TypeError(f"bank: expected a KnnIndex, found {type(bank).__name__}")
     device = torch.device(device)
-    name, _ = REGISTRY.resolve(device.type, backend)
+    name, _ = REGISTRY.resolve(device.type, backend, index_kind=bank.kind)
     if bank.ntotal:
         probe = torch.as_tensor(np.asarray(bank.host_unit()[:1]), device=device)
-        knn_search(probe, bank, min(k, bank.ntotal), backend=name)
+        k = min(k, bank.ntotal)
+        knn_search(probe, bank, k, backend=name)
+        if name == "ivf":  # and the exact search of the queries its probed lists leave short
+            knn_search(probe, bank, k, backend="faiss")
     return name
 
 
@@ -153,11 +209,9 @@ def _raw_bank(bank, q: torch.Tensor) -> RawBank:
 
 
 def _env_forced() -> bool:
-    import os
-
     return bool(os.environ.get(REGISTRY.env_var))
 
 
 __all__ = [
-    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "REGISTRY", "knn_distance", "knn_search", "prepare_knn", "set_faiss_threads",
+    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "KnnRegistry", "REGISTRY", "knn_distance", "knn_search", "prepare_knn", "set_faiss_threads",
 ]

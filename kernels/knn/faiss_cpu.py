@@ -1,7 +1,7 @@
-"""The "faiss" backend, the CPU path of an index: FAISS's exact brute-force kernel for a flat
-bank, the batched IVF scan of :mod:`.ivf_cpu` (over lists FAISS's k-means made) for an IVF bank,
-and FAISS-GPU's brute-force kernel for CUDA queries where a FAISS build with GPU support is
-installed.
+"""The "faiss" backend: exact search by FAISS's brute-force kernel, on the CPU (re-scored in
+float64, see :func:`search_flat`) and, where a FAISS build with GPU support is installed, on the
+GPU. It searches every stored vector of a bank, flat or IVF alike; the IVF scan is the "ivf"
+backend (:mod:`.ivf_cpu`), which uses :func:`search_flat` for the queries its lists leave short.
 
 FAISS is imported on first use only, and the CPU thread count is set then, deliberately (see
 :func:`set_faiss_threads`), instead of inheriting whatever OpenMP picked at start-up.
@@ -36,7 +36,7 @@ def faiss_module():
 
 
 def knn_threads() -> int:
-    """Threads of the CPU k-NN search (see :func:`set_faiss_threads`)."""
+    """Threads of the CPU k-NN search, FAISS's and the "ivf" backend's (see :func:`set_faiss_threads`)."""
     if _threads_set is None:
         set_faiss_threads(None)
     return _threads_set
@@ -44,7 +44,7 @@ def knn_threads() -> int:
 
 def set_faiss_threads(threads: int | None = None) -> int:
     """Set the threads of the CPU k-NN search: FAISS's OpenMP threads (exact search, k-means)
-    and the worker threads of the IVF scan; returns the number.
+    and the worker threads of the "ivf" backend's scan; returns the number.
 
     ``threads`` None means: the environment variable ``HITL_TRIAGE_FAISS_THREADS`` if set, else
     the number of CPUs this process may run on (its affinity mask, which respects container and
@@ -100,40 +100,26 @@ def faiss_devices() -> frozenset[str]:
 
 
 def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k nearest neighbours on the index's CPU path: (distances float32 [B, k] ascending, stored
-    rows int64 [B, k]; the caller maps rows to ids).
+    """Exact k nearest neighbours by FAISS: (distances float32 [B, k] ascending, stored rows
+    int64 [B, k]; the caller maps rows to ids).
 
     ``queries`` [B, D] holds valid rows only (finite, nonzero; the caller masks the others).
-    On the CPU a flat bank is searched exactly with FAISS's brute-force inner-product kernel (the
-    one ``IndexFlatIP.search`` runs); an IVF bank with the batched scan of :mod:`.ivf_cpu`,
-    probing ``bank.search_nprobe(k)`` lists (the bank's nprobe, more for large k); every query for
-    which the probed lists held fewer than k vectors is searched again exactly, so each row
-    always has k real neighbours.
-    CUDA queries (FAISS-GPU only) are searched exactly on the GPU against the bank's float16 copy,
-    for flat and IVF banks alike.
+    CPU queries are searched with FAISS's brute-force inner-product kernel (the one
+    ``IndexFlatIP.search`` runs) over every stored vector, re-scored in float64
+    (:func:`search_flat`); CUDA queries (FAISS-GPU only) on the GPU against the bank's float16
+    copy. A flat bank and an IVF bank are searched alike (an IVF bank's lists are not used).
     """
     if queries.is_cuda:
         return _search_gpu(queries, bank, k)
     q = np.ascontiguousarray(unit_rows(queries, torch.float32).numpy())
-    vectors = bank.host_unit()
-    if bank.lists is None:
-        sims, rows = search_flat(q, vectors, k)
-    else:
-        from .ivf_cpu import search_ivf
+    sims, rows = search_flat(q, bank.host_unit(), k)
+    return torch.from_numpy(similarities_to_distances(sims)), torch.from_numpy(rows)
 
-        nprobe = bank.search_nprobe(k)
-        sims, rows = search_ivf(q, vectors, bank.lists, nprobe, k, threads=knn_threads())
-        sims = sims.astype(np.float64)
-        short = np.flatnonzero(rows[:, -1] < 0)
-        if short.size:
-            logger.debug(
-                "IVF search (nprobe=%d) found fewer than k=%d neighbours for %d of %d queries; "
-                "searching those exactly", nprobe, k, short.size, len(q),
-            )
-            sims[short], rows[short] = search_flat(q[short], vectors, k)
-    # from float64 similarities where there are any: d = sqrt(2 - 2 s) loses digits as s -> 1
-    distances = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0)).astype(np.float32)
-    return torch.from_numpy(distances), torch.from_numpy(rows)
+
+def similarities_to_distances(sims: np.ndarray) -> np.ndarray:
+    """float32 distances sqrt(max(0, 2 - 2 s)) of unit-vector inner products, computed in float64
+    (d = sqrt(2 - 2 s) loses digits as s -> 1)."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(sims, np.float64), 0.0)).astype(np.float32)
 
 
 #: Candidates beyond k that the exact flat search re-scores (see :func:`search_flat`).

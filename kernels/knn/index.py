@@ -2,18 +2,19 @@
 
 :class:`KnnIndex` normalises its vectors once (at build and add), refuses rows that cannot be
 normalised, and keeps the unit vectors once, as **float32 on the host** in one C-contiguous
-[N, D] array: FAISS's CPU kernels and the IVF scan need float32, the saved file is exact and can
-be memory-mapped. Two kinds:
+[N, D] array: FAISS's CPU kernels and the IVF scan need float32, and a stored copy (written by
+:mod:`hitl_triage.engine.bank` from :meth:`KnnIndex.to_arrays`) is exact and can be memory-mapped
+back in (:meth:`KnnIndex.from_arrays`). Two kinds:
 
 - ``"flat"``: the vectors in id order, searched exactly (FAISS's brute-force inner-product
   kernel, the code ``IndexFlatIP.search`` runs, directly on this array: no second copy).
 - ``"ivf"``: an inverted file. Spherical k-means (FAISS) splits the vectors into ``nlist`` lists;
   they are stored list after list, with ``row_ids`` mapping each stored row to its id, and a query
-  scans the ``nprobe`` lists with the nearest centroids. On the CPU the "faiss" backend scans them
+  scans the ``nprobe`` lists with the nearest centroids. On the CPU the "ivf" backend scans them
   with the batched kernel of :mod:`.ivf_cpu` (exact float32 inner products within the probed
   lists; at the same lists and nprobe 1.5-2x faster than FAISS's IndexIVFFlat at 20k vectors,
-  3-3.5x at 100k, 4.5-5.5x at 1M, two threads); every other backend searches all stored vectors
-  exactly. Memory: the vectors once plus 8 bytes per vector of row ids
+  3-3.5x at 100k, 4.5-5.5x at 1M, two threads); every other backend ("faiss" included) searches
+  all stored vectors exactly. Memory: the vectors once plus 8 bytes per vector of row ids
   and the centroids: 1M x 128 takes 520 MB (FAISS's IndexIVFFlat beside the vectors took 1 GB).
 
 On demand, one **float16** copy per GPU serves the exact GPU search (``triton``, ``torch`` and
@@ -23,20 +24,12 @@ Unit-vector components rounded to float16 move a cosine by at most 2 * 2**-11 (a
 Ids are the order of insertion (0 .. ntotal-1) whatever the storage order: backends search the
 stored rows (:meth:`KnnIndex.host_unit`, :meth:`KnnIndex.unit_on`) and
 :func:`~hitl_triage.kernels.knn.knn_search` maps rows to ids (:meth:`KnnIndex.rows_to_ids`).
-
-Saved layout (a directory), format version 2: ``meta.json`` (format, version, kind, dim, ntotal,
-nlist, nprobe), ``vectors.npy`` (float32 unit rows in storage order) and, for IVF,
-``row_ids.npy``, ``centroids.npy``, ``offsets.npy``. Version 1 directories (IVF as a FAISS
-``ivf.faiss`` file beside id-ordered vectors) still load: their lists are read from the FAISS file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,9 +52,6 @@ MIN_POINTS_PER_LIST = 39
 
 BANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-FORMAT_NAME = "hitl-triage-knn-index"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
 KINDS = ("flat", "ivf")
 
 
@@ -192,15 +182,16 @@ class RawBank:
 class KnnIndex:
     """A reference bank of L2-normalised vectors, built once, searched many times.
 
-    Build with :meth:`build`, grow with :meth:`add`, persist with :meth:`save` / :meth:`load`,
-    search with :meth:`search` or :func:`~hitl_triage.kernels.knn.knn_search`. Ids are the order
-    of insertion (0 .. ntotal-1), across builds, adds and save/load. Not thread-safe for
+    Build with :meth:`build`, grow with :meth:`add`, search with :meth:`search` or
+    :func:`~hitl_triage.kernels.knn.knn_search`; :meth:`to_arrays` / :meth:`from_arrays` hand its
+    state out and back (the engine stores banks: :mod:`hitl_triage.engine.bank`). Ids are the
+    order of insertion (0 .. ntotal-1), across builds, adds and a store / load. Not thread-safe for
     concurrent ``add`` and search.
     """
 
     def __init__(self, stored: np.ndarray, kind: str, *, size: int | None = None, lists: IvfLists | None = None,
                  row_ids: np.ndarray | None = None, nprobe: int | None = None, mapped: bool = False):
-        """Internal: use :meth:`build` or :meth:`load`. ``stored`` holds the unit vectors in
+        """Internal: use :meth:`build` or :meth:`from_arrays`. ``stored`` holds the unit vectors in
         storage order (its first ``size`` rows; a flat index keeps spare capacity for adds)."""
         self._stored = stored
         self._size = stored.shape[0] if size is None else size
@@ -308,99 +299,58 @@ class KnnIndex:
         grown[: self._size] = self._stored[: self._size]
         self._stored = grown
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ arrays in, arrays out
 
-    def save(self, directory) -> Path:
-        """Write the index to ``directory`` (created if missing); returns its path.
+    @classmethod
+    def from_arrays(cls, vectors: np.ndarray, *, row_ids: np.ndarray | None = None,
+                    centroids: np.ndarray | None = None, offsets: np.ndarray | None = None,
+                    nprobe: int | None = None) -> "KnnIndex":
+        """An index over arrays that already hold its state, as :meth:`to_arrays` returns them
+        (how a stored bank is built back: :func:`hitl_triage.engine.bank.load_bank`). Nothing is
+        copied or normalised again: a memory map stays mapped, and is copied into memory by the
+        first :meth:`add`.
 
-        Files are written under temporary names and renamed into place, and ``meta.json`` last,
-        so a reader never sees a half-written index.
+        Args:
+            vectors: float32 [N, D] unit rows, C-contiguous, in storage order (id order for a
+                flat index, list after list for IVF).
+            row_ids, centroids, offsets, nprobe: all four for an IVF index, none for a flat one:
+                int64 [N] the id of each stored row, float32 [nlist, D] unit centroids, int64
+                [nlist + 1] where each list starts (0 .. N, non-decreasing), and the lists probed
+                per query (1 <= nprobe <= nlist).
         """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        _replace_with(path / "vectors.npy", lambda tmp: _save_npy(tmp, self.host_unit()))
-        ivf_names = ("row_ids.npy", "centroids.npy", "offsets.npy")
+        if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2 \
+                or not vectors.flags.c_contiguous or vectors.shape[1] < 1:
+            found = f"{vectors.dtype} {vectors.shape}" if isinstance(vectors, np.ndarray) else type(vectors).__name__
+            raise ValueError(f"vectors: expected a C-contiguous float32 array [N, D], found {found}")
+        mapped = isinstance(vectors, np.memmap) or isinstance(vectors.base, np.memmap)
+        ivf = (row_ids, centroids, offsets, nprobe)
+        if all(a is None for a in ivf):
+            return cls(vectors, "flat", mapped=mapped)
+        if any(a is None for a in ivf):
+            missing = [name for name, a in zip(("row_ids", "centroids", "offsets", "nprobe"), ivf) if a is None]
+            raise ValueError(f"{', '.join(missing)}: an IVF index needs row_ids, centroids, offsets and nprobe, "
+                             f"found {', '.join(missing)} missing")
+        n, dim = vectors.shape
+        if not isinstance(row_ids, np.ndarray) or row_ids.dtype != np.int64 or row_ids.shape != (n,):
+            raise ValueError(f"row_ids: expected int64 ({n},), found {_describe(row_ids)}")
+        if not isinstance(centroids, np.ndarray) or centroids.dtype != np.float32 or centroids.ndim != 2 \
+                or centroids.shape[1] != dim or not 1 <= centroids.shape[0] <= max(n, 1):
+            raise ValueError(f"centroids: expected float32 [nlist, {dim}] with 1 <= nlist <= {n}, found {_describe(centroids)}")
+        nlist = centroids.shape[0]
+        if not isinstance(offsets, np.ndarray) or offsets.dtype != np.int64 or offsets.shape != (nlist + 1,):
+            raise ValueError(f"offsets: expected int64 ({nlist + 1},), found {_describe(offsets)}")
+        if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"offsets: expected non-decreasing offsets from 0 to {n}, found {offsets[0]} .. {offsets[-1]}")
+        return cls(vectors, "ivf", lists=IvfLists(centroids, offsets), row_ids=row_ids,
+                   nprobe=_check_nprobe(nprobe, nlist), mapped=mapped)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays :meth:`from_arrays` takes back (without ``nprobe``): "vectors" (float32
+        unit rows in storage order, a view) and, for IVF, "row_ids", "centroids", "offsets"."""
+        arrays = {"vectors": self.host_unit()}
         if self._lists is not None:
-            arrays = (self._row_ids, self._lists.centroids, self._lists.offsets)
-            for name, array in zip(ivf_names, arrays):
-                _replace_with(path / name, lambda tmp, array=array: _save_npy(tmp, np.asarray(array)))
-        stale = ("ivf.faiss",) + (() if self._lists is not None else ivf_names)  # ivf.faiss: version 1
-        for name in stale:
-            if (path / name).exists():
-                (path / name).unlink()
-        meta = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
-            "ntotal": self.ntotal, "nlist": self.nlist, "nprobe": self._nprobe,
-            "dtype": "float32", "normalised": True,
-        }
-        _replace_with(path / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
-        return path
-
-    @classmethod
-    def load(cls, directory, mmap: bool = True) -> "KnnIndex":
-        """Read an index written by :meth:`save`.
-
-        With ``mmap`` the vectors (and an IVF index's row ids) are memory-mapped read-only:
-        opening is instant, pages are read as searches touch them and shared between processes;
-        the first :meth:`add` copies them into memory. A version 1 IVF directory is converted on
-        loading (its vectors are re-ordered in memory; save it again to map it next time).
-        """
-        path = Path(directory)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"directory: expected a saved KnnIndex with {meta_path}, found no such file")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_NAME or meta.get("version") not in READABLE_VERSIONS:
-            raise ValueError(
-                f"{meta_path}: expected format {FORMAT_NAME!r} version {' or '.join(map(str, READABLE_VERSIONS))}, "
-                f"found {meta.get('format')!r} version {meta.get('version')!r}"
-            )
-        if meta.get("kind") not in KINDS:
-            raise ValueError(f"{meta_path}: expected kind 'flat' or 'ivf', found {meta.get('kind')!r}")
-        mode = "r" if mmap else None
-        expected = (meta["ntotal"], meta["dim"])
-        stored = _load_npy(path / "vectors.npy", mode, np.float32, expected)
-        if meta["kind"] == "flat":
-            return cls(stored, "flat", mapped=mmap)
-        if meta["version"] == 1:
-            return cls._from_faiss_ivf(path, np.asarray(stored), meta)
-        nlist = meta.get("nlist")
-        if isinstance(nlist, bool) or not isinstance(nlist, int) or not 1 <= nlist <= expected[0]:
-            raise ValueError(f"{meta_path}: expected nlist an integer in [1, ntotal={expected[0]}], found {nlist!r}")
-        row_ids = _load_npy(path / "row_ids.npy", mode, np.int64, (expected[0],))
-        centroids = _load_npy(path / "centroids.npy", None, np.float32, (nlist, expected[1]))
-        offsets = _load_npy(path / "offsets.npy", None, np.int64, (nlist + 1,))
-        if offsets[0] != 0 or offsets[-1] != expected[0] or np.any(np.diff(offsets) < 0):
-            raise ValueError(
-                f"{path / 'offsets.npy'}: expected non-decreasing offsets from 0 to {expected[0]}, "
-                f"found {offsets[0]} .. {offsets[-1]}"
-            )
-        return cls(stored, "ivf", lists=IvfLists(centroids, offsets), row_ids=row_ids,
-                   nprobe=_check_nprobe(meta.get("nprobe"), nlist), mapped=mmap)
-
-    @classmethod
-    def _from_faiss_ivf(cls, path: Path, vectors: np.ndarray, meta: dict) -> "KnnIndex":
-        """A version 1 IVF directory: id-ordered vectors beside a FAISS IndexIVFFlat."""
-        from .faiss_cpu import faiss_module
-
-        faiss = faiss_module()
-        index = faiss.read_index(str(path / "ivf.faiss"))
-        if (index.ntotal, index.d) != vectors.shape:
-            raise ValueError(
-                f"{path / 'ivf.faiss'}: expected {vectors.shape[0]} vectors of D={vectors.shape[1]}, "
-                f"found {index.ntotal} of D={index.d}"
-            )
-        ivf = faiss.extract_index_ivf(index)
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-        assignment = np.empty(vectors.shape[0], dtype=np.int64)
-        for lst in range(ivf.nlist):
-            size = ivf.invlists.list_size(lst)
-            if size:
-                assignment[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
-        order, offsets = group_by_list(assignment, ivf.nlist)
-        logger.info("converted a version 1 IVF index (%d vectors, %d lists) from %s", vectors.shape[0], ivf.nlist, path)
-        return cls(vectors[order], "ivf", lists=IvfLists(np.ascontiguousarray(centroids, dtype=np.float32), offsets),
-                   row_ids=order, nprobe=_check_nprobe(meta.get("nprobe"), ivf.nlist))
+            arrays.update(row_ids=self._row_ids, centroids=self._lists.centroids, offsets=self._lists.offsets)
+        return arrays
 
     # ------------------------------------------------------------------ properties
 
@@ -427,7 +377,8 @@ class KnnIndex:
     @property
     def nprobe(self) -> int | None:
         """IVF lists probed per query on the CPU (None for flat); a search for many neighbours
-        may probe more (see :meth:`search_nprobe`). The engine tunes it at fit time."""
+        may probe more (see :meth:`search_nprobe`). The engine tunes it at fit time
+        (:func:`hitl_triage.engine.bank.tune_nprobe`)."""
         return self._nprobe
 
     @nprobe.setter
@@ -435,62 +386,6 @@ class KnnIndex:
         if self._kind != "ivf":
             raise ValueError(f"nprobe: only meaningful for kind='ivf', found kind={self._kind!r}")
         self._nprobe = _check_nprobe(value, self.nlist)
-
-    def tune_nprobe(self, queries, k: int, max_error: float, *, z: float = 2.0) -> dict:
-        """Set ``nprobe`` to the smallest value whose mean relative error of the k-th distance on
-        ``queries`` (in-distribution embeddings not in the bank, [n, D]) is at most ``max_error``,
-        measured against an exact search of the same vectors; returns {"nprobe", "nlist",
-        "knn_error" (the mean), "knn_error_bound", "knn_error_max", "evaluations"}.
-
-        The mean is an estimate from n queries: what must stay within ``max_error`` is its upper
-        confidence limit, mean + z * standard error (z = 2: about 97.7% one-sided), so that new
-        data of the same kind stays within the bound too. (Tuned on the plain mean, 2,000
-        calibration rows gave 0.994% and the fleet's 10,000 rows 1.02% at 100k vectors.)
-
-        The error can only fall as nprobe grows (the lists probed at nprobe are among those probed
-        at nprobe + 1, and a search that sees more vectors never finds a farther k-th neighbour),
-        so doubling from 1 and then bisecting finds the smallest passing value in about
-        2 log2(nprobe) searches; doubling alone overshoots by up to 2x in cost. The floor of
-        :meth:`search_nprobe` still applies to every search.
-        """
-        from . import knn_distance
-
-        if self._kind != "ivf":
-            raise ValueError(f"kind: tune_nprobe needs kind='ivf', found {self._kind!r}")
-        if not 0 <= max_error:
-            raise ValueError(f"max_error: expected a non-negative number, found {max_error!r}")
-        exact = np.asarray(knn_distance(queries, self, k, backend="torch"), np.float64)
-        usable = np.isfinite(exact)
-        stats: dict[int, tuple[float, float, float]] = {}
-
-        def bound_at(nprobe: int) -> float:
-            if nprobe not in stats:
-                self._nprobe = nprobe
-                approx = np.asarray(knn_distance(queries, self, k, backend="faiss"), np.float64)
-                rel = np.abs(approx[usable] - exact[usable]) / np.maximum(exact[usable], 1e-6)
-                if rel.size == 0:
-                    stats[nprobe] = (0.0, 0.0, 0.0)
-                else:
-                    spread = z * float(rel.std()) / math.sqrt(rel.size)
-                    stats[nprobe] = (float(rel.mean()), float(rel.mean()) + spread, float(rel.max()))
-            return stats[nprobe][1]
-
-        low, high = 0, 1  # bound_at(low) > max_error (0: nothing probed), bound_at(high) to test
-        while high < self.nlist and bound_at(high) > max_error:
-            low, high = high, min(self.nlist, 2 * high)
-        while high - low > 1:
-            middle = (low + high) // 2
-            if bound_at(middle) <= max_error:
-                high = middle
-            else:
-                low = middle
-        self._nprobe = high
-        bound_at(high)
-        mean, bound, worst = stats[high]
-        logger.info("IVF nprobe %d of %d lists: k-th distance error %.4f (bound %.4f, max %.3f; k=%d, %d queries, "
-                    "%d searches)", high, self.nlist, mean, bound, worst, k, int(usable.sum()), len(stats))
-        return {"nprobe": high, "nlist": self.nlist, "knn_error": mean, "knn_error_bound": bound,
-                "knn_error_max": worst, "evaluations": len(stats)}
 
     def search_nprobe(self, k: int) -> int | None:
         """Lists an IVF search for ``k`` neighbours probes: ``nprobe``, raised so that about
@@ -578,29 +473,5 @@ def _check_nprobe(nprobe, nlist: int) -> int:
     return int(nprobe)
 
 
-def _load_npy(path: Path, mode, dtype, shape: tuple) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected a saved array, found no such file")
-    array = np.load(path, mmap_mode=mode, allow_pickle=False)
-    if array.dtype != dtype or array.shape != tuple(shape):
-        raise ValueError(
-            f"{path}: expected {np.dtype(dtype).name} {tuple(shape)}, found {array.dtype} {array.shape}"
-        )
-    return array
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    # Through a file object: np.save appends ".npy" to a path that lacks it.
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def _replace_with(target: Path, write) -> None:
-    """Write through ``write(tmp_path)`` and rename over ``target`` in one step."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _describe(a) -> str:
+    return f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__

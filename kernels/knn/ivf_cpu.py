@@ -1,4 +1,5 @@
-"""Inverted-file (IVF) search on the CPU, batched by list: the fast path of a ``kind="ivf"`` bank.
+"""Inverted-file (IVF) search on the CPU, batched by list: the "ivf" backend of the k-NN pass,
+the fast path of a ``kind="ivf"`` bank (:func:`knn_search_ivf`).
 
 An IVF bank splits its unit vectors into ``nlist`` lists around spherical k-means centroids (FAISS
 trains them); a query scans the ``nprobe`` lists whose centroids are nearest. FAISS's own
@@ -39,7 +40,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from numba import njit
+
+from .faiss_cpu import knn_threads, search_flat, similarities_to_distances
+from .reference import unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -367,4 +372,31 @@ def search_ivf(queries: np.ndarray, vectors: np.ndarray, lists: IvfLists, nprobe
     return sims, rows
 
 
-__all__ = ["IvfLists", "assign", "chunk_rows", "group_by_list", "merged_order", "search_ivf", "train_centroids"]
+def knn_search_ivf(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "ivf" backend: k nearest neighbours of CPU queries in an IVF bank by the batched scan,
+    (distances float32 [B, k] ascending, stored rows int64 [B, k]; the caller maps rows to ids).
+
+    ``queries`` [B, D] holds valid rows only (finite, nonzero; the caller masks the others).
+    :func:`search_ivf` probes ``bank.search_nprobe(k)`` lists (the bank's nprobe, more for large
+    k); every query for which the probed lists held fewer than k vectors is searched again
+    exactly (FAISS's brute force, :func:`~.faiss_cpu.search_flat`), so each row always has k
+    real neighbours. A bank without lists is refused before this is called
+    (:class:`~hitl_triage.kernels.knn.KnnRegistry`).
+    """
+    q = np.ascontiguousarray(unit_rows(queries, torch.float32).numpy())
+    vectors = bank.host_unit()
+    nprobe = bank.search_nprobe(k)
+    sims, rows = search_ivf(q, vectors, bank.lists, nprobe, k, threads=knn_threads())
+    sims = sims.astype(np.float64)
+    short = np.flatnonzero(rows[:, -1] < 0)
+    if short.size:
+        logger.debug(
+            "IVF search (nprobe=%d) found fewer than k=%d neighbours for %d of %d queries; "
+            "searching those exactly", nprobe, k, short.size, len(q),
+        )
+        sims[short], rows[short] = search_flat(q[short], vectors, k)
+    return torch.from_numpy(similarities_to_distances(sims)), torch.from_numpy(rows)
+
+
+__all__ = ["IvfLists", "assign", "chunk_rows", "group_by_list", "knn_search_ivf", "merged_order", "search_ivf",
+           "train_centroids"]
