@@ -79,7 +79,7 @@ def knn_data():
 
 
 @pytest.mark.parametrize("k", [5, 50])
-@pytest.mark.parametrize("implementation", ["ours:faiss-flat", "ours:faiss-ivf", "ours:torch", "sklearn"])
+@pytest.mark.parametrize("implementation", ["ours:faiss-flat", "ours:ivf", "ours:torch", "sklearn"])
 def test_knn(benchmark, knn_data, implementation, k):
     from hitl_triage.kernels.knn import KnnIndex, knn_distance
 
@@ -94,7 +94,7 @@ def test_knn(benchmark, knn_data, implementation, k):
             return model.kneighbors(normalise(queries), n_neighbors=k)[0][:, -1]
         tolerance = 1e-4
     else:
-        kind, backend = {"ours:faiss-flat": ("flat", "faiss"), "ours:faiss-ivf": ("ivf", "faiss"),
+        kind, backend = {"ours:faiss-flat": ("flat", "faiss"), "ours:ivf": ("ivf", "ivf"),
                          "ours:torch": ("flat", "torch")}[implementation]
         index = KnnIndex.build(bank, kind=kind)
 
