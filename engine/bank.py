@@ -40,8 +40,8 @@ def bank_vectors(bank) -> np.ndarray:
             raise BatchError(f"embedding: expected an 'embedding' column in the bank, found columns {bank.schema.names}")
         from .decode import decode_embedding
 
-        vectors, missing = decode_embedding(bank.column("embedding"))
-        vectors = np.asarray(vectors)
+        decoded, missing = decode_embedding(bank.column("embedding"))
+        vectors = np.asarray(decoded)
         if missing is not None:
             vectors = vectors[~np.asarray(missing)]
     else:
@@ -135,6 +135,7 @@ def tune_nprobe(index: KnnIndex, queries, k: int, max_error: float, *, z: float 
         return stats[nprobe][1]
 
     nlist = index.nlist
+    assert nlist is not None  # kind='ivf' (checked above)
     low, high = 0, 1  # bound_at(low) > max_error (0: nothing probed), bound_at(high) to test
     while high < nlist and bound_at(high) > max_error:
         low, high = high, min(nlist, 2 * high)

@@ -546,6 +546,7 @@ def fit_temperature(
         conf, pred, log_py, brier = conf[valid], pred[valid], log_py[valid], brier[valid]
         z, y = np.ascontiguousarray(z[valid]), y[valid]
         if keys is not None:
+            assert missing is not None  # _source_array returns both
             keys, missing = keys[valid], missing[valid]
     if z.shape[0] == 0:
         raise ValueError("logits: expected at least one row with finite logits and a label, found none")
@@ -560,6 +561,7 @@ def fit_temperature(
     row_temperature = np.full(z.shape[0], temperature)
     unsourced = int(missing.sum()) if missing is not None else 0
     if keys is not None:
+        assert missing is not None  # _source_array returns both
         # Rows without a source count in the global fit only and keep the global T.
         sourced = np.flatnonzero(~missing)
         uniq, inverse, counts = np.unique(keys[sourced], return_inverse=True, return_counts=True)

@@ -463,6 +463,7 @@ def _arrow_floats(column: str, arr: pa.Array, spec: _ArraySpec) -> tuple[torch.T
     rows = len(arr)
     if isinstance(arr, pa.ExtensionArray):
         arr = arr.storage
+        assert spec.physical is not None  # set for a tensor extension type
         sizes = [math.prod(spec.physical)]
     else:
         sizes = list(spec.shape)
@@ -483,6 +484,7 @@ def _arrow_floats(column: str, arr: pa.Array, spec: _ArraySpec) -> tuple[torch.T
             values = values.copy()
         values.reshape(rows, -1)[missing] = np.nan
     if spec.permutation is not None:
+        assert spec.physical is not None  # a permutation comes with a tensor type's physical shape
         values = values.reshape(rows, *spec.physical)
         values = np.ascontiguousarray(values.transpose(0, *(1 + p for p in spec.permutation)))
     values = values.reshape(rows, *spec.shape)
@@ -655,9 +657,10 @@ def decode_batch(data, *, members: int | None = None, classes: int | None = None
             raise BatchValueError(name, f"expected {rows} rows (as in id), found {n}")
 
     host: dict[str, torch.Tensor | None] = {}
-    host["logits"], host["logits_missing"] = _floats("logits", columns["logits"], specs["logits"])
-    if host["logits"].ndim == 2:
-        host["logits"] = host["logits"].unsqueeze(1)
+    logits, logits_missing = _floats("logits", columns["logits"], specs["logits"])
+    if logits.ndim == 2:
+        logits = logits.unsqueeze(1)
+    host["logits"], host["logits_missing"] = logits, logits_missing
     if specs["embedding"] is not None:
         host["embedding"], host["embedding_missing"] = _floats(
             "embedding", columns["embedding"], specs["embedding"])
@@ -671,6 +674,7 @@ def decode_batch(data, *, members: int | None = None, classes: int | None = None
         host["label"] = labels.to(torch.int32)
     moved = to_device({k: v.contiguous() if v is not None else None for k, v in host.items()},
                       dev, transfer=transfer)
+    assert moved["logits"] is not None  # only None passes through as None
     return PredictionBatch(
         num_rows=rows,
         ids=ids,

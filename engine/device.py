@@ -104,7 +104,9 @@ class HostToDevice:
 
     def __call__(self, tensor: torch.Tensor, slot: str = "default") -> torch.Tensor:
         """``tensor`` on this device (see :meth:`move`)."""
-        return self.move({slot: tensor})[slot]
+        moved = self.move({slot: tensor})[slot]
+        assert moved is not None  # only None passes through as None
+        return moved
 
     def move(self, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Copy several tensors (slot name -> tensor, None passes through) in one go.

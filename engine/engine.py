@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +121,8 @@ class StageTimer:
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = enabled
         self.device = device
-        self.seconds: collections.Counter = collections.Counter()
+        # Float seconds: a Counter holds any numbers, typeshed's Counter only ints.
+        self.seconds = cast("dict[str, float]", collections.Counter())
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -110,7 +110,7 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, p
     }
 
     # -- bank ----------------------------------------------------------------------------------------
-    index_obj, ood = None, None
+    index_obj, bank_ood = None, None
     if bank is not None:
         from .bank import build_bank
 
@@ -120,9 +120,9 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, p
         index_obj, bank_report = build_bank(bank, config.bank, progress=progress, queries=tuning)
         report["bank"] = bank_report
         _report(progress, "score calibration rows against the bank")
-        ood = ood_scores(heldout, index_obj, config.bank.k)
+        bank_ood = ood_scores(heldout, index_obj, config.bank.k)
     tables = CategoryTables.build(config.policy, config.tiers, "cpu")
-    inputs, _, _ = rule_inputs(heldout, s, ood, tables, config.audit, members=members, classes=classes)
+    inputs, _, _ = rule_inputs(heldout, s, bank_ood, tables, config.audit, members=members, classes=classes)
 
     # -- thresholds -----------------------------------------------------------------------------------
     _report(progress, "choose thresholds")

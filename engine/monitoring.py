@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ class TriageSummary:
         # ANOMALY with a NaN distance: the row had no usable embedding, so OOD was not evaluated.
         self.no_embedding += int(np.count_nonzero(np.isnan(ood) & ((mask & int(Reason.ANOMALY)) > 0)))
         for reason in Reason:
-            self.by_reason[reason.name.lower()] += int(np.count_nonzero(mask & int(reason)))
+            self.by_reason[cast(str, reason.name).lower()] += int(np.count_nonzero(mask & int(reason)))
         _add_counts(self.by_tier, decisions.column("tier"))
         if "source" in decisions.schema.names:
             source = decisions.column("source")

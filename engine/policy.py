@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from typing import cast
 
 import torch
 
@@ -41,7 +42,7 @@ class Reason(enum.IntFlag):
 
 def reason_names(mask: int) -> list[str]:
     """The names of the bits set in ``mask``, lowest bit first."""
-    return [reason.name.lower() for reason in Reason if mask & reason]
+    return [cast(str, reason.name).lower() for reason in Reason if mask & reason]
 
 
 @dataclasses.dataclass

@@ -19,12 +19,16 @@ import datetime
 import hashlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tomli_w
 
 from .config import TriageConfig, from_dict, to_dict
 from .policy import Thresholds
+
+if TYPE_CHECKING:
+    from hitl_triage.kernels.knn import KnnIndex
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +57,7 @@ class Profile:
     source_temperatures: dict[str, float] = dataclasses.field(default_factory=dict)
     class_names: list[str] = dataclasses.field(default_factory=list)
     fit_report: dict = dataclasses.field(default_factory=dict)
-    bank: object | None = None  # hitl_triage.kernels.knn.KnnIndex
+    bank: KnnIndex | None = None
     generation: int = 1
     parent: str = ""
     created: str = ""

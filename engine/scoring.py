@@ -39,7 +39,7 @@ class TemperatureTable:
             return None
         return lookup_codes(source, self._code).astype(np.int32)
 
-    def signals(self, logits: torch.Tensor, source: pa.Array | None) -> EnsembleSignals:
+    def signals(self, logits: torch.Tensor, source: pa.Array | None) -> EnsembleSignals[torch.Tensor]:
         """The fused signal pass over ``logits`` [B, M, C] at each row's temperature."""
         codes = self.codes(source)
         if codes is None:
@@ -60,12 +60,12 @@ def ood_scores(x: PredictionBatch, bank, k: int) -> torch.Tensor:
     return scores
 
 
-def valid_rows(x: PredictionBatch, s: EnsembleSignals) -> torch.Tensor:
+def valid_rows(x: PredictionBatch, s: EnsembleSignals[torch.Tensor]) -> torch.Tensor:
     """bool [B]: the row could be scored (finite logits, none missing)."""
     return s.valid if x.logits_missing is None else s.valid & ~x.logits_missing
 
 
-def rule_inputs(x: PredictionBatch, s: EnsembleSignals, ood: torch.Tensor | None, tables: CategoryTables,
+def rule_inputs(x: PredictionBatch, s: EnsembleSignals[torch.Tensor], ood: torch.Tensor | None, tables: CategoryTables,
                 audit_config: AuditConfig, *, members: int, classes: int
                 ) -> tuple[RuleInputs, torch.Tensor, audit.AuditColumns]:
     """The rule's inputs for the rows of ``x`` with signals ``s`` and k-NN distances ``ood`` (None

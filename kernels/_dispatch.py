@@ -17,9 +17,13 @@ import dataclasses
 import importlib
 import logging
 import os
-from typing import Callable
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
+
+# What a backend's ``entry`` names: a function for most passes, a table of functions for some
+# (calibration's ``CalibrationKernels``); each pass's boundary knows which.
+Entry = Any
 
 
 class BackendUnavailable(RuntimeError):
@@ -53,7 +57,7 @@ class PassRegistry:
     pass_name: str
     backends: dict[str, Backend]
     preference: dict[str, tuple[str, ...]]
-    _loaded: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    _loaded: dict[str, Entry] = dataclasses.field(default_factory=dict)
     _import_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     _warned: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
@@ -61,7 +65,7 @@ class PassRegistry:
     def env_var(self) -> str:
         return f"HITL_TRIAGE_{self.pass_name.upper()}_BACKEND"
 
-    def _load(self, name: str) -> Callable | None:
+    def _load(self, name: str) -> Entry | None:
         if name in self._loaded:
             return self._loaded[name]
         if name in self._import_errors:
@@ -75,7 +79,7 @@ class PassRegistry:
         self._loaded[name] = fn
         return fn
 
-    def resolve(self, device_kind: str, requested: str | None = None) -> tuple[str, Callable]:
+    def resolve(self, device_kind: str, requested: str | None = None) -> tuple[str, Entry]:
         """Return ``(backend name, implementation)`` for inputs on ``device_kind``."""
         source = "backend argument"
         if requested is None:
@@ -108,7 +112,7 @@ class PassRegistry:
             )
         )
 
-    def _resolve_explicit(self, name: str, device_kind: str, source: str) -> Callable:
+    def _resolve_explicit(self, name: str, device_kind: str, source: str) -> Entry:
         if name not in self.backends:
             raise BackendUnavailable(
                 f"{self.pass_name} backend {name!r} (from the {source}) is unknown; "

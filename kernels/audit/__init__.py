@@ -33,7 +33,7 @@ class IntPiece:
     """Integer ids of one contiguous run of rows: int64 [n], C-contiguous (numpy, or a torch
     tensor when the caller passed one, possibly on CUDA)."""
 
-    values: object
+    values: np.ndarray | torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ Compiled on first import for the explicit signatures below and cached on disk (`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 import torch
@@ -31,8 +33,9 @@ U32 = np.uint64(32)
 U33 = np.uint64(33)
 SCALE = np.float64(2.0**-53)
 
-_JIT = dict(nogil=True, cache=True, error_model="numpy")
-_PARALLEL = dict(_JIT, parallel=True)
+# Typed as Any-valued so the ** expansion matches numba.njit's keyword-typed overloads.
+_JIT: dict[str, Any] = dict(nogil=True, cache=True, error_model="numpy")
+_PARALLEL: dict[str, Any] = dict(_JIT, parallel=True)
 
 
 @numba.njit(inline="always", **_JIT)

@@ -252,7 +252,7 @@ def _map_chunks(fn, rows: int):
     if len(chunks) <= 1:
         return [fn(a, b) for a, b in chunks]
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS), thread_name_prefix="calibration")
+        _POOL = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS), thread_name_prefix="calibration")  # type: ignore[attr-defined]  # numba.config sets its options at import
     return list(_POOL.map(lambda ab: fn(*ab), chunks))
 
 

@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import numbers
 import os
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class KnnRegistry(PassRegistry):
     needs_lists: frozenset[str] = frozenset()
 
     def resolve(self, device_kind: str, requested: str | None = None, *,
-                index_kind: str = "flat") -> tuple[str, object]:
+                index_kind: str = "flat") -> tuple[str, Callable[..., Any]]:
         """``(backend name, implementation)`` for queries on ``device_kind`` against a bank of
         ``index_kind`` ("flat" or "ivf"; a raw array is "flat")."""
         source = "backend argument" if requested is not None else f"environment variable {self.env_var}"

@@ -39,6 +39,7 @@ def knn_threads() -> int:
     """Threads of the CPU k-NN search, FAISS's and the "ivf" backend's (see :func:`set_faiss_threads`)."""
     if _threads_set is None:
         set_faiss_threads(None)
+    assert _threads_set is not None  # set_faiss_threads sets it
     return _threads_set
 
 

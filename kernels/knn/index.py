@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -349,6 +350,7 @@ class KnnIndex:
         unit rows in storage order, a view) and, for IVF, "row_ids", "centroids", "offsets"."""
         arrays = {"vectors": self.host_unit()}
         if self._lists is not None:
+            assert self._row_ids is not None  # an IVF index has lists and row ids
             arrays.update(row_ids=self._row_ids, centroids=self._lists.centroids, offsets=self._lists.offsets)
         return arrays
 
@@ -385,15 +387,17 @@ class KnnIndex:
     def nprobe(self, value: int) -> None:
         if self._kind != "ivf":
             raise ValueError(f"nprobe: only meaningful for kind='ivf', found kind={self._kind!r}")
-        self._nprobe = _check_nprobe(value, self.nlist)
+        self._nprobe = _check_nprobe(value, cast(int, self.nlist))  # kind='ivf': nlist is set
 
     def search_nprobe(self, k: int) -> int | None:
         """Lists an IVF search for ``k`` neighbours probes: ``nprobe``, raised so that about
         :data:`MIN_SCANNED_PER_NEIGHBOUR` * k vectors are scanned (None for flat)."""
         if self._kind != "ivf":
             return None
-        floor = math.ceil(MIN_SCANNED_PER_NEIGHBOUR * k * self.nlist / max(self._size, 1))
-        return min(self.nlist, max(self._nprobe, floor))
+        nlist, nprobe = self.nlist, self._nprobe
+        assert nlist is not None and nprobe is not None  # both set for kind='ivf'
+        floor = math.ceil(MIN_SCANNED_PER_NEIGHBOUR * k * nlist / max(self._size, 1))
+        return min(nlist, max(nprobe, floor))
 
     @property
     def lists(self) -> IvfLists | None:
@@ -417,6 +421,7 @@ class KnnIndex:
         """Host memory the index holds: vectors, row ids, centroids and offsets (bytes)."""
         total = self._size * self.dim * 4
         if self._lists is not None:
+            assert self._row_ids is not None  # an IVF index has lists and row ids
             total += self._row_ids.nbytes + self._lists.centroids.nbytes + self._lists.offsets.nbytes
         return total
 

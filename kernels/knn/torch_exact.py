@@ -64,10 +64,12 @@ def knn_search_torch(queries: torch.Tensor, bank, k: int, *, tile_bytes: int = T
             if sims is None:
                 sims, ids = tile_sims, tile_ids
             else:
+                assert ids is not None  # set with sims
                 sims = torch.cat((sims, tile_sims), dim=1)
                 ids = torch.cat((ids, tile_ids), dim=1)
                 sims, keep = torch.topk(sims, k, dim=1)
                 ids = torch.gather(ids, 1, keep)
+        assert sims is not None and ids is not None  # the bank loop ran at least once
         best_sims[q0:q0 + query_rows] = sims
         best_ids[q0:q0 + query_rows] = ids
     distances = torch.sqrt(torch.clamp(2.0 - 2.0 * best_sims, min=0.0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -18,8 +19,12 @@ from .._dispatch import Backend, PassRegistry, cpu_and_cuda, cpu_only, triton_de
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# The array type of the fields: torch.Tensor for tensor input, np.ndarray for numpy input.
+ArrayT = TypeVar("ArrayT")
+
+
 @dataclasses.dataclass
-class EnsembleSignals:
+class EnsembleSignals(Generic[ArrayT]):
     """Per-row signals, each of length B, on the input's device (numpy in, numpy out).
 
     ``predicted_class`` int32 (-1 where invalid); the rest float32 (NaN where invalid) except
@@ -27,14 +32,14 @@ class EnsembleSignals:
     for the exact definitions.
     """
 
-    predicted_class: object
-    confidence: object
-    margin: object
-    total_entropy: object
-    expected_entropy: object
-    mutual_info: object
-    vote_agreement: object
-    valid: object
+    predicted_class: ArrayT
+    confidence: ArrayT
+    margin: ArrayT
+    total_entropy: ArrayT
+    expected_entropy: ArrayT
+    mutual_info: ArrayT
+    vote_agreement: ArrayT
+    valid: ArrayT
 
     FIELDS = (
         "predicted_class", "confidence", "margin", "total_entropy",

@@ -1100,7 +1100,7 @@ def ensemble_signals_numba(logits: torch.Tensor, temperatures: torch.Tensor,
         # Fewer pool threads (not only fewer pieces) keep idle threads out of the launch barrier;
         # a chunk size of 1 hands the pieces out one at a time (dynamic scheduling).
         previous = numba.get_num_threads()
-        wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+        wanted = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # numba.config sets its options at import
         if wanted != previous:
             numba.set_num_threads(wanted)
         previous_chunksize = numba.set_parallel_chunksize(1 if threads > 1 else 0)

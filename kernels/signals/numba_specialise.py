@@ -210,6 +210,7 @@ def _load(classes: int) -> Callable:
             f.write(generate_source(classes))
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None  # a .py path always has a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

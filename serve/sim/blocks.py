@@ -125,6 +125,7 @@ def generate_block(config: FleetConfig, stream: int, block: int, total: int) -> 
     logits += centre_logits
     drift_rows = np.flatnonzero(kind == DRIFT)
     if drift_rows.size:
+        assert drift_amount is not None  # DRIFT rows exist only when the drift amounts were drawn
         amount = drift_amount[drift_rows, None]
         embedding[drift_rows] += amount * world.drift_shift[label[drift_rows]]
         logits[drift_rows] += amount * world.drift_logits[label[drift_rows]]

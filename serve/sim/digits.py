@@ -46,7 +46,7 @@ def _shifted(images: np.ndarray) -> np.ndarray:
     out = [images]
     for axis, step in ((1, 1), (1, -1), (2, 1), (2, -1)):
         moved = np.roll(images, step, axis=axis)
-        index = [slice(None)] * 3
+        index: list[slice | int] = [slice(None)] * 3
         index[axis] = 0 if step == 1 else -1
         moved[tuple(index)] = 0.0
         out.append(moved)
