@@ -197,7 +197,8 @@ def test_both_kernels_match_reference_on_every_dtype(kernel, dtype, rng):
         table = rng.uniform(0.25, 4.0, size=3).astype(np.float32)
         index = rng.integers(0, 3, size=shape[0]).astype(np.int32)
         got = _run(z, table, index, kernel=kernel)
-        assert_signals_match(got, z, table, index, f"{kernel} {shape} {dtype}")
+        past_range = kernel == "blocked" and shape[2] > numba_cpu.BLOCKED_MAX_CLASSES
+        assert_signals_match(got, z, table, index, f"{kernel} {shape} {dtype}", float32_class_sums=past_range)
 
 
 @pytest.mark.parametrize("batch", [BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 3 * BLOCK_ROWS + 5])
