@@ -191,7 +191,7 @@ def prepare_knn(bank: KnnIndex, k: int, device="cpu", *, backend: str | None = N
     device = torch.device(device)
     name, _ = REGISTRY.resolve(device.type, backend, index_kind=bank.kind)
     if bank.ntotal:
-        probe = torch.as_tensor(np.asarray(bank.host_unit()[:1]), device=device)
+        probe = torch.as_tensor(np.array(bank.host_unit()[:1]), device=device)
         k = min(k, bank.ntotal)
         knn_search(probe, bank, k, backend=name)
         if name == "ivf":  # and the exact search of the queries its probed lists leave short
