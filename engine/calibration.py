@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from hitl_triage.kernels.calibration import nll_derivative_sums, row_statistics
+from hitl_triage.kernels.calibration import as_numpy, check_labels, check_logits, nll_derivative_sums, row_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -192,50 +192,19 @@ def _statistics(logits: np.ndarray, labels: np.ndarray, betas: np.ndarray):
 
 
 def _numpy(x, name: str) -> np.ndarray:
+    """:func:`hitl_triage.kernels.calibration.as_numpy` of ``x``, a torch tensor first copied to
+    the CPU (metrics and fits run there)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(torch.float32)
-        return x.numpy()
-    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
-        return _numpy(torch.from_dlpack(x), name)
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the field named
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, found {type(x).__name__}") from exc
+    return as_numpy(x, name)
 
 
-def _check_logits(logits, name: str = "logits") -> np.ndarray:
-    """[N, M, C] float32 or float64, C-contiguous ([N, C] means M = 1; float16 is widened)."""
-    z = _numpy(logits, name)
-    if z.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, found dtype {z.dtype}")
-    if z.ndim == 2:
-        z = z[:, None, :]
-    if z.ndim != 3:
-        raise ValueError(f"{name}: expected shape [N, M, C] (or [N, C]), found {z.shape}")
-    if z.shape[1] < 1:
-        raise ValueError(f"{name}: expected at least 1 ensemble member, found M={z.shape[1]}")
-    if z.shape[2] < 2:
-        raise ValueError(f"{name}: expected at least 2 classes, found C={z.shape[2]}")
-    if z.dtype not in (np.float32, np.float64):
-        z = z.astype(np.float32)
-    return np.ascontiguousarray(z)
+def _check_logits(logits) -> np.ndarray:
+    return check_logits(logits.detach().cpu() if isinstance(logits, torch.Tensor) else logits)
 
 
 def _check_labels(labels, rows: int, classes: int) -> np.ndarray:
-    y = _numpy(labels, "labels")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"labels: expected integer class indices, found dtype {y.dtype}")
-    if y.shape != (rows,):
-        raise ValueError(f"labels: expected shape ({rows},) to match the predictions, found {y.shape}")
-    if rows:
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(
-                f"labels: expected values in [0, {classes}) (drop unknown labels first), found range [{lo}, {hi}]"
-            )
-    return np.ascontiguousarray(y, dtype=np.int64)
+    return check_labels(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels, rows, classes)
 
 
 def _check_bounds(bounds) -> tuple[float, float]:

@@ -42,8 +42,9 @@ class CalibrationConfig:
 
 
 @dataclasses.dataclass
-class ThresholdConfig:
-    """How thresholds are chosen from calibration data.
+class ThresholdSelection:
+    """How thresholds are chosen from calibration data (the ``[thresholds]`` section; the
+    chosen values are a :class:`~hitl_triage.engine.policy.Thresholds` in the profile).
 
     mode "budget": escalate about ``budget`` of traffic, split across the confidence, disagreement
     and anomaly triggers by ``split``. mode "target_risk": the error rate among auto-accepted rows
@@ -201,7 +202,7 @@ class TriageConfig:
     """Everything ``triage fit`` needs besides the data (the ``triage.toml`` file)."""
 
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
-    thresholds: ThresholdConfig = dataclasses.field(default_factory=ThresholdConfig)
+    thresholds: ThresholdSelection = dataclasses.field(default_factory=ThresholdSelection)
     bank: BankConfig = dataclasses.field(default_factory=BankConfig)
     policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     tiers: TierConfig = dataclasses.field(default_factory=TierConfig)

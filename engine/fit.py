@@ -17,7 +17,6 @@ Steps, each reported through ``progress(stage, done, total)``:
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -28,10 +27,10 @@ from hitl_triage.kernels import audit_uniform, ensemble_signals
 from .calibration import calibration_metrics, fit_temperature
 from .config import TriageConfig
 from .decode import BatchError, decode_batch, validate_labels
-from .policy import CategoryTables, Thresholds, fire_triggers
+from .policy import CategoryTables
 from .profile import Profile
 from .scoring import TemperatureTable, ood_scores, rule_inputs
-from .thresholds import budget_thresholds, escalation_rates, ood_threshold, target_risk_threshold
+from .thresholds import choose_thresholds, escalation_rates
 
 logger = logging.getLogger(__name__)
 
@@ -126,34 +125,7 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, p
 
     # -- thresholds -----------------------------------------------------------------------------------
     _report(progress, "choose thresholds")
-    tc = config.thresholds
-    use_mi = members > 1
-    confidence = inputs.confidence.numpy().astype(np.float64)
-    mutual_info = inputs.mutual_info.numpy().astype(np.float64)
-    vote = inputs.vote_agreement.numpy().astype(np.float64)
-    ood = None if inputs.ood_score is None else inputs.ood_score.numpy().astype(np.float64)
-    if tc.mode == "budget":
-        chosen = budget_thresholds(
-            confidence, mutual_info if use_mi else None, ood, tc.budget, split=tc.split,
-            vote_agreement=vote if use_mi else None, vote_floor=tc.vote_floor,
-        )
-        thresholds = Thresholds(
-            confidence=float(chosen.confidence),
-            mutual_info=float(chosen.mutual_info) if use_mi else math.inf,
-            vote_floor=tc.vote_floor,
-            ood=float(chosen.ood) if ood is not None else math.inf,
-        )
-        report["thresholds"] = {"mode": "budget", **chosen.to_dict()}
-    else:
-        t_ood = float(ood_threshold(ood[~np.isnan(ood)], tc.ood_pass_rate)) if ood is not None else math.inf
-        t_mi = float(np.quantile(mutual_info, tc.disagreement_quantile)) if use_mi and tc.disagreement_quantile < 1 else math.inf
-        # Rows the rule escalates whatever the confidence threshold: the other triggers, and the
-        # confidence trigger at a threshold of 0 (category floors alone).
-        others = fire_triggers(inputs, Thresholds(confidence=0.0, mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood), tables)
-        escalated = (others.confidence | others.disagreement | others.anomaly).numpy()
-        risk = target_risk_threshold(confidence, correct, tc.target_risk, tc.delta, escalated=escalated)
-        thresholds = Thresholds(confidence=float(risk.threshold), mutual_info=t_mi, vote_floor=tc.vote_floor, ood=t_ood)
-        report["thresholds"] = {"mode": "target_risk", **risk.to_dict()}
+    thresholds, report["thresholds"] = choose_thresholds(inputs, tables, correct, config.thresholds)
 
     # Expected rates: the rule itself on the threshold rows (a run on the same rows fires the same bits).
     report["expected_rates"] = escalation_rates(inputs, thresholds, tables)

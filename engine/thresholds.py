@@ -15,9 +15,14 @@ Three ways to choose thresholds:
   pass.
 - :func:`budget_thresholds` (review-budget mode): escalate about ``budget`` of the traffic,
   shared among the triggers by ``split``.
-- :func:`target_risk_threshold` (target-risk mode): the lowest confidence threshold whose
+- :func:`target_risk_thresholds` (target-risk mode): the lowest confidence threshold whose
   auto-accepted rows have an error rate <= alpha with probability >= 1 - delta (selective
-  classification with guaranteed risk, Geifman & El-Yaniv 2017).
+  classification with guaranteed risk, Geifman & El-Yaniv 2017; the statistics are in
+  :func:`selective_risk_threshold`).
+
+Both return a :class:`~hitl_triage.engine.policy.Thresholds` and a report of how it was chosen;
+:func:`choose_thresholds` runs the one a :class:`~hitl_triage.engine.config.ThresholdSelection`
+asks for. Both count what fires with the rule itself.
 
 :func:`escalation_rates` gives the share of rows each reason bit fires on under a set of
 thresholds, by calling the rule itself (the expected escalation rate a profile reports).
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 from scipy.stats import beta as beta_distribution
 
+from .config import ThresholdSelection
 from .policy import CategoryTables, RuleInputs, Thresholds, fire_triggers
 
 logger = logging.getLogger(__name__)
@@ -149,47 +155,6 @@ def ood_threshold(in_distribution_scores, pass_rate: float = 0.95) -> float:
 
 
 @dataclasses.dataclass
-class BudgetThresholds:
-    """Thresholds of the review-budget mode and what they do on the calibration rows.
-
-    ``confidence``, ``mutual_info``, ``ood``, ``vote_floor``: the thresholds (conventions in the
-    module docstring; ``+inf`` turns mutual information / anomaly off). ``shares``: each trigger's
-    share of the budget after the shares of triggers without data were handed on; ``scale``: the
-    factor s of the rule in :func:`budget_thresholds`; ``solo_rates``: share of rows each trigger
-    fires on alone; ``union_rate``: share on which at least one fires (the escalation rate
-    before policy and audit rows).
-    """
-
-    confidence: float
-    mutual_info: float
-    ood: float
-    vote_floor: float
-    budget: float
-    split: tuple
-    shares: dict
-    scale: float
-    solo_rates: dict
-    union_rate: float
-    rows: int
-
-    def to_dict(self) -> dict:
-        """TOML-friendly (plain floats, ints, lists, dicts; ``inf`` where a trigger is off)."""
-        return {
-            "confidence": float(self.confidence),
-            "mutual_info": float(self.mutual_info),
-            "ood": float(self.ood),
-            "vote_floor": float(self.vote_floor),
-            "budget": float(self.budget),
-            "split": [float(w) for w in self.split],
-            "shares": {k: float(v) for k, v in self.shares.items()},
-            "scale": float(self.scale),
-            "solo_rates": {k: float(v) for k, v in self.solo_rates.items()},
-            "union_rate": float(self.union_rate),
-            "rows": int(self.rows),
-        }
-
-
-@dataclasses.dataclass
 class _Ranked:
     """One trigger as budget mode sees it: ``oriented`` scores (higher = more suspicious) of the
     rows whose firing depends on the threshold, sorted in decreasing order, and ``always`` the
@@ -215,9 +180,6 @@ class _Ranked:
             return -math.inf
         return float(self.ordered[extra])
 
-    def fires(self, threshold: float) -> np.ndarray:
-        return self.always | (self.oriented > threshold)
-
 
 def _ranked(oriented: np.ndarray, always: np.ndarray) -> _Ranked:
     always = always | np.isnan(oriented)
@@ -225,45 +187,11 @@ def _ranked(oriented: np.ndarray, always: np.ndarray) -> _Ranked:
     return _Ranked(oriented=oriented, ordered=ordered, always=always)
 
 
-def budget_thresholds(
-    confidence,
-    mutual_info,
-    ood_score,
-    budget: float,
-    split=(0.5, 0.25, 0.25),
-    *,
-    vote_agreement=None,
-    vote_floor: float = 0.0,
-) -> BudgetThresholds:
-    """Thresholds that escalate about ``budget`` of the calibration rows, shared among triggers.
+def _float64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float64).numpy()
 
-    Args:
-        confidence: float [N] calibrated confidence.
-        mutual_info: float [N], or None when there is no disagreement signal (M = 1).
-        ood_score: float [N], or None without a reference bank.
-        budget: share of rows to escalate, in [0, 1].
-        split: weights (confidence, disagreement, anomaly), non-negative with a positive sum.
-        vote_agreement, vote_floor: optional; rows with vote agreement < floor fire the
-            disagreement trigger whatever its threshold (the floor is a fixed policy, not fitted).
 
-    The rule. Let b be the budget and w_i the split normalised over the triggers that have data;
-    a trigger without data (``None``, or scores that are all equal and so cannot rank rows) gets
-    no threshold (+inf, off) and its weight goes to the others in proportion to theirs. For a
-    scale s >= 0, trigger i alone gets the threshold at which it fires on a share
-    r_i(s) = min(1, w_i * s * b) of the rows: the order statistic of its scores that leaves
-    floor(r_i * N) rows on the firing side (rows that fire regardless, such as NaN scores, count
-    towards that number). The union U(s) of the three triggers grows with s; bisection on s finds
-    where U crosses b and keeps whichever side is closer to b (the lower one on a tie). Without
-    overlaps s = 1 and each trigger gets exactly its share; since triggers do overlap (a low
-    confidence row often has high mutual information), s > 1 in practice, and every trigger keeps
-    the proportion of the split in its solo rate. Scores tie in real data, so U moves in steps and
-    the union rate lands as close to b as the data allow.
-    """
-    c = _scores(confidence, "confidence")
-    rows = c.shape[0]
-    if rows == 0:
-        raise ValueError("confidence: expected at least one row, found none")
-    b = _fraction(budget, "budget", low_open=False, high_open=False)
+def _check_split(split) -> list[float]:
     try:
         weights = [float(w) for w in split]
     except (TypeError, ValueError) as exc:
@@ -273,19 +201,67 @@ def budget_thresholds(
             f"split: expected three non-negative weights (confidence, disagreement, anomaly) with a "
             f"positive sum, found {list(split)}"
         )
+    return weights
+
+
+def budget_thresholds(
+    inputs: RuleInputs,
+    tables: CategoryTables,
+    budget: float,
+    split=(0.5, 0.25, 0.25),
+    *,
+    vote_floor: float = 0.0,
+) -> tuple[Thresholds, dict]:
+    """Thresholds under which the rule escalates about ``budget`` of the calibration rows
+    through its model triggers (confidence, disagreement, anomaly), shared among them by ``split``.
+
+    Args:
+        inputs: the rule's inputs on the calibration rows (:func:`hitl_triage.engine.scoring.rule_inputs`).
+            Mutual information takes part only for an ensemble (M > 1), the anomaly trigger only
+            with a bank (``ood_score`` not None).
+        tables: the category tables (their confidence floors fire whatever the thresholds).
+        budget: share of rows to escalate, in [0, 1].
+        split: weights (confidence, disagreement, anomaly), non-negative with a positive sum.
+        vote_floor: rows with vote agreement < floor fire the disagreement trigger whatever its
+            threshold (the floor is a fixed policy, not fitted).
+
+    Returns the thresholds and a report (``budget``, ``split``, ``shares``, ``scale``,
+    ``union_rate``: the share of rows on which the rule fires a model trigger, ``rows``).
+
+    The rule. Let b be the budget and w_i the split normalised over the triggers that have data;
+    a trigger without data (no ensemble, no bank, or scores that are all equal and so cannot rank
+    rows) gets no threshold (+inf, off) and its weight goes to the others in proportion to theirs.
+    For a scale s >= 0, trigger i alone gets the threshold at which it fires on a share
+    r_i(s) = min(1, w_i * s * b) of the rows: the order statistic of its scores that leaves
+    floor(r_i * N) rows on the firing side (rows that fire regardless, such as invalid rows,
+    count towards that number). The union U(s), counted by the rule itself
+    (:func:`hitl_triage.engine.policy.fire_triggers`, so category floors, invalid rows and
+    missing embeddings are in it), grows with s; bisection on s finds where U crosses b and keeps
+    whichever side is closer to b (the lower one on a tie). Without overlaps s = 1 and each
+    trigger gets exactly its share; since triggers do overlap (a low confidence row often has
+    high mutual information), s > 1 in practice, and every trigger keeps the proportion of the
+    split in its solo rate. Scores tie in real data, so U moves in steps and the union rate lands
+    as close to b as the data allow.
+    """
+    rows = int(inputs.confidence.shape[0])
+    if rows == 0:
+        raise ValueError("confidence: expected at least one row, found none")
+    b = _fraction(budget, "budget", low_open=False, high_open=False)
+    weights = _check_split(split)
     floor = float(vote_floor)
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"vote_floor: expected a value in [0, 1], found {vote_floor!r}")
 
-    no_rows = np.zeros(rows, dtype=bool)
-    low_vote = no_rows
-    if floor > 0 and vote_agreement is not None:
-        low_vote = ~(_scores(vote_agreement, "vote_agreement", rows) >= floor)
-    ranked = {"confidence": _ranked(-c, no_rows)}
-    if mutual_info is not None:
-        ranked["disagreement"] = _ranked(_scores(mutual_info, "mutual_info", rows), low_vote)
-    if ood_score is not None:
-        ranked["anomaly"] = _ranked(_scores(ood_score, "ood_score", rows), no_rows)
+    invalid = ~inputs.valid.cpu().numpy()
+    ensemble = inputs.members > 1
+    # The scores each trigger ranks rows by (higher = more suspicious); float32 values held in
+    # float64, so every order statistic is a float32 value and the rule compares it exactly.
+    ranked = {"confidence": _ranked(-_float64(inputs.confidence), invalid)}
+    if ensemble:
+        low_vote = _float64(inputs.vote_agreement) < floor
+        ranked["disagreement"] = _ranked(_float64(inputs.mutual_info), invalid | low_vote)
+    if inputs.ood_score is not None:
+        ranked["anomaly"] = _ranked(_float64(inputs.ood_score), np.zeros(rows, dtype=bool))
     raw = dict(zip(TRIGGERS, weights))
     # A trigger takes part when it has scores that rank rows and a positive weight; the others
     # are off (threshold +inf) and their weight goes to the ones that take part.
@@ -300,11 +276,9 @@ def budget_thresholds(
             f"({', '.join(n for n, r in ranked.items() if r.tunable) or 'none'}), found {list(split)}"
         )
     shares = {name: (raw[name] / total if name in active else 0.0) for name in TRIGGERS}
-    # Rows that fire whatever the thresholds: a NaN confidence, votes under the floor, and a NaN
-    # score of a trigger that takes part.
-    base = np.isnan(c) | low_vote
-    for r in active.values():
-        base |= r.always
+    # Oriented thresholds back in the rule's conventions; a trigger that does not take part is off.
+    orientation = {"confidence": -1.0, "disagreement": 1.0, "anomaly": 1.0}
+    off = {"confidence": -math.inf, "disagreement": math.inf, "anomaly": math.inf}
 
     def thresholds_at(s: float) -> dict[str, float]:
         return {
@@ -312,11 +286,12 @@ def budget_thresholds(
             for name, r in active.items()
         }
 
-    def union_rows(th: dict[str, float]) -> int:
-        fired = base.copy()
-        for name, r in active.items():
-            fired |= r.fires(th[name])
-        return int(fired.sum())
+    def as_thresholds(oriented: dict[str, float]) -> Thresholds:
+        t = {name: orientation[name] * oriented[name] if name in oriented else off[name] for name in TRIGGERS}
+        return Thresholds(confidence=t["confidence"], mutual_info=t["disagreement"], vote_floor=floor, ood=t["anomaly"])
+
+    def union_rows(oriented: dict[str, float]) -> int:
+        return int(fire_triggers(inputs, as_thresholds(oriented), tables).model().sum())
 
     target = b * rows
     lo = 0.0
@@ -325,10 +300,10 @@ def budget_thresholds(
     if b == 0 or u_lo > target:
         if u_lo > target:
             logger.warning(
-                "budget thresholds: %d of %d rows fire whatever the thresholds (NaN scores, low votes), "
-                "more than the budget %.4f", u_lo, rows, b,
+                "budget thresholds: %d of %d rows fire whatever the thresholds (invalid rows, low votes, "
+                "missing embeddings, category floors), more than the budget %.4f", u_lo, rows, b,
             )
-        chosen, scale = th_lo, 0.0
+        chosen, scale, u_chosen = th_lo, 0.0, u_lo
     else:
         # At hi every active trigger alone fires on every row, so U(hi) = 1 >= b.
         hi = 1.0 / (min(shares[name] for name in active) * b)
@@ -344,72 +319,24 @@ def budget_thresholds(
             else:
                 hi, th_hi, u_hi = mid, th_mid, u_mid
         if u_hi <= target or abs(u_hi - target) < abs(u_lo - target):
-            chosen, scale = th_hi, hi
+            chosen, scale, u_chosen = th_hi, hi, u_hi
         else:
-            chosen, scale = th_lo, lo
+            chosen, scale, u_chosen = th_lo, lo, u_lo
 
-    t_conf = -chosen["confidence"] if "confidence" in chosen else -math.inf
-    t_mi = chosen.get("disagreement", math.inf)
-    t_ood = chosen.get("anomaly", math.inf)
-    # The bisection's own count of what these thresholds fire on the rows it was given (the
-    # rates a profile reports come from the rule, fit.py).
-    solo = {name: float(active[name].fires(chosen[name]).mean()) if name in chosen else 0.0 for name in TRIGGERS}
-    return BudgetThresholds(
-        confidence=t_conf, mutual_info=t_mi, ood=t_ood, vote_floor=floor, budget=b, split=tuple(weights),
-        shares=shares, scale=scale, solo_rates=solo, union_rate=union_rows(chosen) / rows, rows=rows,
-    )
+    report = {
+        "budget": b,
+        "split": weights,
+        "shares": shares,
+        "scale": float(scale),
+        "union_rate": u_chosen / rows,
+        "rows": rows,
+    }
+    return as_thresholds(chosen), report
 
 
 # ------------------------------------------------------------------------------------------------
 # Target-risk mode
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RiskThreshold:
-    """The confidence threshold of the target-risk mode.
-
-    ``threshold``: auto-accept rows with confidence >= this (+inf when ``feasible`` is False:
-    escalate everything). ``coverage``: share of all rows auto-accepted; ``accepted_rows``,
-    ``errors``, ``empirical_risk`` (errors / accepted) and ``risk_bound`` (the Clopper-Pearson
-    upper bound at level 1 - ``delta_per_test``) describe the accepted calibration rows (NaN when
-    none). ``tests``: binary-search steps budgeted, ``delta_per_test = delta / tests``.
-    ``eligible_rows``: rows with a finite confidence not escalated by other triggers.
-    """
-
-    threshold: float
-    feasible: bool
-    alpha: float
-    delta: float
-    tests: int
-    delta_per_test: float
-    coverage: float
-    accepted_rows: int
-    errors: int
-    empirical_risk: float
-    risk_bound: float
-    rows: int
-    eligible_rows: int
-    method: str = "binary search over calibration confidences, Clopper-Pearson bound at delta / tests"
-
-    def to_dict(self) -> dict:
-        """TOML-friendly (plain floats, ints, bools, strings)."""
-        return {
-            "threshold": float(self.threshold),
-            "feasible": bool(self.feasible),
-            "alpha": float(self.alpha),
-            "delta": float(self.delta),
-            "tests": int(self.tests),
-            "delta_per_test": float(self.delta_per_test),
-            "coverage": float(self.coverage),
-            "accepted_rows": int(self.accepted_rows),
-            "errors": int(self.errors),
-            "empirical_risk": float(self.empirical_risk),
-            "risk_bound": float(self.risk_bound),
-            "rows": int(self.rows),
-            "eligible_rows": int(self.eligible_rows),
-            "method": self.method,
-        }
 
 
 def clopper_pearson_upper(errors, trials, level_delta: float):
@@ -423,7 +350,7 @@ def clopper_pearson_upper(errors, trials, level_delta: float):
     return np.where(e >= n, 1.0, bound)
 
 
-def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, escalated=None) -> RiskThreshold:
+def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *, escalated=None) -> dict:
     """The lowest confidence threshold whose auto-accepted rows have risk <= alpha w.p. >= 1 - delta.
 
     Args:
@@ -453,8 +380,12 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
     conditional on its threshold; the repeated-split test in tests/test_thresholds.py checks the
     guarantee empirically.
 
-    If no tested threshold passes, the result says so (``feasible=False``) and sets the
-    threshold to +inf: escalate everything rather than raise.
+    Returns a report: ``threshold`` (auto-accept rows with confidence >= this; +inf when
+    ``feasible`` is False: escalate everything rather than raise), ``coverage`` (share of all rows
+    auto-accepted), ``accepted_rows``, ``errors``, ``empirical_risk`` (errors / accepted) and
+    ``risk_bound`` (the Clopper-Pearson bound at ``delta_per_test``) of the accepted rows (NaN
+    when none), ``tests`` (binary-search steps budgeted, ``delta_per_test = delta / tests``),
+    ``rows`` and ``eligible_rows`` (finite confidence, not escalated by other triggers).
     """
     c = _scores(confidence, "confidence")
     rows = c.shape[0]
@@ -501,32 +432,74 @@ def target_risk_threshold(confidence, correct, alpha: float, delta: float, *, es
             hi = mid - 1
     assert tested <= tests, "binary search ran more tests than the correction budgeted"
 
+    report = {
+        "feasible": lo >= start, "alpha": a, "delta": d, "tests": tests, "delta_per_test": delta_per_test,
+        "rows": rows, "eligible_rows": int(eligible.sum()),
+        "method": "binary search over calibration confidences, Clopper-Pearson bound at delta / tests",
+    }
     if lo < start:
         logger.warning(
             "target risk: no confidence threshold bounds the risk of %d eligible rows by %.4g at delta %.4g; "
             "escalating everything", int(eligible.sum()), a, d,
         )
-        return RiskThreshold(
-            threshold=math.inf, feasible=False, alpha=a, delta=d, tests=tests, delta_per_test=delta_per_test,
-            coverage=0.0, accepted_rows=0, errors=0, empirical_risk=math.nan, risk_bound=math.nan,
-            rows=rows, eligible_rows=int(eligible.sum()),
-        )
+        return {**report, "threshold": math.inf, "coverage": 0.0, "accepted_rows": 0, "errors": 0,
+                "empirical_risk": math.nan, "risk_bound": math.nan}
     n_acc, n_err = int(accepted[lo]), int(errors[lo])
-    return RiskThreshold(
-        threshold=float(candidates[lo]), feasible=True, alpha=a, delta=d, tests=tests,
-        delta_per_test=delta_per_test, coverage=n_acc / rows, accepted_rows=n_acc, errors=n_err,
-        empirical_risk=n_err / n_acc, risk_bound=float(clopper_pearson_upper(n_err, n_acc, delta_per_test)),
-        rows=rows, eligible_rows=int(eligible.sum()),
+    return {
+        **report, "threshold": float(candidates[lo]), "coverage": n_acc / rows, "accepted_rows": n_acc,
+        "errors": n_err, "empirical_risk": n_err / n_acc,
+        "risk_bound": float(clopper_pearson_upper(n_err, n_acc, delta_per_test)),
+    }
+
+
+def target_risk_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, alpha: float, delta: float,
+                           *, others: Thresholds) -> tuple[Thresholds, dict]:
+    """``others`` with the confidence threshold of the target-risk mode
+    (:func:`selective_risk_threshold`), and its report. The rows the rule escalates whatever the
+    confidence threshold (the other triggers at ``others``, and category floors alone: the rule
+    at a confidence threshold of 0) are never auto-accepted, so they do not spend the risk."""
+    fired = fire_triggers(inputs, dataclasses.replace(others, confidence=0.0, per_class_confidence=None), tables)
+    report = selective_risk_threshold(
+        inputs.confidence, correct, alpha, delta, escalated=fired.model().cpu().numpy(),
     )
+    return dataclasses.replace(others, confidence=report["threshold"], per_class_confidence=None), report
+
+
+# ------------------------------------------------------------------------------------------------
+# The configured choice
+# ------------------------------------------------------------------------------------------------
+
+
+def choose_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, selection: ThresholdSelection
+                      ) -> tuple[Thresholds, dict]:
+    """The thresholds ``selection`` asks for on these calibration rows, and the chooser's report
+    (with ``mode``). In target-risk mode the anomaly threshold lets ``ood_pass_rate`` of the rows
+    with an embedding pass and the mutual-information threshold is its ``disagreement_quantile``
+    (1 turns it off); budget mode fits all three."""
+    if selection.mode == "budget":
+        chosen, report = budget_thresholds(inputs, tables, selection.budget, selection.split,
+                                           vote_floor=selection.vote_floor)
+        return chosen, {"mode": "budget", **report}
+    t_ood = math.inf
+    if inputs.ood_score is not None:
+        ood = _float64(inputs.ood_score)
+        t_ood = ood_threshold(ood[~np.isnan(ood)], selection.ood_pass_rate)
+    t_mi = math.inf
+    if inputs.members > 1 and selection.disagreement_quantile < 1:
+        t_mi = float(np.quantile(_float64(inputs.mutual_info), selection.disagreement_quantile))
+    others = Thresholds(confidence=0.0, mutual_info=t_mi, vote_floor=selection.vote_floor, ood=t_ood)
+    chosen, report = target_risk_thresholds(inputs, tables, correct, selection.target_risk, selection.delta,
+                                            others=others)
+    return chosen, {"mode": "target_risk", **report}
 
 
 __all__ = [
-    "BudgetThresholds",
-    "RiskThreshold",
     "TRIGGERS",
     "budget_thresholds",
+    "choose_thresholds",
     "clopper_pearson_upper",
     "escalation_rates",
     "ood_threshold",
-    "target_risk_threshold",
+    "selective_risk_threshold",
+    "target_risk_thresholds",
 ]

@@ -6,6 +6,7 @@ confidence interval, and a generative model whose selective risk is known in clo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -17,12 +18,15 @@ import torch
 
 from hitl_triage.engine.config import PolicyConfig, TierConfig
 from hitl_triage.engine.policy import CategoryTables, RuleInputs, Thresholds
+from hitl_triage.engine.config import ThresholdSelection
 from hitl_triage.engine.thresholds import (
     budget_thresholds,
+    choose_thresholds,
     clopper_pearson_upper,
     escalation_rates,
     ood_threshold,
-    target_risk_threshold,
+    selective_risk_threshold,
+    target_risk_thresholds,
 )
 
 if sys.version_info >= (3, 11):
@@ -107,21 +111,34 @@ def oracle_masks(th, c, mi=None, ood=None, votes=None, predicted=None):
     return {"confidence": conf, "disagreement": dis, "anomaly": anomaly}
 
 
-def rule_rates(th, c, mi=None, ood=None, votes=None, predicted=None):
-    """``escalation_rates`` (the engine's rule) on float32 copies of numpy signals; a row with a
-    NaN signal is an invalid row, as the signal kernel reports it."""
+NO_CATEGORIES = CategoryTables.build(PolicyConfig(), TierConfig(), "cpu")
+
+
+def inputs_of(c, mi=None, ood=None, votes=None, predicted=None, category_code=None):
+    """The rule's inputs from float32 copies of numpy signals; a row with a NaN signal is an
+    invalid row, as the signal kernel reports it. ``mi=None``: M = 1; ``ood=None``: no bank."""
     rows = len(c)
     f32 = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
     valid = ~np.isnan(c) & (np.ones(rows, bool) if mi is None else ~np.isnan(mi))
     valid &= np.ones(rows, bool) if votes is None else ~np.isnan(votes)
-    inputs = RuleInputs(
+    return RuleInputs(
         confidence=f32(c), mutual_info=f32(np.zeros(rows) if mi is None else mi),
         vote_agreement=f32(np.ones(rows) if votes is None else votes),
         predicted_class=torch.from_numpy(np.zeros(rows, np.int32) if predicted is None else predicted.astype(np.int32)),
-        valid=torch.from_numpy(valid), ood_score=None if ood is None else f32(ood), category_code=None,
+        valid=torch.from_numpy(valid), ood_score=None if ood is None else f32(ood),
+        category_code=None if category_code is None else torch.from_numpy(category_code),
         audit_sampled=torch.zeros(rows, dtype=torch.bool), members=1 if mi is None else 5, classes=10,
     )
-    return escalation_rates(inputs, th, CategoryTables.build(PolicyConfig(), TierConfig(), "cpu"))
+
+
+def rule_rates(th, c, mi=None, ood=None, votes=None, predicted=None):
+    """``escalation_rates`` (the engine's rule) on the signals."""
+    return escalation_rates(inputs_of(c, mi, ood, votes, predicted), th, NO_CATEGORIES)
+
+
+def f32_signals(rng, rows, **kwargs):
+    """:func:`signals` rounded to float32, the precision the rule compares in."""
+    return tuple(a.astype(np.float32).astype(np.float64) for a in signals(rng, rows, **kwargs))
 
 
 def test_rates_come_from_the_rule_and_nan_never_passes(rng):
@@ -160,87 +177,118 @@ def test_rates_apply_per_class_confidence(rng):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [0.02, 0.1, 0.3])
+def budget(c, mi=None, ood=None, b=0.1, split=(0.5, 0.25, 0.25), *, votes=None, vote_floor=0.0,
+           category_code=None, tables=NO_CATEGORIES):
+    """``budget_thresholds`` on numpy signals: the thresholds, the report, and the rule's rates."""
+    inputs = inputs_of(c, mi, ood, votes, category_code=category_code)
+    chosen, report = budget_thresholds(inputs, tables, b, split, vote_floor=vote_floor)
+    return chosen, report, escalation_rates(inputs, chosen, tables)
+
+
+@pytest.mark.parametrize("b", [0.02, 0.1, 0.3])
 @pytest.mark.parametrize("split", [(0.5, 0.25, 0.25), (1, 1, 1), (0.2, 0.0, 0.8)])
-def test_budget_union_rate_holds_on_fresh_data(budget, split, rng):
+def test_budget_union_rate_holds_on_fresh_data(b, split, rng):
     rows = 20_000
-    c, mi, ood, _ = signals(rng, rows)
-    chosen = budget_thresholds(c, mi, ood, budget, split=split)
+    c, mi, ood, _ = f32_signals(rng, rows)
+    chosen, report, rates = budget(c, mi, ood, b, split)
     # On the calibration rows the union lands within one row of the budget (continuous scores).
-    assert abs(chosen.union_rate - budget) <= 1.5 / rows
+    assert abs(report["union_rate"] - b) <= 1.5 / rows
+    assert report["union_rate"] == rates["union_before_policy_and_audit"]
     # Solo rates keep the split's proportions: each is floor(share * s * b * N) rows.
-    for name, share in chosen.shares.items():
-        assert abs(chosen.solo_rates[name] - share * chosen.scale * budget) <= 1.0 / rows, name
-    assert chosen.scale >= 1.0  # overlaps only ever push s up
+    for name, share in report["shares"].items():
+        assert abs(rates[name] - share * report["scale"] * b) <= 1.0 / rows, name
+    assert report["scale"] >= 1.0  # overlaps only ever push s up
+    # The oracle agrees with the rule on these rows, and on fresh rows the union holds.
+    masks = oracle_masks(chosen, c, mi, ood)
+    assert (masks["confidence"] | masks["disagreement"] | masks["anomaly"]).mean() == report["union_rate"]
     fresh_c, fresh_mi, fresh_ood, _ = signals(rng, rows)
     fresh_masks = oracle_masks(chosen, fresh_c, fresh_mi, fresh_ood)
     fresh_union = (fresh_masks["confidence"] | fresh_masks["disagreement"] | fresh_masks["anomaly"]).mean()
     # Fresh union rate = the thresholds' true rate (within ~sqrt(b(1-b)/N) of b, from fitting)
     # plus the fresh sample's own binomial noise: 5 standard deviations of both.
-    tolerance = 5 * math.sqrt(2 * budget * (1 - budget) / rows)
-    assert abs(fresh_union - budget) < tolerance, (fresh_union, budget, tolerance)
+    tolerance = 5 * math.sqrt(2 * b * (1 - b) / rows)
+    assert abs(fresh_union - b) < tolerance, (fresh_union, b, tolerance)
 
 
 def test_budget_triggers_without_data_hand_their_share_on(rng):
-    c, mi, ood, _ = signals(rng, 5000, members=1)
+    c, mi, ood, _ = f32_signals(rng, 5000, members=1)
     # M = 1 (no mutual information) and no bank: the confidence trigger takes the whole budget.
-    alone = budget_thresholds(c, None, None, 0.1)
-    assert alone.shares == {"confidence": 1.0, "disagreement": 0.0, "anomaly": 0.0}
+    alone, report, rates = budget(c, None, None, 0.1)
+    assert report["shares"] == {"confidence": 1.0, "disagreement": 0.0, "anomaly": 0.0}
     assert alone.mutual_info == math.inf and alone.ood == math.inf
-    assert alone.solo_rates["confidence"] == pytest.approx(0.1, abs=1 / 5000)
-    assert np.mean(c < alone.confidence) == alone.union_rate
+    assert rates["confidence"] == pytest.approx(0.1, abs=1 / 5000)
+    assert np.mean(c < alone.confidence) == report["union_rate"]
     # All-zero mutual information (what M = 1 signals look like) cannot rank rows either.
-    zeros = budget_thresholds(c, mi, ood, 0.1, split=(0.5, 0.25, 0.25))
-    assert zeros.shares == {"confidence": pytest.approx(2 / 3), "disagreement": 0.0, "anomaly": pytest.approx(1 / 3)}
+    _, zeros, _ = budget(c, mi, ood, 0.1, split=(0.5, 0.25, 0.25))
+    assert zeros["shares"] == {"confidence": pytest.approx(2 / 3), "disagreement": 0.0, "anomaly": pytest.approx(1 / 3)}
     with pytest.raises(ValueError, match="split: expected a positive weight"):
-        budget_thresholds(c, None, None, 0.1, split=(0, 1, 0))
+        budget(c, None, None, 0.1, split=(0, 1, 0))
 
 
-def test_budget_counts_nan_and_low_votes_as_firing(rng):
+def test_budget_counts_invalid_rows_low_votes_and_missing_embeddings_as_firing(rng):
     rows = 10_000
-    c, mi, ood, votes = signals(rng, rows)
-    c[:150] = np.nan
-    chosen = budget_thresholds(c, mi, ood, 0.1, vote_agreement=votes, vote_floor=0.4)
+    c, mi, ood, votes = f32_signals(rng, rows)
+    c[:150] = np.nan      # invalid rows
+    ood[150:200] = np.nan  # missing embeddings
+    chosen, report, _ = budget(c, mi, ood, 0.1, votes=votes, vote_floor=0.4)
     assert 0 < np.mean(votes < 0.4) < 0.05  # some rows fire on their votes alone
     masks = oracle_masks(chosen, c, mi, ood, votes)
     union = masks["confidence"] | masks["disagreement"] | masks["anomaly"]
-    assert union[:150].all()
-    assert chosen.union_rate == union.mean()
-    assert abs(chosen.union_rate - 0.1) <= 1.5 / rows
+    assert union[:200].all()
+    assert report["union_rate"] == union.mean()
+    assert abs(report["union_rate"] - 0.1) <= 1.5 / rows
     # A budget below what fires regardless: nothing more fires, and the result says how much.
-    tight = budget_thresholds(c, mi, ood, 0.01)
-    assert tight.scale == 0.0 and tight.union_rate == pytest.approx(150 / rows)
+    _, tight, _ = budget(c, mi, ood, 0.01)
+    assert tight["scale"] == 0.0 and tight["union_rate"] == pytest.approx(200 / rows)
+
+
+def test_budget_counts_category_floors_in_its_union(rng):
+    """A category floor raises the confidence threshold of its rows above the fitted one: the
+    bisection counts those rows, so the union the rule fires still lands on the budget."""
+    rows = 10_000
+    c, mi, ood, _ = f32_signals(rng, rows)
+    tables = CategoryTables.build(PolicyConfig(category_min_confidence={"medical": 0.95}), TierConfig(), "cpu")
+    code = np.where(rng.random(rows) < 0.1, 1, 0).astype(np.int64)  # 10% of rows are "medical"
+    chosen, report, rates = budget(c, mi, ood, 0.15, category_code=code, tables=tables)
+    floor_rows = (code == 1) & (c < 0.95)
+    assert floor_rows.mean() > 0.02  # the floor alone fires on a real share of rows
+    masks = oracle_masks(chosen, c, mi, ood)
+    union = masks["confidence"] | masks["disagreement"] | masks["anomaly"] | floor_rows
+    assert report["union_rate"] == union.mean() == rates["union_before_policy_and_audit"]
+    assert abs(report["union_rate"] - 0.15) <= 1.5 / rows
+    # Without the floors the same budget gives looser thresholds: the floors spent part of it.
+    plain, _, _ = budget(c, mi, ood, 0.15)
+    assert plain.confidence > chosen.confidence
 
 
 def test_budget_zero_and_one(rng):
-    c, mi, ood, _ = signals(rng, 2000)
-    none = budget_thresholds(c, mi, ood, 0.0)
-    assert none.union_rate == 0.0
-    everything = budget_thresholds(c, mi, ood, 1.0)
-    assert everything.union_rate == 1.0
+    c, mi, ood, _ = f32_signals(rng, 2000)
+    assert budget(c, mi, ood, 0.0)[1]["union_rate"] == 0.0
+    assert budget(c, mi, ood, 1.0)[1]["union_rate"] == 1.0
 
 
 def test_budget_with_tied_scores_gets_as_close_as_the_data_allow(rng):
     # Votes-like confidence on 5 levels: the union can only move in big steps.
     rows = 5000
-    c = rng.choice([0.2, 0.4, 0.6, 0.8, 1.0], size=rows, p=[0.05, 0.05, 0.1, 0.3, 0.5])
-    chosen = budget_thresholds(c, None, None, 0.12)
-    achievable = [np.mean(c < t) for t in (0.2, 0.4, 0.6, 0.8, 1.0)]
-    assert chosen.union_rate == min(achievable, key=lambda r: abs(r - 0.12))
+    c = rng.choice([0.2, 0.4, 0.6, 0.8, 1.0], size=rows, p=[0.05, 0.05, 0.1, 0.3, 0.5]).astype(np.float32).astype(np.float64)
+    _, report, _ = budget(c, None, None, 0.12)
+    achievable = [np.mean(c < t) for t in np.array([0.2, 0.4, 0.6, 0.8, 1.0], np.float32)]
+    assert report["union_rate"] == min(achievable, key=lambda r: abs(r - 0.12))
 
 
-def test_budget_to_dict_and_bad_input(rng):
+def test_budget_report_is_toml_and_bad_input_is_named(rng):
     import tomli_w
 
-    c, mi, ood, _ = signals(rng, 1000)
-    back = tomllib.loads(tomli_w.dumps(budget_thresholds(c, None, ood, 0.1).to_dict()))
-    assert back["mutual_info"] == math.inf and back["shares"]["disagreement"] == 0.0
+    c, mi, ood, _ = f32_signals(rng, 1000)
+    chosen, report, _ = budget(c, None, ood, 0.1)
+    back = tomllib.loads(tomli_w.dumps(report))
+    assert chosen.mutual_info == math.inf and back["shares"]["disagreement"] == 0.0
     with pytest.raises(ValueError, match="budget"):
-        budget_thresholds(c, mi, ood, 1.5)
+        budget(c, mi, ood, 1.5)
     with pytest.raises(ValueError, match="split"):
-        budget_thresholds(c, mi, ood, 0.1, split=(1, -1, 0))
-    with pytest.raises(ValueError, match="mutual_info: expected 1000 rows"):
-        budget_thresholds(c, mi[:10], ood, 0.1)
+        budget(c, mi, ood, 0.1, split=(1, -1, 0))
+    with pytest.raises(ValueError, match="vote_floor"):
+        budget(c, mi, ood, 0.1, vote_floor=2.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,10 +321,10 @@ def test_guarantee_holds_across_repeated_splits(rng):
         c, ok = calibrated_rows(rng, 2 * rows)
         half = rng.permutation(2 * rows)[:rows]
         escalated = (rng.random(rows) < 0.1) if k % 2 else None  # other triggers, at random
-        chosen = target_risk_threshold(c[half], ok[half], alpha, delta, escalated=escalated)
-        assert chosen.feasible
-        violations += true_risk(chosen.threshold) > alpha
-        coverages.append(chosen.coverage)
+        chosen = selective_risk_threshold(c[half], ok[half], alpha, delta, escalated=escalated)
+        assert chosen["feasible"]
+        violations += true_risk(chosen["threshold"]) > alpha
+        coverages.append(chosen["coverage"])
         # The same search with no bound (empirical risk <= alpha) shows the test can fail.
         order = np.sort(c[half])[::-1]
         emp = np.cumsum(~ok[half][np.argsort(-c[half])]) / np.arange(1, rows + 1)
@@ -297,8 +345,8 @@ def test_held_out_empirical_risk_stays_within_the_bound(rng):
     exceed = 0
     for _ in range(50):
         c, ok = calibrated_rows(rng, 20_000)
-        chosen = target_risk_threshold(c[:10_000], ok[:10_000], alpha, delta)
-        accepted = c[10_000:] >= chosen.threshold
+        chosen = selective_risk_threshold(c[:10_000], ok[:10_000], alpha, delta)
+        accepted = c[10_000:] >= chosen["threshold"]
         held_out = 1 - ok[10_000:][accepted].mean()
         exceed += held_out > alpha
     # True risk <= alpha w.p. >= 0.9 and the bound keeps it well below; the held-out estimate
@@ -311,38 +359,38 @@ def test_returned_threshold_passed_its_test_and_rows_are_counted(rng):
     c[:30] = np.nan
     escalated = np.zeros(3000, dtype=bool)
     escalated[30:330] = True
-    chosen = target_risk_threshold(c, ok, 0.08, 0.05, escalated=escalated)
-    accepted = (c >= chosen.threshold) & ~escalated  # NaN >= t is False
-    assert chosen.accepted_rows == accepted.sum() and chosen.errors == (~ok[accepted]).sum()
-    assert chosen.coverage == accepted.sum() / 3000 and chosen.eligible_rows == 3000 - 330
-    assert chosen.tests == math.ceil(math.log2(np.unique(c[30:][~escalated[30:]]).size + 1))
-    expected = binomtest(int(chosen.errors), int(chosen.accepted_rows)).proportion_ci(
-        confidence_level=1 - 2 * chosen.delta_per_test, method="exact").high
-    assert chosen.risk_bound == pytest.approx(expected, rel=1e-9) and chosen.risk_bound <= 0.08
+    chosen = selective_risk_threshold(c, ok, 0.08, 0.05, escalated=escalated)
+    accepted = (c >= chosen["threshold"]) & ~escalated  # NaN >= t is False
+    assert chosen["accepted_rows"] == accepted.sum() and chosen["errors"] == (~ok[accepted]).sum()
+    assert chosen["coverage"] == accepted.sum() / 3000 and chosen["eligible_rows"] == 3000 - 330
+    assert chosen["tests"] == math.ceil(math.log2(np.unique(c[30:][~escalated[30:]]).size + 1))
+    expected = binomtest(int(chosen["errors"]), int(chosen["accepted_rows"])).proportion_ci(
+        confidence_level=1 - 2 * chosen["delta_per_test"], method="exact").high
+    assert chosen["risk_bound"] == pytest.approx(expected, rel=1e-9) and chosen["risk_bound"] <= 0.08
 
 
 def test_infeasible_target_escalates_everything(rng):
     import tomli_w
 
     c, ok = calibrated_rows(rng, 500, low=0.3)
-    chosen = target_risk_threshold(c, ok, 0.001, 0.05)
-    assert not chosen.feasible and chosen.threshold == math.inf and chosen.coverage == 0.0
-    back = tomllib.loads(tomli_w.dumps(chosen.to_dict()))
+    chosen = selective_risk_threshold(c, ok, 0.001, 0.05)
+    assert not chosen["feasible"] and chosen["threshold"] == math.inf and chosen["coverage"] == 0.0
+    back = tomllib.loads(tomli_w.dumps(chosen))
     assert back["feasible"] is False and math.isnan(back["risk_bound"])
-    empty = target_risk_threshold(np.full(5, np.nan), np.ones(5, dtype=bool), 0.1, 0.1)
-    assert not empty.feasible
+    empty = selective_risk_threshold(np.full(5, np.nan), np.ones(5, dtype=bool), 0.1, 0.1)
+    assert not empty["feasible"]
 
 
 def test_target_risk_rejects_bad_input(rng):
     c, ok = calibrated_rows(rng, 10)
     with pytest.raises(ValueError, match="delta"):
-        target_risk_threshold(c, ok, 0.1, 0.0)
+        selective_risk_threshold(c, ok, 0.1, 0.0)
     with pytest.raises(ValueError, match="alpha"):
-        target_risk_threshold(c, ok, 1.5, 0.1)
+        selective_risk_threshold(c, ok, 1.5, 0.1)
     with pytest.raises(TypeError, match="correct: expected booleans"):
-        target_risk_threshold(c, c, 0.1, 0.1)
+        selective_risk_threshold(c, c, 0.1, 0.1)
     with pytest.raises(ValueError, match=r"escalated: expected shape \(10,\)"):
-        target_risk_threshold(c, ok, 0.1, 0.1, escalated=np.zeros(3, dtype=bool))
+        selective_risk_threshold(c, ok, 0.1, 0.1, escalated=np.zeros(3, dtype=bool))
 
 
 def test_target_risk_finds_a_passing_band_the_median_start_would_miss():
@@ -357,7 +405,46 @@ def test_target_risk_finds_a_passing_band_the_median_start_would_miss():
     correct = np.ones(rows, dtype=bool)
     correct[119:130] = False
     correct[200::2] = False
-    result = target_risk_threshold(confidence, correct, 0.05, 0.05)
-    assert result.feasible, result
-    assert 104 <= result.accepted_rows <= 119 and result.errors == 0
-    assert result.risk_bound <= 0.05
+    result = selective_risk_threshold(confidence, correct, 0.05, 0.05)
+    assert result["feasible"], result
+    assert 104 <= result["accepted_rows"] <= 119 and result["errors"] == 0
+    assert result["risk_bound"] <= 0.05
+
+
+def test_target_risk_leaves_out_rows_the_rule_escalates_anyway(rng):
+    """Rows that other triggers or a category floor escalate are never auto-accepted, so the
+    risk search does not count them; the oracle names them by hand."""
+    rows = 6000
+    c, ok = calibrated_rows(rng, rows)
+    c = c.astype(np.float32).astype(np.float64)
+    mi = rng.gamma(1.0, 0.05, rows)
+    ood = np.where(rng.random(rows) < 0.02, np.nan, rng.gamma(2.0, 0.5, rows))
+    code = np.where(rng.random(rows) < 0.1, 1, 0).astype(np.int64)
+    tables = CategoryTables.build(PolicyConfig(category_min_confidence={"medical": 0.97}), TierConfig(), "cpu")
+    inputs = inputs_of(c, mi, ood, category_code=code)
+    others = Thresholds(confidence=0.0, mutual_info=0.2, ood=2.5)
+    chosen, report = target_risk_thresholds(inputs, tables, ok, 0.08, 0.05, others=others)
+    mi32, ood32 = mi.astype(np.float32), ood.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        escalated = (mi32 > np.float32(0.2)) | ~(ood32 <= np.float32(2.5)) | ((code == 1) & (c < np.float32(0.97)))
+    expected = selective_risk_threshold(c, ok, 0.08, 0.05, escalated=escalated)
+    assert report == expected and report["eligible_rows"] == rows - escalated.sum()
+    assert chosen == dataclasses.replace(others, confidence=expected["threshold"])
+
+
+@pytest.mark.parametrize("mode", ["budget", "target_risk"])
+def test_choose_thresholds_runs_the_configured_mode(mode, rng):
+    rows = 4000
+    c, ok = calibrated_rows(rng, rows)
+    mi, ood = rng.gamma(1.0, 0.05, rows), rng.gamma(2.0, 0.5, rows)
+    inputs = inputs_of(c, mi, ood)
+    selection = ThresholdSelection(mode=mode, budget=0.2, ood_pass_rate=0.9, disagreement_quantile=0.95)
+    chosen, report = choose_thresholds(inputs, NO_CATEGORIES, ok, selection)
+    assert report["mode"] == mode
+    if mode == "budget":
+        assert (chosen, {k: v for k, v in report.items() if k != "mode"}) == budget_thresholds(inputs, NO_CATEGORIES, 0.2)
+    else:
+        ood32, mi32 = ood.astype(np.float32).astype(np.float64), mi.astype(np.float32).astype(np.float64)
+        assert chosen.ood == ood_threshold(ood32, 0.9)
+        assert chosen.mutual_info == np.quantile(mi32, 0.95)
+        assert report["threshold"] == chosen.confidence and report["feasible"]

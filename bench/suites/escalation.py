@@ -40,7 +40,7 @@ BUDGETS = (0.05, 0.10, 0.20)
 
 def run(ctx) -> None:
     try:
-        from hitl_triage.engine.config import AuditConfig, ThresholdConfig, TriageConfig  # noqa: F401
+        from hitl_triage.engine.config import AuditConfig, ThresholdSelection, TriageConfig  # noqa: F401
         from hitl_triage.engine.engine import TriageEngine  # noqa: F401
         from hitl_triage.engine.profile import Profile  # noqa: F401
     except ImportError as exc:
@@ -87,13 +87,13 @@ def _sizes(quick: bool) -> tuple[int, int, int]:
 
 def _combined(ctx, data, budget: float, rows: int):
     """(profile or None, row) for our policy at ``budget``."""
-    from hitl_triage.engine.config import AuditConfig, ThresholdConfig, TriageConfig
+    from hitl_triage.engine.config import AuditConfig, ThresholdSelection, TriageConfig
     from hitl_triage.engine.engine import TriageEngine
     from hitl_triage.engine.profile import Profile
 
     row = Row(SUITE, f"budget {budget:.0%}", "ours: combined policy", {"rows": rows}, unit="rows/s")
     try:
-        config = TriageConfig(thresholds=ThresholdConfig(mode="budget", budget=budget), audit=AuditConfig(base_rate=0.0))
+        config = TriageConfig(thresholds=ThresholdSelection(mode="budget", budget=budget), audit=AuditConfig(base_rate=0.0))
         t0 = time.perf_counter()
         profile = Profile.fit(data.calibration, bank=data.bank, config=config)
         fit_s = time.perf_counter() - t0

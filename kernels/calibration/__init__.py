@@ -83,8 +83,8 @@ def nll_derivative_sums(logits, labels, beta: float, *, backend: str | None = No
         the result does not depend on the thread count.
     """
     impl = _resolve(logits, backend)
-    z = _check_logits(logits)
-    y = _check_labels(labels, z.shape[0], z.shape[2])
+    z = check_logits(logits)
+    y = check_labels(labels, z.shape[0], z.shape[2])
     beta = float(beta)
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta: expected a positive finite inverse temperature, found {beta}")
@@ -103,8 +103,8 @@ def row_statistics(logits, labels, betas=1.0, *, backend: str | None = None) -> 
         backend: "numba" or "reference"; default from HITL_TRIAGE_CALIBRATION_BACKEND.
     """
     impl = _resolve(logits, backend)
-    z = _check_logits(logits)
-    y = _check_labels(labels, z.shape[0], z.shape[2])
+    z = check_logits(logits)
+    y = check_labels(labels, z.shape[0], z.shape[2])
     b = _check_betas(betas, z.shape[0])
     return RowStatistics(*impl.row_statistics(z, y, b))
 
@@ -118,7 +118,9 @@ def _resolve(logits, backend: str | None) -> CalibrationKernels:
     return impl
 
 
-def _numpy(x, name: str) -> np.ndarray:
+def as_numpy(x, name: str) -> np.ndarray:
+    """A numpy view of a numpy array, a CPU torch tensor (half precision widened, exactly) or a
+    DLPack array; a tensor on another device is refused with the field named."""
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ValueError(f"{name}: the calibration pass runs on the CPU, found a tensor on {x.device}")
@@ -127,26 +129,27 @@ def _numpy(x, name: str) -> np.ndarray:
             x = x.to(torch.float32)  # exact
         return x.numpy()
     if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
-        return _numpy(torch.from_dlpack(x), name)
+        return as_numpy(torch.from_dlpack(x), name)
     try:
         return np.asarray(x)
     except Exception as exc:  # noqa: BLE001 - re-raised with the field named
         raise TypeError(f"{name}: expected a numpy array or torch tensor, found {type(x).__name__}") from exc
 
 
-def _check_logits(logits) -> np.ndarray:
-    """C-contiguous float32 or float64 [N, M, C] (float16 widened to float32, exactly)."""
-    z = _numpy(logits, "logits")
+def check_logits(logits, name: str = "logits") -> np.ndarray:
+    """C-contiguous float32 or float64 [N, M, C] ([N, C] means M = 1; float16 widened to
+    float32, exactly; wider floats narrowed to float64)."""
+    z = as_numpy(logits, name)
     if z.dtype.kind != "f":
-        raise TypeError(f"logits: expected a floating-point array, found dtype {z.dtype}")
+        raise TypeError(f"{name}: expected a floating-point array, found dtype {z.dtype}")
     if z.ndim == 2:
         z = z[:, None, :]
     if z.ndim != 3:
-        raise ValueError(f"logits: expected shape [N, M, C] (or [N, C]), found {z.shape}")
+        raise ValueError(f"{name}: expected shape [N, M, C] (or [N, C]), found {z.shape}")
     if z.shape[1] < 1:
-        raise ValueError(f"logits: expected at least 1 ensemble member, found M={z.shape[1]}")
+        raise ValueError(f"{name}: expected at least 1 ensemble member, found M={z.shape[1]}")
     if z.shape[2] < 2:
-        raise ValueError(f"logits: expected at least 2 classes, found C={z.shape[2]}")
+        raise ValueError(f"{name}: expected at least 2 classes, found C={z.shape[2]}")
     if z.dtype == np.float16:
         z = z.astype(np.float32)
     elif z.dtype not in (np.float32, np.float64):
@@ -154,21 +157,24 @@ def _check_logits(logits) -> np.ndarray:
     return np.ascontiguousarray(z)
 
 
-def _check_labels(labels, rows: int, classes: int) -> np.ndarray:
-    y = _numpy(labels, "labels")
+def check_labels(labels, rows: int, classes: int) -> np.ndarray:
+    """int64 [rows] class indices in [0, classes)."""
+    y = as_numpy(labels, "labels")
     if y.dtype.kind not in "iu":
         raise TypeError(f"labels: expected integer class indices, found dtype {y.dtype}")
     if y.shape != (rows,):
-        raise ValueError(f"labels: expected shape ({rows},) to match the logits, found {y.shape}")
+        raise ValueError(f"labels: expected shape ({rows},) to match the predictions, found {y.shape}")
     if rows:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= classes:
-            raise ValueError(f"labels: expected values in [0, {classes}), found range [{lo}, {hi}]")
+            raise ValueError(
+                f"labels: expected values in [0, {classes}) (drop unknown labels first), found range [{lo}, {hi}]"
+            )
     return np.ascontiguousarray(y, dtype=np.int64)
 
 
 def _check_betas(betas, rows: int) -> np.ndarray:
-    b = np.asarray(_numpy(betas, "betas"), dtype=np.float64)
+    b = np.asarray(as_numpy(betas, "betas"), dtype=np.float64)
     if b.ndim == 0:
         b = np.full(rows, float(b))
     elif b.shape != (rows,):
@@ -180,4 +186,7 @@ def _check_betas(betas, rows: int) -> np.ndarray:
     return np.ascontiguousarray(b)
 
 
-__all__ = ["REGISTRY", "CalibrationKernels", "RowStatistics", "nll_derivative_sums", "row_statistics"]
+__all__ = [
+    "REGISTRY", "CalibrationKernels", "RowStatistics", "as_numpy", "check_labels", "check_logits",
+    "nll_derivative_sums", "row_statistics",
+]
