@@ -1,0 +1,82 @@
+"""Reading items back from the batch blobs both backends store, and the verdict export table."""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Sequence
+
+import pyarrow as pa
+
+from .base import VERDICT_SCHEMA
+
+# Decision columns the verdict export carries (the item's tier at decision time is `decision_tier`).
+EXPORT_COLUMNS = ("reason_mask", "priority", "predicted_class", "confidence", "margin", "mutual_info",
+                  "vote_agreement", "ood_score", "audit_weight", "audit_stratum", "profile_version", "source",
+                  "category", "classes", "enqueued_at")
+
+
+class PayloadReader:
+    """Rows of stored batches, by (batch, row) reference, through a small cache of decoded
+    batches (claims and exports read the same few recent batches many times)."""
+
+    def __init__(self, read_batch: Callable[[int], pa.Table], cache_batches: int = 64):
+        self._read = read_batch
+        self._cache: collections.OrderedDict[int, pa.Table] = collections.OrderedDict()
+        self._size = cache_batches
+
+    def _batch(self, batch: int) -> pa.Table:
+        table = self._cache.get(batch)
+        if table is None:
+            table = self._read(batch)
+            self._cache[batch] = table
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(batch)
+        return table
+
+    def rows(self, refs: Sequence[tuple[int, int]]) -> pa.Table:
+        """The items at ``refs``, in that order (batches with different extra columns are
+        unified; a column a batch lacks is null there)."""
+        if not refs:
+            return self._empty()
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for position, (batch, row) in enumerate(refs):
+            groups[batch].append(position)
+        parts, order = [], []
+        for batch, positions in groups.items():
+            parts.append(self._batch(batch).take(pa.array([refs[p][1] for p in positions], pa.int64())))
+            order.extend(positions)
+        table = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
+        inverse = [0] * len(order)
+        for i, position in enumerate(order):
+            inverse[position] = i
+        return table.take(pa.array(inverse, pa.int64()))
+
+    def _empty(self) -> pa.Table:
+        if self._cache:
+            return next(iter(self._cache.values())).schema.empty_table()
+        return pa.schema([pa.field("id", pa.string()), pa.field("tier", pa.string())]).empty_table()
+
+
+def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
+    """The verdict export from ``(id, label, reviewer, tier, action, ts, stored_at, batch, row)``
+    rows: the verdict columns of the design, ``stored_at``, and the item's decision columns."""
+    columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(9)]
+    ids, labels, reviewers, tiers, actions, ts, stored_at = columns[:7]
+    table = pa.table({
+        "id": pa.array(ids, pa.string()),
+        "label": pa.array(labels, pa.int32()),
+        "reviewer": pa.array(reviewers, pa.string()),
+        "tier": pa.array(tiers, pa.string()),
+        "action": pa.array(actions, pa.string()),
+        "ts": pa.array([int(t * 1e6) for t in ts], pa.int64()).cast(VERDICT_SCHEMA.field("ts").type),
+        "stored_at": pa.array([int(t * 1e6) for t in stored_at], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+    })
+    items = payload.rows([(r[7], r[8]) for r in rows])
+    if "tier" in items.schema.names:
+        table = table.append_column("decision_tier", items.column("tier"))
+    for name in EXPORT_COLUMNS:
+        if name in items.schema.names:
+            table = table.append_column(name, items.column(name))
+    return table
