@@ -17,6 +17,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 TIER_NAMES = ("general", "specialist", "adjudicator")
+# Tables of triage.toml that the serving layer reads (the review queue, the service); the
+# engine's configuration leaves them alone.
+SERVE_TABLES = ("queue", "service")
 
 
 class ConfigError(ValueError):
@@ -225,7 +228,9 @@ class TriageConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TriageConfig":
-        return from_dict(cls, data, "").check()
+        # The serving layer's tables (read by hitl_triage.serve) may share the file.
+        engine_tables = {k: v for k, v in data.items() if k not in SERVE_TABLES} if isinstance(data, dict) else data
+        return from_dict(cls, engine_tables, "").check()
 
     def to_dict(self) -> dict:
         return to_dict(self)

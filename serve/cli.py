@@ -16,7 +16,7 @@ import sys
 # Before torch, numba or FAISS start their OpenMP pools (see hitl_triage.kernels for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COMMANDS = ("simulate", "fit", "run", "demo")
+COMMANDS = ("simulate", "fit", "run", "queue", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,8 @@ from hitl_triage.engine.engine import TriageEngine
 from hitl_triage.engine.monitoring import TriageSummary
 from hitl_triage.engine.profile import Profile
 
+from .queue import ReviewQueue
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 262_144  # rows per engine batch: amortises per-batch costs, bounded memory
@@ -34,6 +36,7 @@ class RunResult:
     output: Path
     stage_seconds: dict[str, float]
     wall_seconds: float
+    queued: int = 0  # review items new to the queue (0 without one)
 
 
 def count_rows(paths: list[Path]) -> int:
@@ -50,13 +53,17 @@ def run_offline(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress=None,
     time_stages: bool = False,
+    review_queue: ReviewQueue | None = None,
 ) -> RunResult:
     """Triage every row of ``inputs`` (Parquet files in the data contract) into ``output``.
 
     Every file's schema is checked against the profile before any row is read, so a wrong file
     fails in milliseconds and writes nothing. ``progress(rows_done, rows_total)`` is called after
     each batch. With ``time_stages`` the result holds seconds per stage, reading and writing
-    included (the stages then run one after another, so the split is real).
+    included (the stages then run one after another, so the split is real). With ``review_queue``, each
+    batch's escalations and audit samples are enqueued before the next batch is read (the queue
+    is idempotent on the prediction id, so a rerun adds nothing); the decisions file is still
+    written whole or not at all.
     """
     paths = [Path(p) for p in inputs]
     needs_embedding = "required" if profile.bank is not None and profile.config.policy.on_missing_embedding == "error" else "optional"
@@ -73,7 +80,8 @@ def run_offline(
     output.parent.mkdir(parents=True, exist_ok=True)
     engine = TriageEngine(profile, device=device, time_stages=time_stages)
     summary = TriageSummary()
-    io_seconds = {"read": 0.0, "write": 0.0}
+    io_seconds = {"read": 0.0, "write": 0.0, "queue": 0.0}
+    queued = 0
     started = time.perf_counter()
 
     def read_batches():
@@ -97,6 +105,10 @@ def run_offline(
             decisions = engine.triage(batch)
             summary.update(decisions, seconds=time.perf_counter() - t0)
             sink.write(decisions)
+            if review_queue is not None:
+                t0 = time.perf_counter()
+                queued += review_queue.enqueue(decisions, batch)
+                io_seconds["queue"] += time.perf_counter() - t0
             done += batch.num_rows
             if progress is not None:
                 progress(done, total)
@@ -110,7 +122,9 @@ def run_offline(
     stages = engine.stage_seconds
     if time_stages:
         stages = {"read": io_seconds["read"], **stages, "write": io_seconds["write"]}
-    return RunResult(summary=summary, output=output, stage_seconds=stages, wall_seconds=wall)
+        if review_queue is not None:
+            stages["queue"] = io_seconds["queue"]
+    return RunResult(summary=summary, output=output, stage_seconds=stages, wall_seconds=wall, queued=queued)
 
 
 def _timed(iterator, seconds: dict, key: str):

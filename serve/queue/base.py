@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from hitl_triage.engine.config import TIER_NAMES
+from hitl_triage.engine.config import TIER_NAMES, from_dict
 from hitl_triage.kernels import audit_uniform
 
 ACTIONS = ("confirm", "correct", "escalate", "out_of_scope")
@@ -68,6 +68,12 @@ class QueueOptions:
     max_deliveries: int = 5
     keep_embedding: bool = False
     blind_audit: bool = True
+
+    @classmethod
+    def from_dict(cls, table: dict, **defaults) -> "QueueOptions":
+        """From a ``[queue]`` table (unknown keys are refused by name); ``defaults`` fill the keys
+        the table leaves out (for example the profile's tier order)."""
+        return from_dict(cls, {**defaults, **table}, "queue").check()
 
     def check(self) -> "QueueOptions":
         if not self.tiers or len(set(self.tiers)) != len(self.tiers):
@@ -256,6 +262,10 @@ class ReviewQueue(abc.ABC):
     def verdicts(self, since: float | None = None) -> pa.Table:
         """Stored verdicts (those stored after ``since``, seconds since the epoch, when given),
         oldest first, with their items' decision columns and ``stored_at``."""
+
+    def tier_of(self, item_id: str) -> str | None:
+        """The tier that holds the item now, None for an unknown id."""
+        raise NotImplementedError(f"{type(self).__name__}.tier_of")
 
     @abc.abstractmethod
     def requeue_dead(self) -> int:

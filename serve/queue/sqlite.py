@@ -254,6 +254,11 @@ class SqliteQueue(ReviewQueue):
             ).fetchall()
         return verdict_table(rows, self._payload)
 
+    def tier_of(self, item_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT tier FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else row[0]
+
     def requeue_dead(self) -> int:
         with self._write() as db:
             before = db.total_changes
