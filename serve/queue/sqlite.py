@@ -43,7 +43,6 @@ CREATE TABLE IF NOT EXISTS items (
     enqueued_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS open_by_priority ON items (tier, priority DESC, seq) WHERE state = 'open' AND slots > 0;
-CREATE INDEX IF NOT EXISTS items_by_state ON items (state, tier);
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT NOT NULL, reviewer TEXT NOT NULL, until REAL NOT NULL, PRIMARY KEY (id, reviewer)
 ) WITHOUT ROWID;
