@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from .base import VERDICT_SCHEMA
+from .items import blind, hide_predictions
 
 # Decision columns the verdict export carries (the item's tier at decision time is `decision_tier`).
 EXPORT_COLUMNS = ("reason_mask", "priority", "predicted_class", "confidence", "margin", "mutual_info",
@@ -57,6 +58,25 @@ class PayloadReader:
         if self._cache:
             return next(iter(self._cache.values())).schema.empty_table()
         return pa.schema([pa.field("id", pa.string()), pa.field("tier", pa.string())]).empty_table()
+
+
+def claimed_items(payload: PayloadReader, refs: Sequence[tuple[int, int]], tier: str, deliveries: Sequence[int],
+                  until: float, history: Sequence[list[str]], blind_audit: bool) -> pa.Table:
+    """What ``claim`` returns for the items at ``refs``: the item columns with ``tier`` the tier
+    they were claimed at (an item keeps its decision-time tier in its blob), the prediction
+    hidden on blind items, ``deliveries``, ``lease_until`` (seconds since the epoch) and
+    ``history`` (the item's earlier verdicts, oldest first, as "tier/reviewer: action [label]")."""
+    items = payload.rows(refs)
+    items = items.set_column(items.schema.get_field_index("tier"), "tier", pa.array([tier] * len(refs), pa.string()))
+    items = hide_predictions(items, blind(items, blind_audit))
+    return items.append_column("deliveries", pa.array(deliveries, pa.int32())) \
+                .append_column("lease_until", pa.array([until] * len(refs), pa.float64())) \
+                .append_column("history", pa.array(history, pa.list_(pa.string())))
+
+
+def history_line(tier: str, reviewer: str, action: str, label: int) -> str:
+    """One verdict as a claimed item's ``history`` shows it."""
+    return f"{tier}/{reviewer}: {action}" + (f" {label}" if label >= 0 else "")
 
 
 def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
