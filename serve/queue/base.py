@@ -234,6 +234,48 @@ def _strings(column, name: str) -> list[str]:
     return values
 
 
+@dataclasses.dataclass
+class PreparedBatch:
+    """One decision batch's review items, ready for a backend to store: the item table and its
+    IPC blob, and per item the id, tier, priority, predicted class, C and reviews needed."""
+
+    items: pa.Table
+    blob: bytes
+    ids: list[str]
+    tiers: list[str]
+    priorities: list[float]
+    predicted: list[int]
+    classes: list[int]
+    needed: list[int]
+    enqueued_at: float
+
+
+def prepare_batch(decisions, predictions, options: QueueOptions) -> PreparedBatch | None:
+    """The review items of a decision batch (None when it escalated nothing), with the tiers
+    checked against ``options``."""
+    from .items import review_items, to_ipc
+
+    items = review_items(decisions, predictions, keep_embedding=options.keep_embedding)
+    if items.num_rows == 0:
+        return None
+    ids = items.column("id").to_pylist()
+    tiers = items.column("tier").to_pylist()
+    unknown = sorted(set(tiers) - set(options.tiers), key=str)
+    if unknown:
+        raise QueueError(f"decisions: tier: expected tiers among {options.tiers}, found {unknown}")
+    if options.overlap:
+        column = items.column("id").combine_chunks()
+        per_tier = {t: options.needed(column, t) for t in set(tiers)}
+        needed = [int(per_tier[t][i]) for i, t in enumerate(tiers)]
+    else:
+        needed = [1] * len(ids)
+    return PreparedBatch(
+        items=items, blob=to_ipc(items), ids=ids, tiers=tiers, priorities=items.column("priority").to_pylist(),
+        predicted=items.column("predicted_class").to_pylist(), classes=items.column("classes").to_pylist(),
+        needed=needed, enqueued_at=float(items.column("enqueued_at")[0].as_py()),
+    )
+
+
 class ReviewQueue(abc.ABC):
     """See the module docstring. Every method is safe to call from several processes at once."""
 
@@ -241,7 +283,14 @@ class ReviewQueue(abc.ABC):
 
     @abc.abstractmethod
     def enqueue(self, decisions, predictions) -> int:
-        """Store the review items of one decision batch; returns how many were new."""
+        """Store the review items of one decision batch; returns how many were new. Durable
+        when it returns."""
+
+    def enqueue_many(self, batches) -> int:
+        """``enqueue`` of several (decisions, predictions) pairs, stored together where the
+        backend can (one transaction, one fsync: what a server's queue writer does with the
+        batches that arrived while the previous write was on disk). Returns the new items."""
+        return sum(self.enqueue(decisions, predictions) for decisions, predictions in batches)
 
     @abc.abstractmethod
     def claim(self, tier: str, reviewer: str, n: int = 1, lease: float = 300.0) -> pa.Table:
@@ -294,6 +343,6 @@ def check_claim(tier: str, reviewer: str, n: int, lease: float, options: QueueOp
 
 
 __all__ = [
-    "ACTIONS", "ItemState", "Outcome", "QueueError", "QueueOptions", "ReviewQueue", "VERDICT_SCHEMA",
+    "ACTIONS", "ItemState", "Outcome", "PreparedBatch", "QueueError", "prepare_batch", "QueueOptions", "ReviewQueue", "VERDICT_SCHEMA",
     "Verdict", "check_claim", "check_verdict", "resolve", "verdict_rows",
 ]

@@ -23,9 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from .base import (
-    ItemState, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, resolve, verdict_rows,
+    ItemState, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, prepare_batch, resolve,
+    verdict_rows,
 )
-from .items import blind, from_ipc, hide_predictions, review_items, to_ipc
+from .items import blind, from_ipc, hide_predictions
 from .payload import PayloadReader, verdict_table
 
 SCHEMA = """
@@ -77,9 +78,12 @@ class SqliteQueue(ReviewQueue):
     # -- transactions ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self):
-        """One write transaction, holding the database's write lock from its start."""
+    def _write(self, *, durable: bool = True):
+        """One write transaction, holding the database's write lock from its start. A durable
+        one is on disk when COMMIT returns (the WAL is fsynced); one that is not (a claim) may be
+        forgotten by a power loss, which only offers its items again."""
         with self._lock:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -96,37 +100,35 @@ class SqliteQueue(ReviewQueue):
     # -- enqueue -----------------------------------------------------------------------------------
 
     def enqueue(self, decisions, predictions) -> int:
-        items = review_items(decisions, predictions, keep_embedding=self.options.keep_embedding)
-        if items.num_rows == 0:
+        return self.enqueue_many([(decisions, predictions)])
+
+    def enqueue_many(self, batches) -> int:
+        prepared = [p for p in (prepare_batch(d, r, self.options) for d, r in batches) if p is not None]
+        if not prepared:
             return 0
-        ids = items.column("id").to_pylist()
-        tiers = items.column("tier").to_pylist()
-        unknown = sorted(set(tiers) - set(self.options.tiers))
-        if unknown:
-            raise QueueError(f"decisions: tier: expected tiers among {self.options.tiers}, found {unknown}")
-        needed = _needed_by_tier(self.options, items.column("id"), tiers)
-        blob = to_ipc(items)
-        enqueued_at = items.column("enqueued_at")[0].as_py()
+        added = 0
         with self._write() as db:
-            batch = db.execute("INSERT INTO batches (ipc) VALUES (?)", (blob,)).lastrowid
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO items (id, batch, row, tier, priority, needed, slots, predicted, classes, "
-                "state, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?)",
-                zip(ids, _repeat(batch), range(len(ids)), tiers, items.column("priority").to_pylist(),
-                    needed, needed, items.column("predicted_class").to_pylist(),
-                    items.column("classes").to_pylist(), _repeat(enqueued_at)),
-            )
-            added = db.total_changes - before
-            if added == 0:  # every item was already queued: keep no blob for them
-                db.execute("DELETE FROM batches WHERE batch = ?", (batch,))
+            for p in prepared:
+                batch = db.execute("INSERT INTO batches (ipc) VALUES (?)", (p.blob,)).lastrowid
+                before = db.total_changes
+                db.executemany(
+                    "INSERT OR IGNORE INTO items (id, batch, row, tier, priority, needed, slots, predicted, classes, "
+                    "state, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?)",
+                    zip(p.ids, _repeat(batch), range(len(p.ids)), p.tiers, p.priorities, p.needed, p.needed,
+                        p.predicted, p.classes, _repeat(p.enqueued_at)),
+                )
+                new = db.total_changes - before
+                if new == 0:  # every item was already queued: keep no blob for them
+                    db.execute("DELETE FROM batches WHERE batch = ?", (batch,))
+                added += new
         return added
 
     # -- claim -------------------------------------------------------------------------------------
 
     def claim(self, tier: str, reviewer: str, n: int = 1, lease: float = 300.0) -> pa.Table:
         check_claim(tier, reviewer, n, lease, self.options)
-        with self._write() as db:
+        # Leases need no fsync: one lost to a power failure only offers its items again.
+        with self._write(durable=False) as db:
             now = time.time()
             self._expire(db, now)
             picked = db.execute(
@@ -273,14 +275,6 @@ class SqliteQueue(ReviewQueue):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _needed_by_tier(options: QueueOptions, ids: pa.ChunkedArray, tiers: list[str]) -> list[int]:
-    if not options.overlap:
-        return [1] * len(tiers)
-    flat = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    per_tier = {t: options.needed(flat, t) for t in set(tiers)}
-    return [int(per_tier[t][i]) for i, t in enumerate(tiers)]
 
 
 def _same_verdict(v: Verdict, action: str, label: int) -> bool:
