@@ -1,0 +1,144 @@
+"""A real Label Studio server for the tests.
+
+Label Studio pins its own numpy and pyarrow, so it lives in a virtual environment of its own,
+never the project's: built once (``python -m venv`` + ``pip install label-studio==VERSION``,
+about 2 minutes and 1 GB) under ``~/.cache/hitl-triage/label-studio-VERSION`` and reused while
+its ``.installed`` marker is there; ``HITL_TRIAGE_LABEL_STUDIO_VENV`` names a ready one instead
+(for example one that CI built). Where it cannot be installed (no network), the tests skip and
+say why. The server runs on a free loopback port with its data (SQLite) in a temporary
+directory; its first user is made from ``LABEL_STUDIO_USERNAME`` / ``LABEL_STUDIO_PASSWORD``, and
+each user's personal access token (Label Studio 1.23's default kind; legacy tokens are off)
+comes from logging in (or signing up) through its web form, as a person would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from queue_fixtures import free_port
+
+VERSION = "1.23.2"
+INSTALL_TIMEOUT_S = 1200
+START_TIMEOUT_S = 300
+TIMINGS: dict[str, float] = {}  # measured here: install_s (0 when reused), start_s
+
+
+def label_studio_python() -> Path:
+    """The python of a virtual environment holding Label Studio ``VERSION`` (built when missing),
+    or a skip saying why it cannot be had."""
+    ready = os.environ.get("HITL_TRIAGE_LABEL_STUDIO_VENV")
+    if ready:
+        python = Path(ready) / "bin" / "python"
+        if not python.exists():
+            pytest.fail(f"HITL_TRIAGE_LABEL_STUDIO_VENV={ready}: expected a virtual environment, found no bin/python")
+        return python
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hitl-triage"
+    venv = cache / f"label-studio-{VERSION}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"label-studio-{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time, whichever test session asks
+        if not (venv / ".installed").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            started = time.monotonic()
+            _build(venv)
+            TIMINGS["install_s"] = time.monotonic() - started
+        else:
+            TIMINGS.setdefault("install_s", 0.0)
+    return venv / "bin" / "python"
+
+
+def _build(venv: Path) -> None:
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+              f"label-studio=={VERSION}"]]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(venv, ignore_errors=True)
+            pytest.skip(f"label-studio=={VERSION} could not be installed in {INSTALL_TIMEOUT_S} s")
+        if done.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            pytest.skip(f"label-studio=={VERSION} could not be installed (no network?): {' | '.join(tail)}")
+    (venv / ".installed").write_text(VERSION + "\n")
+
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    admin: str       # the first user's email (an organization owner)
+    password: str
+    token: str       # the admin's personal access token
+
+
+@contextlib.contextmanager
+def label_studio_server(directory: Path):
+    """A Label Studio server on a free loopback port, data in ``directory``; yields a :class:`Server`."""
+    python = label_studio_python()
+    port = free_port()
+    admin, password = "admin@example.com", "admin-pass-0123"
+    # Label Studio reads many plain names too (HOST, DATABASE_NAME...): none of the caller's may leak in.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DJANGO_", "LABEL_STUDIO_", "HEARTEX_", "POSTGRE_", "REDIS_"))
+           and k not in ("HOST", "PORT", "DEBUG", "DATABASE_NAME")}
+    env.update(LABEL_STUDIO_BASE_DATA_DIR=str(directory), LABEL_STUDIO_USERNAME=admin,
+               LABEL_STUDIO_PASSWORD=password, LOG_LEVEL="WARNING")
+    log = open(directory / "label-studio.log", "w")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [str(python), "-m", "label_studio.server", "start", "--no-browser", "--port", str(port),
+         "--internal-host", "127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+            if process.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+                tail = (directory / "label-studio.log").read_text()[-2000:]
+                raise RuntimeError(f"Label Studio did not answer /health on port {port} "
+                                   f"(exit {process.poll()}); its log ends:\n{tail}")
+            time.sleep(0.5)
+        TIMINGS["start_s"] = time.monotonic() - started
+        yield Server(url, admin, password, personal_access_token(url, admin, password))
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def personal_access_token(url: str, email: str, password: str, *, signup: bool = False) -> str:
+    """A user's personal access token, as a person gets one: log in (or sign up) through the web
+    form, then create the token with that session."""
+    import requests
+
+    page = "/user/signup/" if signup else "/user/login/"
+    session = requests.Session()
+    session.get(url + page, timeout=30).raise_for_status()
+    reply = session.post(url + page, data={"email": email, "password": password,
+                                           "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                         headers={"Referer": url + page}, allow_redirects=False, timeout=30)
+    if reply.status_code != 302:
+        raise RuntimeError(f"Label Studio {page} for {email}: expected a redirect, found HTTP {reply.status_code}")
+    reply = session.post(url + "/api/token/", timeout=30,
+                         headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url + "/"})
+    reply.raise_for_status()
+    return reply.json()["token"]
