@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def _build(venv: Path) -> None:
             pytest.skip(f"label-studio=={VERSION} could not be installed in {INSTALL_TIMEOUT_S} s")
         if done.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            tail = [line for line in (done.stderr or done.stdout).strip().splitlines() if not line.startswith("WARNING")][-2:]
             pytest.skip(f"label-studio=={VERSION} could not be installed (no network?): {' | '.join(tail)}")
     (venv / ".installed").write_text(VERSION + "\n")
 
@@ -116,13 +117,18 @@ def label_studio_server(directory: Path):
         TIMINGS["start_s"] = time.monotonic() - started
         yield Server(url, admin, password, personal_access_token(url, admin, password))
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
         log.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it runs in a session of its own), SIGKILL after 20 s."""
+    for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait_s)
+            return
 
 
 def personal_access_token(url: str, email: str, password: str, *, signup: bool = False) -> str:

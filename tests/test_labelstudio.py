@@ -235,3 +235,33 @@ def test_tokens_personal_access_renewed_and_legacy(label_studio):
     client.call("POST", "/api/jwt/settings", body={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
     legacy = client.call("GET", "/api/current-user/token")["token"]
     assert LabelStudioClient(label_studio.url, legacy).call("GET", "/api/current-user/whoami")["email"] == label_studio.admin
+
+
+@pytest.mark.slow
+def test_a_failed_import_is_retried_without_a_second_task(label_studio, tmp_path, rng):
+    from hitl_triage.serve.queue.labelstudio import LabelStudioError
+
+    decisions, predictions = decision_batch(rng, 30, escalate_share=1.0, tiers=("general", "general"))
+    queue = open_queue(f"sqlite:///{tmp_path / 'review.db'}", QueueOptions(overlap={"general": 0.5}))
+    queue.enqueue(decisions, predictions)
+    sink = LabelStudioSink(queue, label_studio.url, label_studio.token, tier="general", classes=CLASSES,
+                           project="import retried")
+    call = sink.client.call
+
+    def lost_reply(method, path, **kwargs):  # Label Studio stores the tasks, the reply never comes
+        reply = call(method, path, **kwargs)
+        if path.endswith("/import"):
+            sink.client.call = call
+            raise LabelStudioError("Label Studio POST import: connection reset")
+        return reply
+
+    sink.client.call = lost_reply  # type: ignore[method-assign]
+    with pytest.raises(LabelStudioError, match="connection reset"):
+        sink.push()
+    assert sink.push() == {"claimed": 0, "created": 0, "renewed": 0}  # found in the project: none added
+    tasks = list(sink.client.tasks(sink.project))
+    ids = [f"p-{i}" for i in range(30)]
+    needed = dict(zip(ids, queue.options.needed(ids, "general").tolist()))
+    assert sorted(t["data"]["id"] for t in tasks) == sorted(ids)
+    assert {t["data"]["id"]: t["overlap"] for t in tasks} == needed  # the overlap set on the retry
+    queue.close()

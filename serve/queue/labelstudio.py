@@ -215,10 +215,12 @@ class LabelStudioSink:
         config = label_config(self.classes, escalate=queue.options.tier_above(tier) is not None, view=view)
         self.project = self._project(project if project is not None else f"hitl-triage {tier}", config)
         self.reviewer = f"labelstudio:{self.project}"
-        self._tasks = {t["data"].get("id"): t["id"] for t in self.client.tasks(self.project, page_size=1000)}
+        self._tasks = self._known_tasks()
+        self._pending: dict[str, dict[str, Any]] = {}  # claimed, import failed: retried by the next push
         self._pulled: dict[int, str] = {}  # annotation id -> its updated_at when pulled
         self._since: dt.datetime | None = None
         self._users: dict[int, str] = {}
+        self._list_users = True
 
     def _project(self, project: str | int, config: str) -> int:
         if isinstance(project, int):
@@ -237,19 +239,34 @@ class LabelStudioSink:
             self.client.call("PATCH", f"/api/projects/{found['id']}/", body={"label_config": config})
         return int(found["id"])
 
+    def _known_tasks(self) -> dict[str, int]:
+        """Item id -> task id of every task in the project that carries an item."""
+        return {t["data"]["id"]: t["id"] for t in self.client.tasks(self.project, page_size=1000) if "id" in t["data"]}
+
     def push(self, n: int | None = None) -> dict[str, int]:
         """Claim up to ``n`` (default: every) open item of the tier and add the new ones to the
         project. Returns counts: ``claimed``, ``created`` (tasks), ``renewed`` (items claimed
         again whose task exists)."""
         counts = {"claimed": 0, "created": 0, "renewed": 0}
+        if self._pending:  # a failed import's items, still leased to us (a lease cannot be released)
+            self._tasks = self._known_tasks()  # the failure may have come after Label Studio stored them
+            retry = [item for item in self._pending.values() if item["id"] not in self._tasks]
+            if retry:
+                self._import(retry)
+            self._set_overlap(list(self._pending))
+            counts["created"] += len(retry)
+            self._pending = {}
         while n is None or counts["claimed"] < n:
             want = self.page if n is None else min(self.page, n - counts["claimed"])
             items = self.queue.claim(self.tier, self.reviewer, n=want, lease=self.lease).to_pylist()
             counts["claimed"] += len(items)
-            fresh = [item for item in items if item["id"] not in self._tasks]
+            fresh = {item["id"]: item for item in items if item["id"] not in self._tasks}
             counts["renewed"] += len(items) - len(fresh)
             if fresh:
-                self._import(fresh)
+                self._pending = fresh
+                self._import(list(fresh.values()))
+                self._set_overlap(list(fresh))
+                self._pending = {}
                 counts["created"] += len(fresh)
             if len(items) < want:
                 break
@@ -261,12 +278,15 @@ class LabelStudioSink:
         ids = [item["id"] for item in items]
         task_ids = reply.get("task_ids") or []
         if len(task_ids) != len(ids):  # an older server: find them by item id
-            known = {t["data"].get("id"): t["id"] for t in self.client.tasks(self.project, page_size=1000)}
+            known = self._known_tasks()
             task_ids = [known[i] for i in ids]
         self._tasks.update(zip(ids, task_ids))
-        for item_id, task_id, needed in zip(ids, task_ids, self.queue.options.needed(ids, self.tier)):
-            if needed > 1:  # an overlap item: two annotators before Label Studio calls the task done
-                self.client.call("PATCH", f"/api/tasks/{task_id}/", body={"overlap": int(needed)})
+
+    def _set_overlap(self, ids: list[str]) -> None:
+        """Overlap items (two reviews needed) need two annotators before Label Studio calls their task done."""
+        for item_id, needed in zip(ids, self.queue.options.needed(ids, self.tier)):
+            if needed > 1:
+                self.client.call("PATCH", f"/api/tasks/{self._tasks[item_id]}/", body={"overlap": int(needed)})
 
     def pull(self, *, full: bool = False) -> dict[str, int]:
         """Turn the project's annotations made since the last pull (every one when ``full``) into
@@ -285,6 +305,8 @@ class LabelStudioSink:
         counts = dict.fromkeys(("annotations", "stored", "duplicates", "refused", "skipped", "changed"), 0)
         verdicts, seen = [], {}
         for task in self.client.tasks(self.project, query=query, fields="all", page_size=self.page):
+            if (task.get("data") or {}).get("id") is None:
+                continue  # a task the sink did not make
             predicted = _predicted(task, self.classes)
             for annotation in task.get("annotations") or []:
                 key, stamp = int(annotation["id"]), str(annotation["updated_at"])
@@ -343,12 +365,13 @@ class LabelStudioSink:
     def _reviewer(self, annotation: dict[str, Any]) -> str:
         user = annotation.get("completed_by")
         user = user.get("id") if isinstance(user, dict) else user
-        if user not in self._users:
+        if user not in self._users and self._list_users:
             try:
                 listed = self.client.call("GET", "/api/users/")
                 self._users = {int(u["id"]): u.get("email") or u.get("username") or f"user-{u['id']}" for u in listed}
             except LabelStudioError as error:  # not an organization admin: the annotation's own label
-                log.debug("cannot list Label Studio users (%s); reading created_username", error)
+                log.info("cannot list Label Studio users (%s); reading each annotation's created_username", error)
+                self._list_users = False
         if user in self._users:
             return self._users[user]
         name = str(annotation.get("created_username") or "").rsplit(",", 1)[0].split()  # "first last email, id"
