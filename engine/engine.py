@@ -49,7 +49,9 @@ DECISION_SCHEMA = pa.schema(
         pa.field("profile_version", pa.string()),
     ]
 )
-"""Decision columns; ``source`` and ``category`` follow when the input has them (for routing)."""
+"""Decision columns; with a k-NN bank ``ood_rescored`` (bool: the row's ``ood_score`` was re-scored
+exactly because an approximate search put it near or above the anomaly threshold) follows, then
+``source`` and ``category`` when the input has them (for routing)."""
 
 
 def default_device() -> str:
@@ -74,6 +76,7 @@ class Decisions:
     audit_weight: torch.Tensor
     audit_stratum: pa.Array
     valid: torch.Tensor
+    ood_rescored: torch.Tensor | None
     source: pa.Array | None
     category: pa.Array | None
     tier_names: list[str]
@@ -107,6 +110,8 @@ class Decisions:
             "valid": pa.array(host["valid"]),
             "profile_version": pa.repeat(pa.scalar(self.profile_version, pa.string()), n),
         }
+        if self.ood_rescored is not None:
+            columns["ood_rescored"] = pa.array(_host(self.ood_rescored))
         if self.source is not None:
             columns["source"] = self.source
         if self.category is not None:
@@ -205,10 +210,10 @@ class TriageEngine:
         with t.stage("signals"):
             s = self._temperatures.signals(x.logits, x.source)
 
-        ood = None
+        ood = rescored = None
         if has_bank:
             with t.stage("knn"):
-                ood = ood_scores(x, p.bank, p.k)
+                ood, rescored = ood_scores(x, p.bank, p.k, p.thresholds.ood)
 
         with t.stage("audit"):
             inputs, weight, columns = rule_inputs(
@@ -230,7 +235,7 @@ class TriageEngine:
             mutual_info=torch.where(valid, s.mutual_info, nan),
             vote_agreement=torch.where(valid, s.vote_agreement, nan),
             ood_score=ood if ood is not None else nan, audit_weight=weight, audit_stratum=stratum,
-            valid=valid, source=x.source, category=x.category,
+            valid=valid, ood_rescored=rescored, source=x.source, category=x.category,
             tier_names=list(p.config.tiers.order), profile_version=p.version,
         )
 

@@ -9,14 +9,17 @@ Steps, each reported through ``progress(stage, done, total)``:
    the temperature never saw (with holdout = 0 both use every row);
 3. fit the temperature (global, optionally per source) and report ECE/NLL/Brier before and after;
 4. build the k-NN bank from the bank embeddings (zero-norm or non-finite vectors are dropped and
-   counted) and score the holdout rows against it;
+   counted) and score the holdout rows against it exactly;
 5. choose thresholds in the configured mode (budget or target risk);
-6. report the expected escalation rate of each trigger and of their union on the holdout rows.
+6. report the expected escalation rate of each trigger and of their union on the holdout rows,
+   with the k-NN distances the engine will compute under the chosen anomaly threshold (exact for
+   every row near or above it, so the same anomaly bits as the exact scores).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -119,7 +122,9 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, p
         index_obj, bank_report = build_bank(bank, config.bank, progress=progress, queries=tuning)
         report["bank"] = bank_report
         _report(progress, "score calibration rows against the bank")
-        bank_ood = ood_scores(heldout, index_obj, config.bank.k)
+        # Exactly (every row re-scored): the threshold is not known yet, and the engine's scores
+        # are exact wherever a threshold could sit among them.
+        bank_ood, _ = ood_scores(heldout, index_obj, config.bank.k, -math.inf)
     tables = CategoryTables.build(config.policy, config.tiers, "cpu")
     inputs, _, _ = rule_inputs(heldout, s, bank_ood, tables, config.audit, members=members, classes=classes)
 
@@ -127,7 +132,12 @@ def fit_profile(calibration, *, bank=None, config: TriageConfig | None = None, p
     _report(progress, "choose thresholds")
     thresholds, report["thresholds"] = choose_thresholds(inputs, tables, correct, config.thresholds)
 
-    # Expected rates: the rule itself on the threshold rows (a run on the same rows fires the same bits).
+    # Expected rates: the rule itself on the threshold rows, with the distances the engine computes
+    # under these thresholds (a run on the same rows fires the same bits).
+    if index_obj is not None:
+        run_ood, rescored = ood_scores(heldout, index_obj, config.bank.k, thresholds.ood)
+        report["bank"]["rescored_share"] = float(rescored.double().mean()) if len(rescored) else 0.0
+        inputs, _, _ = rule_inputs(heldout, s, run_ood, tables, config.audit, members=members, classes=classes)
     report["expected_rates"] = escalation_rates(inputs, thresholds, tables)
     report["fit_seconds"] = time.perf_counter() - started
     _report(progress, "done", 1, 1)

@@ -27,6 +27,10 @@ class TriageSummary:
     rows_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     escalated_by_source: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     audit_by_stratum: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    knn_rows: int = 0
+    """Rows scored against a k-NN bank (decisions with an ``ood_rescored`` column)."""
+    knn_rescored: int = 0
+    """Of those, rows whose k-NN distance was re-scored exactly (near or above the threshold)."""
     seconds: float = 0.0
 
     def update(self, decisions: pa.RecordBatch | pa.Table, seconds: float = 0.0) -> "TriageSummary":
@@ -48,6 +52,9 @@ class TriageSummary:
             _add_counts(self.rows_by_source, source)
             _add_counts(self.escalated_by_source, pc.filter(source, escalate))
         _add_counts(self.audit_by_stratum, decisions.column("audit_stratum"))
+        if "ood_rescored" in decisions.schema.names:
+            self.knn_rows += decisions.num_rows
+            self.knn_rescored += pc.sum(decisions.column("ood_rescored")).as_py() or 0
         return self
 
     @property
@@ -68,6 +75,11 @@ class TriageSummary:
         return out
 
     @property
+    def knn_rescored_share(self) -> float:
+        """Share of the k-NN-scored rows re-scored exactly (NaN when none was scored)."""
+        return self.knn_rescored / self.knn_rows if self.knn_rows else float("nan")
+
+    @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else float("nan")
 
@@ -84,6 +96,9 @@ class TriageSummary:
             "rows_by_source": dict(self.rows_by_source),
             "escalated_by_source": dict(self.escalated_by_source),
             "audit_by_stratum": dict(self.audit_by_stratum),
+            "knn_rows": self.knn_rows,
+            "knn_rescored": self.knn_rescored,
+            "knn_rescored_share": self.knn_rescored_share,
             "seconds": self.seconds,
             "rows_per_second": self.rows_per_second,
         }

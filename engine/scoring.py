@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hitl_triage.kernels import EnsembleSignals, ensemble_signals, knn_distance
+from hitl_triage.kernels import EnsembleSignals, ensemble_signals
+from hitl_triage.kernels.knn import knn_distance_certified
 
 from . import audit
 from .config import AuditConfig
@@ -48,16 +49,26 @@ class TemperatureTable:
         return ensemble_signals(logits, self.values, temperature_index=index)
 
 
-def ood_scores(x: PredictionBatch, bank, k: int) -> torch.Tensor:
-    """float32 [B] k-NN distance per row on the logits' device; NaN where the embedding is missing
-    (or zero, from the kernel)."""
+def ood_scores(x: PredictionBatch, bank, k: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 [B] k-NN distance per row, bool [B] rows re-scored exactly) on the logits' device;
+    NaN where the embedding is missing (or zero, from the kernel).
+
+    ``threshold`` is the anomaly threshold (the rule fires on ``distance > threshold``): every
+    row an approximate search (an IVF bank, a GPU's float16 search) could put above it is
+    re-scored exactly (:func:`~hitl_triage.kernels.knn.knn_distance_certified`), so the anomaly
+    decision of every row, and the distance of every re-scored row, equal an exact search's.
+    -inf re-scores every row (fit time scores its threshold rows exactly), +inf none."""
     device = x.logits.device
     if x.embedding is None:
-        return torch.full((x.num_rows,), float("nan"), dtype=torch.float32, device=device)
-    scores = torch.as_tensor(knn_distance(x.embedding, bank, k), device=device).to(torch.float32)
+        nothing = torch.zeros(x.num_rows, dtype=torch.bool, device=device)
+        return torch.full((x.num_rows,), float("nan"), dtype=torch.float32, device=device), nothing
+    distances, rescored = knn_distance_certified(x.embedding, bank, k, threshold)
+    scores = torch.as_tensor(distances, device=device).to(torch.float32)
+    rescored = torch.as_tensor(rescored, device=device)
     if x.embedding_missing is not None:
         scores = torch.where(x.embedding_missing, torch.full_like(scores, float("nan")), scores)
-    return scores
+        rescored = rescored & ~x.embedding_missing
+    return scores, rescored
 
 
 def valid_rows(x: PredictionBatch, s: EnsembleSignals[torch.Tensor]) -> torch.Tensor:

@@ -124,6 +124,9 @@ def print_summary(summary: TriageSummary, *, title: str = "Triage summary", top_
     if s.no_embedding:
         head.add_row("no usable embedding (escalated)", f"{s.no_embedding:,}")
     head.add_row("audit samples", f"{s.audit_samples:,}")
+    if s.knn_rows:
+        head.add_row("k-NN re-scored exactly", f"{s.knn_rescored:,} ({fmt_rate(s.knn_rescored_share)} of rows: near or "
+                     "above the anomaly threshold, so their anomaly decision and distance are exact search's)")
     if s.seconds > 0:
         head.add_row("engine throughput", f"{s.rows_per_second / 1e6:.2f} M predictions/s")
     console.print(head)

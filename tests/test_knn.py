@@ -438,7 +438,9 @@ def test_ivf_queries_left_short_are_searched_exactly(rng, monkeypatch):
     assert short.any(), "the set-up must leave some FAISS rows short"
     distances, ids = knn_search(queries, index, 60, backend="ivf")
     assert (ids >= 0).all()
-    exact_d, exact_i = knn_search(queries, index, 60, backend="torch")
+    # FAISS re-scored in float64, as the short rows are (torch's float32 distances near 0 err by
+    # sqrt of the float32 cosine error, up to 3e-4).
+    exact_d, exact_i = knn_search(queries, index, 60, backend="faiss")
     np.testing.assert_allclose(distances[short], exact_d[short], atol=2e-6)
     np.testing.assert_array_equal(np.sort(ids[short], axis=1), np.sort(exact_i[short], axis=1))
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
 from typing import Any, Callable
@@ -132,8 +133,27 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
     An IVF :class:`KnnIndex` is searched approximately by the "ivf" backend (CPU; only the
     ``nprobe`` nearest lists are scanned; every query still gets k real neighbours: those the
     probed lists leave short are searched again exactly); every other backend searches all its
-    stored vectors exactly.
+    stored vectors exactly. Queries are normalised by the spec of :mod:`.exact`
+    (:func:`~.reference.unit_queries`), the same bits on every device.
     """
+    found = _search(queries, bank, k, backend)
+    return to_caller(found.distances, found.numpy_out), to_caller(found.ids, found.numpy_out)
+
+
+@dataclasses.dataclass
+class _Found:
+    """One search as the dispatcher ran it: the validated queries with invalid rows replaced
+    (``safe``), the bank view, the backend that ran, and its results (NaN / -1 on invalid rows)."""
+
+    safe: torch.Tensor
+    target: Any
+    backend: str
+    distances: torch.Tensor
+    ids: torch.Tensor
+    numpy_out: bool
+
+
+def _search(queries, bank, k, backend: str | None) -> _Found:
     numpy_out = returns_numpy(queries)
     q = as_tensor(queries, "queries")
     if q.ndim != 2:
@@ -155,7 +175,7 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
     if batch == 0:
         distances = torch.empty((0, k), dtype=torch.float32, device=q.device)
         ids = torch.empty((0, k), dtype=torch.int64, device=q.device)
-        return to_caller(distances, numpy_out), to_caller(ids, numpy_out)
+        return _Found(q, target, name, distances, ids, numpy_out)
     valid = valid_rows(q)
     # Rows that cannot be normalised are searched as a harmless all-ones row and masked after,
     # so no backend ever sees NaN, inf or a zero norm.
@@ -167,7 +187,7 @@ def knn_search(queries, bank, k: int, *, backend: str | None = None):
     if not all_valid:
         distances = torch.where(valid[:, None], distances, torch.full_like(distances, float("nan")))
         ids = torch.where(valid[:, None], ids, torch.full_like(ids, -1))
-    return to_caller(distances, numpy_out), to_caller(ids, numpy_out)
+    return _Found(q_safe, target, name, distances, ids, numpy_out)
 
 
 def knn_distance(queries, bank, k: int, *, backend: str | None = None):
@@ -181,9 +201,93 @@ def knn_distance(queries, bank, k: int, *, backend: str | None = None):
     return distances[:, -1].copy() if returns_numpy(queries) else distances[:, -1].contiguous()
 
 
+def knn_distance_certified(queries, bank, k: int, threshold: float, *, backend: str | None = None):
+    """The k-th-neighbour distance with every decision "distance > ``threshold``" exact.
+
+    Same arguments as :func:`knn_distance`, plus the threshold (a number; -inf re-scores every
+    row, +inf none). The search runs on the backend :func:`knn_search` would choose; then every
+    row whose distance an exact search could put above ``threshold`` (its reported distance, or
+    that distance within the backend's error bound: :func:`similarity_error`) is re-scored
+    exactly (:mod:`.exact`). So for every row ``distance > threshold`` equals the exact search's
+    answer, and every re-scored row's distance is the exact one, bit for bit, whatever the
+    backend, device or batch: on the CPU and on CUDA alike.
+
+    Returns (distances float32 [B], rescored bool [B]: the rows re-scored exactly), numpy in,
+    numpy out; torch in, torch out on the queries' device. NaN (invalid) rows are never
+    re-scored. The exact backends on the CPU ("faiss") re-score nothing.
+    """
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold: expected a number, found {type(threshold).__name__}") from None
+    if math.isnan(t):
+        raise ValueError("threshold: expected a number or +-inf, found nan")
+    found = _search(queries, bank, k, backend)
+    kth = found.distances[:, -1].contiguous()
+    rescored = torch.zeros(kth.shape, dtype=torch.bool, device=kth.device)
+    eps = similarity_error(found.backend, kth.device.type, found.target.dim)
+    if eps is not None and kth.numel() and t < math.inf:
+        from .exact import CONVERSION_ERROR, BOUND_SLACK
+
+        # A lower bound on each row's exact k-th similarity: the similarity behind the reported
+        # distance, less the backend's error bound; the exact distance is at most its distance.
+        kth64 = kth.to(torch.float64)
+        floor = 1.0 - kth64 * kth64 / 2.0 - (eps + CONVERSION_ERROR)
+        upper = torch.sqrt(torch.clamp(2.0 - 2.0 * floor, min=0.0))
+        rescored = torch.isfinite(kth) & ~(upper * (1.0 + BOUND_SLACK) <= t)
+        rows = torch.nonzero(rescored).flatten()
+        if rows.numel():
+            kth[rows] = _exact_kth(found, rows, floor[rows], k)
+    return to_caller(kth, found.numpy_out), to_caller(rescored, found.numpy_out)
+
+
+def similarity_error(backend: str, device: str, dim: int) -> float | None:
+    """Bound on |similarity a backend computes - the exact spec's| for unit rows of dimension
+    ``dim`` (see :mod:`.exact`), or None for a backend whose distances are exact (FAISS's brute
+    force re-scored in float64, on the CPU). The IVF scan's float32 dot products, torch's float32
+    matmul on the CPU: the float32 bound; the reference (float64, re-normalising): twice that;
+    the float16 GPU searches: the float16 bound (torch and FAISS-GPU may round their results to
+    float16 as well)."""
+    from .exact import dot_error_bound, float16_error_bound
+
+    if backend == "faiss":
+        return None if device == "cpu" else float16_error_bound(dim, float16_results=True)
+    if backend == "ivf":
+        return dot_error_bound(dim)
+    if backend == "reference":
+        return 2.0 * dot_error_bound(dim)
+    if backend == "torch":
+        return dot_error_bound(dim) if device == "cpu" else float16_error_bound(dim, float16_results=True)
+    if backend == "triton":
+        return float16_error_bound(dim)
+    raise ValueError(f"backend: expected one of {sorted(REGISTRY.backends)}, found {backend!r}")
+
+
+def _exact_kth(found: _Found, rows: torch.Tensor, floor: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th distances (float32, on the queries' device) of the rows ``rows`` of a search:
+    on the CPU by the fused scan of :mod:`.exact` (the backends that search on the CPU), else by
+    its torch path (the GPU searches, also when Triton's interpreter runs them on the CPU)."""
+    from .exact import exact_search_cpu, exact_search_torch
+    from .faiss_cpu import similarities_to_distances
+    from .reference import unit_queries
+
+    q = unit_queries(found.safe[rows])
+    if q.device.type == "cpu" and found.backend in CPU_RESCORED:
+        sims, _ = exact_search_cpu(q.numpy(), found.target.host_unit(), found.target.prefilter(), k,
+                                   floor.numpy())
+        return torch.from_numpy(similarities_to_distances(sims[:, -1]))
+    sims_t, _ = exact_search_torch(q, found.target, k)
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * sims_t[:, -1], min=0.0)).to(torch.float32)
+
+
+#: Backends whose flagged rows the CPU scan re-scores (on CPU queries); the others use the torch path.
+CPU_RESCORED = frozenset({"ivf", "reference", "faiss"})
+
+
 def prepare_knn(bank: KnnIndex, k: int, device="cpu", *, backend: str | None = None) -> str:
     """Compile (or load from numba's disk cache) and import what will search ``bank`` for ``k``
-    neighbours from ``device``, so that no batch pays for it; returns the backend's name (the one
+    neighbours from ``device``, so that no batch pays for it, with the exact re-scoring of
+    :func:`knn_distance_certified` and its pre-filter; returns the backend's name (the one
     :func:`knn_search` will choose). The IVF scan takes about 10 s to compile cold on two cores,
     0.2 s from the cache; :class:`~hitl_triage.engine.TriageEngine` calls this when it is built."""
     if not isinstance(bank, KnnIndex):
@@ -196,6 +300,8 @@ def prepare_knn(bank: KnnIndex, k: int, device="cpu", *, backend: str | None = N
         knn_search(probe, bank, k, backend=name)
         if name == "ivf":  # and the exact search of the queries its probed lists leave short
             knn_search(probe, bank, k, backend="faiss")
+        # and the exact re-scoring of the rows near a threshold (its pre-filter is built here)
+        knn_distance_certified(probe, bank, k, -math.inf, backend=name)
     return name
 
 
@@ -214,5 +320,6 @@ def _env_forced() -> bool:
 
 
 __all__ = [
-    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "KnnRegistry", "REGISTRY", "knn_distance", "knn_search", "prepare_knn", "set_faiss_threads",
+    "AUTO_IVF_MIN_VECTORS", "KnnIndex", "KnnRegistry", "REGISTRY", "knn_distance", "knn_distance_certified", "knn_search",
+    "prepare_knn", "set_faiss_threads", "similarity_error",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .reference import unit_rows
+from .reference import unit_queries
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def knn_search_faiss(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor,
     """
     if queries.is_cuda:
         return _search_gpu(queries, bank, k)
-    q = np.ascontiguousarray(unit_rows(queries, torch.float32).numpy())
+    q = unit_queries(queries).numpy()
     sims, rows = search_flat(q, bank.host_unit(), k)
     return torch.from_numpy(similarities_to_distances(sims)), torch.from_numpy(rows)
 
@@ -150,10 +150,12 @@ def search_flat(q: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
     return sims, best
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _dot64(q, i, vectors, row):
-    # Reassociation lets LLVM vectorise the sum; the order is then fixed by this compiled code and
-    # D alone, so a row's result still never depends on its batch.
+@njit(cache=True, nogil=True)
+def dot64(q, i, vectors, row):
+    """The exact spec's similarity (:mod:`.reference`) of row i of ``q`` and row ``row`` of
+    ``vectors`` (float32 unit rows): float64 products summed in index order. No fast-math: the
+    order is the spec, so :func:`~.reference.dot64_torch` gives the same bits on a GPU (it costs
+    a few microseconds per query for the k + RESCORE_EXTRA candidates)."""
     acc = 0.0
     for d in range(q.shape[1]):
         acc += np.float64(q[i, d]) * np.float64(vectors[row, d])
@@ -172,7 +174,7 @@ def _rescore(q, vectors, candidates, out_sims, out_rows):
             row = candidates[i, j]
             if row < 0:
                 continue
-            acc = _dot64(q, i, vectors, row)
+            acc = dot64(q, i, vectors, row)
             # insertion into (sims descending, rows ascending): m is a handful
             p = n
             while p > 0 and (sims[p - 1] < acc or (sims[p - 1] == acc and rows[p - 1] > row)):
@@ -199,7 +201,7 @@ def _search_gpu(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, torc
     import faiss.contrib.torch_utils  # noqa: F401 - lets faiss.knn_gpu take torch CUDA tensors
 
     device = queries.device
-    q = unit_rows(queries, torch.float32).to(torch.float16).contiguous()
+    q = unit_queries(queries).to(torch.float16).contiguous()
     vectors = bank.unit_on(device, torch.float16)
     sims, ids = faiss.knn_gpu(
         _gpu_resources(device.index or 0), q, vectors, k,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .._arrays import as_tensor
+from .exact import Prefilter, build_prefilter
 from .ivf_cpu import IvfLists, assign, group_by_list, merged_order, train_centroids
 from .reference import unit_rows
 
@@ -175,6 +176,11 @@ class RawBank:
 
     def reference_vectors(self, device: torch.device) -> torch.Tensor:
         return self._raw.to(device)
+
+    def prefilter(self) -> Prefilter:
+        """No projected head for a bank searched once: every vector is checked by its dot product."""
+        unit = self.host_unit()
+        return self._copies.get(("prefilter",), lambda: Prefilter(None, unit, np.zeros(len(unit), np.float32), 0.0))
 
     def rows_to_ids(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
@@ -470,6 +476,11 @@ class KnnIndex:
     def reference_vectors(self, device: torch.device) -> torch.Tensor:
         """Internal: the stored vectors for the float64 reference backend."""
         return self.unit_on(device, torch.float32)
+
+    def prefilter(self) -> Prefilter:
+        """Internal: the pre-filter of the exact re-scoring (:func:`~.exact.build_prefilter`),
+        made on first use (about 1 s at 1M x 128) and kept until the next :meth:`add`."""
+        return self._copies.get(("prefilter",), lambda: build_prefilter(self.host_unit()))
 
 
 def _check_nprobe(nprobe, nlist: int) -> int:

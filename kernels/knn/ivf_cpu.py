@@ -44,7 +44,7 @@ import torch
 from numba import njit
 
 from .faiss_cpu import knn_threads, search_flat, similarities_to_distances
-from .reference import unit_rows
+from .reference import unit_queries
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def knn_search_ivf(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, t
     real neighbours. A bank without lists is refused before this is called
     (:class:`~hitl_triage.kernels.knn.KnnRegistry`).
     """
-    q = np.ascontiguousarray(unit_rows(queries, torch.float32).numpy())
+    q = unit_queries(queries).numpy()
     vectors = bank.host_unit()
     nprobe = bank.search_nprobe(k)
     sims, rows = search_ivf(q, vectors, bank.lists, nprobe, k, threads=knn_threads())

@@ -16,6 +16,19 @@ public functions refuse anything else before searching).
 
 Normalisation divides by the largest absolute component first, so huge or tiny (subnormal) inputs
 neither overflow nor underflow when squared; the result is the same unit vector.
+
+**The exact float32 score** (what the backends normalise queries with, and what
+:func:`~hitl_triage.kernels.knn.knn_distance_certified` returns for every row it re-scores) is
+this spec evaluated on float32 unit rows by fixed IEEE steps, the same bits on every device:
+
+    u     = x / max_j |x_j|                      float32 division (float64 input: float64, rounded)
+    n     = sqrt(sum_j u_j ** 2)                 float64, summed in index order j = 0 .. D-1
+    q_j   = float32(u_j / n)                     the unit query (:func:`unit_queries`)
+    s(b)  = sum_j float64(q_j) * float64(b_j)    float64, in index order, for each stored unit row b
+    d_k   = float32(sqrt(max(0, 2 - 2 s_k)))     s_k the k-th largest s(b); the sqrt in float64
+
+(:func:`dot64_torch` here, :func:`~.faiss_cpu.dot64` in numba). A float32 x float32 product is
+exact in float64, so fused multiply-adds change nothing; the sums run in index order.
 """
 
 from __future__ import annotations
@@ -35,6 +48,37 @@ def unit_rows(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tens
     y = y / scale
     y = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
     return y.to(dtype)
+
+
+def unit_queries(x: torch.Tensor) -> torch.Tensor:
+    """float32 [B, D] unit rows of ``x`` by the exact float32 spec (module docstring), on ``x``'s
+    device. Rows must be finite and nonzero (the caller masks the others).
+
+    The float64 sum of squares runs in index order by one elementwise operation per dimension,
+    so the CPU and a GPU give the same bits (a reduction kernel's order is the device's); the
+    squares of float32 values are exact in float64."""
+    if x.dtype == torch.float64:
+        u = (x / x.abs().amax(dim=1, keepdim=True)).to(torch.float32)
+    else:
+        x32 = x.to(torch.float32)
+        u = x32 / x32.abs().amax(dim=1, keepdim=True)
+    columns = u.T.to(torch.float64).contiguous()  # [D, B]: one contiguous row per dimension
+    acc = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
+    for j in range(columns.shape[0]):
+        acc = acc + columns[j] * columns[j]
+    return (u.to(torch.float64) / torch.sqrt(acc)[:, None]).to(torch.float32).contiguous()
+
+
+def dot64_torch(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The exact spec's similarity of float32 unit rows ``q`` [n, D] with float32 ``b`` [n, m, D]:
+    float64 [n, m], summed in index order by one elementwise operation per dimension (the bits
+    of :func:`~.faiss_cpu.dot64`)."""
+    q64 = q.to(torch.float64)
+    b64 = b.to(torch.float64)
+    acc = torch.zeros(b.shape[:2], dtype=torch.float64, device=b.device)
+    for d in range(q.shape[1]):
+        acc = acc + q64[:, None, d] * b64[:, :, d]
+    return acc
 
 
 def valid_rows(x: torch.Tensor) -> torch.Tensor:

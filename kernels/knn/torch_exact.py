@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .reference import unit_rows
+from .reference import unit_queries
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def knn_search_torch(queries: torch.Tensor, bank, k: int, *, tile_bytes: int = T
     """
     device = queries.device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    q = unit_rows(queries, torch.float32).to(dtype)
+    q = unit_queries(queries).to(dtype)
     vectors = bank.unit_on(device, dtype)
     batch, n_bank = q.shape[0], vectors.shape[0]
     query_rows, bank_rows = tile_shape(batch, n_bank, k, tile_bytes)

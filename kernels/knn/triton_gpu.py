@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreting
-from .reference import unit_rows
+from .reference import unit_queries
 
 #: Largest k: the running list [BLOCK_M, TOP_K] must fit in registers.
 MAX_K = 128
@@ -179,7 +179,7 @@ def knn_search_triton(queries: torch.Tensor, bank, k: int, *, splits: int | None
     distances = torch.empty((batch, k), dtype=torch.float32, device=device)
     ids = torch.empty((batch, k), dtype=torch.int64, device=device)
     for q0 in range(0, batch, QUERY_CHUNK):
-        q = unit_rows(queries[q0:q0 + QUERY_CHUNK], torch.float32).to(torch.float16).contiguous()
+        q = unit_queries(queries[q0:q0 + QUERY_CHUNK]).to(torch.float16).contiguous()
         rows = q.shape[0]
         m_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
         n_splits = splits or bank_splits(m_blocks, n_bank, cfg["BLOCK_N"], device)
