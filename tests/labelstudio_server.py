@@ -3,9 +3,10 @@
 Label Studio pins its own numpy and pyarrow, so it lives in a virtual environment of its own,
 never the project's: built once (``python -m venv`` + ``pip install label-studio==VERSION``,
 about 2 minutes and 1 GB) under ``~/.cache/hitl-triage/label-studio-VERSION`` and reused while
-its ``.installed`` marker is there; ``HITL_TRIAGE_LABEL_STUDIO_VENV`` names a ready one instead
-(for example one that CI built). Where it cannot be installed (no network), the tests skip and
-say why. The server runs on a free loopback port with its data (SQLite) in a temporary
+its ``.installed`` marker is there; ``HITL_TRIAGE_LABEL_STUDIO_VENV`` names a ready one instead.
+``python tests/labelstudio_server.py`` builds it alone (standard library only, so CI can start
+it in the background before the project is installed; a test that needs it meanwhile waits on
+the same lock). Where it cannot be installed (no network), the tests skip and say why. The server runs on a free loopback port with its data (SQLite) in a temporary
 directory; its first user is made from ``LABEL_STUDIO_USERNAME`` / ``LABEL_STUDIO_PASSWORD``, and
 each user's personal access token (Label Studio 1.23's default kind; legacy tokens are off)
 comes from logging in (or signing up) through its web form, as a person would.
@@ -25,24 +26,34 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
-from queue_fixtures import free_port
-
 VERSION = "1.23.2"
 INSTALL_TIMEOUT_S = 1200
 START_TIMEOUT_S = 300
 TIMINGS: dict[str, float] = {}  # measured here: install_s (0 when reused), start_s
 
 
+class Unavailable(RuntimeError):
+    """Label Studio cannot be installed here (the message says why)."""
+
+
 def label_studio_python() -> Path:
     """The python of a virtual environment holding Label Studio ``VERSION`` (built when missing),
     or a skip saying why it cannot be had."""
+    import pytest
+
+    try:
+        return venv_python()
+    except Unavailable as why:
+        pytest.skip(str(why))
+
+
+def venv_python() -> Path:
+    """The python of the Label Studio virtual environment, built when missing (Unavailable if it cannot be)."""
     ready = os.environ.get("HITL_TRIAGE_LABEL_STUDIO_VENV")
     if ready:
         python = Path(ready) / "bin" / "python"
         if not python.exists():
-            pytest.fail(f"HITL_TRIAGE_LABEL_STUDIO_VENV={ready}: expected a virtual environment, found no bin/python")
+            raise RuntimeError(f"HITL_TRIAGE_LABEL_STUDIO_VENV={ready}: expected a virtual environment, found no bin/python")
         return python
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hitl-triage"
     venv = cache / f"label-studio-{VERSION}"
@@ -68,11 +79,11 @@ def _build(venv: Path) -> None:
             done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             shutil.rmtree(venv, ignore_errors=True)
-            pytest.skip(f"label-studio=={VERSION} could not be installed in {INSTALL_TIMEOUT_S} s")
+            raise Unavailable(f"label-studio=={VERSION} could not be installed in {INSTALL_TIMEOUT_S} s")
         if done.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
             tail = [line for line in (done.stderr or done.stdout).strip().splitlines() if not line.startswith("WARNING")][-2:]
-            pytest.skip(f"label-studio=={VERSION} could not be installed (no network?): {' | '.join(tail)}")
+            raise Unavailable(f"label-studio=={VERSION} could not be installed (no network?): {' | '.join(tail)}")
     (venv / ".installed").write_text(VERSION + "\n")
 
 
@@ -87,6 +98,8 @@ class Server:
 @contextlib.contextmanager
 def label_studio_server(directory: Path):
     """A Label Studio server on a free loopback port, data in ``directory``; yields a :class:`Server`."""
+    from queue_fixtures import free_port
+
     python = label_studio_python()
     port = free_port()
     admin, password = "admin@example.com", "admin-pass-0123"
@@ -148,3 +161,10 @@ def personal_access_token(url: str, email: str, password: str, *, signup: bool =
                          headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url + "/"})
     reply.raise_for_status()
     return reply.json()["token"]
+
+
+if __name__ == "__main__":
+    try:
+        print(f"Label Studio {VERSION}: {venv_python()} (install {TIMINGS.get('install_s', 0.0):.0f} s, 0: reused)")
+    except Unavailable as why:
+        sys.exit(str(why))

@@ -28,15 +28,17 @@ Skipped (cancelled) annotations give no verdict. The queue is idempotent per (id
 reviewer); the sink also remembers each annotation id with its ``updated_at``, so a second pull
 submits nothing; an annotation edited after it was pulled is logged, never resubmitted (the
 queue refuses a changed verdict). A verdict the queue refuses (the item moved on, or was done by
-other reviewers) is logged and remembered as pulled. A webhook handler can simply call
-:meth:`LabelStudioSink.pull`.
+other reviewers) is logged and remembered as pulled. That memory is the process's: a restarted
+sink reads every annotation once more, and the queue counts them as duplicates. A webhook
+handler can simply call :meth:`LabelStudioSink.pull`.
 
 Authentication: a personal access token (the default in Label Studio 1.23: a JWT refresh token,
 exchanged at ``/api/token/refresh/`` for short-lived access tokens, renewed on expiry) or a
 legacy token (``Authorization: Token``, only where the organization enables legacy tokens).
 
 Why plain HTTP: ``label-studio-sdk`` 2.x pins ``opencv-python-headless`` 4.12, which caps numpy
-below 2.3 (and brings pandas, nltk and a code generator); six endpoints do not need it.
+below 2.3 (and brings pandas, nltk and a code generator); the handful of endpoints used here
+do not need it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the Data Manager's Datetime filter form
 
 
 class LabelStudioError(RuntimeError):
-    """A Label Studio call that failed: method, path, HTTP status and the server's detail."""
+    """A Label Studio call that failed: method, path, HTTP ``status`` and the server's detail."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def label_config(classes: Sequence[str], *, escalate: bool = True, view: str = "") -> str:
@@ -160,14 +166,15 @@ class LabelStudioClient:
         if "Date" in response.headers:
             self.server_time = email.utils.parsedate_to_datetime(response.headers["Date"])
         if response.status_code >= 400:
-            raise LabelStudioError(f"Label Studio {method} {path}: HTTP {response.status_code}: {response.text[:500]}")
+            raise LabelStudioError(f"Label Studio {method} {path}: HTTP {response.status_code}: {response.text[:500]}",
+                                   response.status_code)
         return response.json() if response.content else None
 
     def _renew(self) -> None:
         response = self._http.post(self.url + "/api/token/refresh/", json={"refresh": self._refresh}, timeout=self.timeout)
         if response.status_code != 200:
             raise LabelStudioError(f"Label Studio POST /api/token/refresh/: HTTP {response.status_code}: "
-                                   f"{response.text[:500]} (is the personal access token revoked?)")
+                                   f"{response.text[:500]} (is the personal access token revoked?)", response.status_code)
         self._access = response.json()["access"]
         self._expires = float(_jwt_claims(self._access).get("exp", time.time() + 60))
 
@@ -184,7 +191,7 @@ class LabelStudioClient:
             try:
                 tasks = self.call("GET", "/api/tasks/", params={**params, "page": page})["tasks"]
             except LabelStudioError as error:
-                if "HTTP 404" in str(error) and page > 1:  # past the last page
+                if error.status == 404 and page > 1:  # past the last page
                     return
                 raise
             yield from tasks
