@@ -221,10 +221,40 @@ class TriageConfig:
         self.audit.check()
         return self
 
+    def check_fit(self) -> "TriageConfig":
+        """:meth:`check`, plus the combinations a fit refuses (a profile that holds them still
+        loads): target-risk mode needs held-out rows, because its bound is only valid on rows the
+        temperature was not fitted on."""
+        self.check()
+        if self.thresholds.mode == "target_risk" and self.calibration.holdout <= 0:
+            raise ConfigError(
+                f"calibration.holdout: expected a share > 0 in target-risk mode (the risk bound holds "
+                f"only on rows the temperature fit never saw), found {self.calibration.holdout!r}; "
+                "keep a holdout or use budget mode"
+            )
+        return self
+
     @classmethod
     def from_toml(cls, path: str | Path) -> "TriageConfig":
-        with open(path, "rb") as handle:
-            return cls.from_dict(tomllib.load(handle))
+        """Read a ``triage.toml``; every error names the file."""
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: expected valid TOML, found a syntax error: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: expected UTF-8 TOML, found bytes that are not UTF-8 "
+                              f"({exc.reason} at byte {exc.start})") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: expected a TOML file, found no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: expected a TOML file, found a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: expected a readable TOML file, found {exc.strerror or exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TriageConfig":
@@ -304,6 +334,6 @@ def to_dict(obj):
 
 
 def _in_range(name: str, value, low, high) -> None:
-    if (low is not None and value < low) or (high is not None and value > high):
+    if value != value or (low is not None and value < low) or (high is not None and value > high):  # NaN != NaN
         bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ConfigError(f"{name}: expected a value in {bounds}, found {value!r}")

@@ -2,7 +2,10 @@
 
 Public: :func:`decode_batch` (Arrow batch or mapping of arrays -> :class:`PredictionBatch`),
 :func:`check_schema` (the same checks on a schema alone, so a Parquet file can be refused before a
-row group is read), :func:`validate_labels`, and the errors, all subclasses of :class:`BatchError`.
+row group is read), :func:`check_bank_schema`, :func:`validate_labels`, the id rules
+(:func:`check_unique_ids`, which decoding applies to every batch; :func:`id_keys` for checks across
+batches; :func:`common_id_type` for one output made of several inputs), and the errors, all
+subclasses of :class:`BatchError`.
 
 The contract (DESIGN.md, "Data contract"), one row per prediction:
 
@@ -92,6 +95,26 @@ class BatchTypeError(BatchError, TypeError):
 
 class MissingColumnError(BatchValueError):
     """A required column is absent."""
+
+
+class DuplicateIdError(BatchValueError):
+    """Ids repeat: ``count`` rows carry an id that an earlier row already had; ``first`` is the
+    first such id (in row order). Ids are the idempotency and audit-sampling key, so "one decision
+    row per input row" and the audit sample only hold when they are unique."""
+
+    def __init__(self, message: str, *, count: int, first):
+        super().__init__("id", message)
+        self.count = count
+        self.first = first
+
+
+def with_context(exc: BatchError, where: str) -> BatchError:
+    """A copy of ``exc`` (same class, same ``column``) whose message ends with ``(in WHERE)``, for
+    callers that know which file or request a batch came from."""
+    new = type(exc).__new__(type(exc))  # not __init__: subclasses take other arguments
+    new.__dict__.update(exc.__dict__)
+    new.args = (f"{exc} (in {where})",)
+    return new
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +441,29 @@ def check_schema(schema: pa.Schema, *, members: int | None = None, classes: int 
                          embedding=embedding, label=label)[0]
 
 
+def check_bank_schema(schema: pa.Schema, *, dim: int | None = None) -> int:
+    """Validate a reference bank's schema (an ``embedding`` column of ``fixed_size_list<float>[D]``
+    or ``arrow.fixed_shape_tensor`` [D]; other columns are ignored) and return its D.
+
+    ``dim``: the D the bank must have (the calibration data's, or a profile's), None for any.
+    Raises a :class:`BatchError` on ``embedding`` that says it is the bank's.
+    """
+    if not isinstance(schema, pa.Schema):
+        raise TypeError(f"schema: expected a pyarrow.Schema, found {type(schema).__name__}")
+    _check_size("dim", dim)
+    if "embedding" not in schema.names:
+        raise MissingColumnError("embedding", f"expected the bank to have a column of {_EMBEDDING_FORMS}, "
+                                              f"found no such column (columns: {', '.join(schema.names) or 'none'})")
+    try:
+        spec = _check_embedding(schema.field("embedding").type, None)
+    except BatchError as exc:
+        raise with_context(exc, "the bank") from None
+    if dim is not None and spec.shape[0] != dim:
+        raise BatchValueError("embedding", f"expected the bank's vectors to have the calibration data's "
+                                           f"D={dim}, found D={spec.shape[0]} ({spec.found})")
+    return spec.shape[0]
+
+
 def _check_schema(schema, *, members, classes, dim, embedding, label) -> tuple[BatchLayout, dict]:
     """:func:`check_schema`, also returning the parsed specs that :func:`decode_batch` uses."""
     if not isinstance(schema, pa.Schema):
@@ -499,6 +545,110 @@ def _arrow_ids(arr: pa.Array) -> pa.Array:
     if pa.types.is_integer(arr.type) and arr.type != pa.int64():
         arr = arr.cast(pa.int64())
     return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Ids: unique within a batch, and one type across the batches of one output
+
+
+_KEY_SEEDS = (0x1DE9_0001, 0x1DE9_0002)  # fixed: equal ids give equal keys in every process
+
+
+def id_keys(ids, *, bits: int = 64) -> np.ndarray:
+    """uint64 [B] keys of non-null ids, for duplicate checks that keep 8 bytes per row.
+
+    An integer id's key is its own int64 bits (exact: two keys are equal only when the ids are).
+    A string id's key is ``bits`` (53 or 64) bits of XXH64 hashes of its UTF-8 bytes (string and
+    large_string alike; 53 bits take one hash pass, 64 two), so different ids share a key with
+    probability about 2**-bits per pair: callers confirm an equal key against the ids themselves
+    before calling it a duplicate.
+    """
+    from hitl_triage.kernels import audit_uniform
+
+    if bits not in (53, 64):
+        raise ValueError(f"bits: expected 53 or 64, found {bits!r}")
+    ids = _single("id", ids)
+    if pa.types.is_integer(ids.type):
+        return np.ascontiguousarray(ids.cast(pa.int64()).to_numpy(zero_copy_only=False)).view(np.uint64)
+    # The audit draw is (XXH64 >> 11) * 2**-53: times 2**53 it is the hash's top 53 bits, exactly.
+    seeds = _KEY_SEEDS if bits == 64 else _KEY_SEEDS[:1]
+    high, *low = ((audit_uniform(ids, seed) * 2.0**53).astype(np.uint64) for seed in seeds)
+    return (high << np.uint64(11)) | (low[0] >> np.uint64(42)) if low else high
+
+
+def duplicate_keys(sorted_keys: np.ndarray) -> np.ndarray:
+    """The distinct values that occur more than once in ``sorted_keys`` (sorted uint64 [N])."""
+    repeated = sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]]
+    return np.unique(repeated)
+
+
+def first_duplicate(ids, rows=None) -> tuple[int, int, int] | None:
+    """Exact check of candidate rows: (count, row, first_seen_row) of the rows whose id repeats an
+    earlier row's, or None when the ids are distinct. ``ids``: the candidates' ids in row order;
+    ``rows``: their row numbers (default 0 .. len-1)."""
+    values = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else list(ids)
+    rows = range(len(values)) if rows is None else [int(r) for r in rows]
+    seen: dict = {}
+    count, first = 0, None
+    for row, value in zip(rows, values):
+        if value in seen:
+            count += 1
+            if first is None:
+                first = (row, seen[value])
+        else:
+            seen[value] = row
+    return None if first is None else (count, *first)
+
+
+def duplicate_id_error(count: int, value, where: str, first_seen: str) -> DuplicateIdError:
+    """The error for ``count`` repeated ids, the first being ``value`` at ``where``."""
+    return DuplicateIdError(
+        f"expected unique ids (the idempotency and audit-sampling key: one decision row per input "
+        f"row), found {count} row(s) repeating an earlier row's id (first: id {value!r} at {where}, "
+        f"first seen at {first_seen})", count=count, first=value,
+    )
+
+
+def check_unique_ids(ids: pa.Array) -> None:
+    """Raise :class:`DuplicateIdError` naming the first repeated id and the count when ``ids``
+    (non-null, one batch) are not unique. Strictly increasing integer ids pass in one scan; other
+    ids are keyed (:func:`id_keys`) and sorted, and equal keys are confirmed against the ids."""
+    n = len(ids)
+    if n < 2:
+        return
+    if pa.types.is_integer(ids.type):
+        values = ids.to_numpy(zero_copy_only=False)
+        if bool(np.all(values[1:] > values[:-1])):
+            return
+    keys = id_keys(ids, bits=53)  # one hash pass: a batch's rare equal keys are confirmed below
+    repeated = duplicate_keys(np.sort(keys))
+    if not len(repeated):
+        return
+    rows = np.flatnonzero(np.isin(keys, repeated))
+    found = first_duplicate(ids.take(pa.array(rows)), rows)
+    if found is not None:
+        count, row, seen = found
+        raise duplicate_id_error(count, ids[row].as_py(), f"row {row}", f"row {seen}")
+
+
+def common_id_type(types: Mapping[str, pa.DataType]) -> pa.DataType:
+    """The id type of one output made from inputs whose id columns have ``types`` (name -> type).
+
+    Integer ids become int64, string ids string (large_string when any input has it). Integer and
+    string ids never mix: the audit draw hashes an int64 id's 8 bytes and a string id's UTF-8
+    bytes, so ``7`` and ``"7"`` are different predictions with different draws; the error names
+    one input of each kind.
+    """
+    ints = [name for name, t in types.items() if pa.types.is_integer(t)]
+    strings = [name for name, t in types.items() if not pa.types.is_integer(t)]
+    if ints and strings:
+        raise BatchTypeError(
+            "id", f"expected one id type in every input (integer and string ids hash differently in "
+                  f"the audit draw), found {_describe(types[ints[0]])} in {ints[0]} and "
+                  f"{_describe(types[strings[0]])} in {strings[0]}")
+    if ints:
+        return pa.int64()
+    return pa.large_string() if any(pa.types.is_large_string(types[n]) for n in strings) else pa.string()
 
 
 def _arrow_labels(arr: pa.Array) -> np.ndarray:
@@ -645,6 +795,7 @@ def decode_batch(data, *, members: int | None = None, classes: int | None = None
                         f"name -> array, found {type(data).__name__}")
 
     ids = _arrow_ids(columns["id"])
+    check_unique_ids(ids)
     rows = len(ids)
     for name, value in columns.items():
         if isinstance(value, pa.Array):
@@ -795,6 +946,7 @@ def _id_at(ids, row: int) -> str:
 
 
 __all__ = [
-    "BatchError", "BatchLayout", "BatchTypeError", "BatchValueError", "MissingColumnError",
-    "PredictionBatch", "check_schema", "decode_batch", "decode_embedding", "validate_labels",
+    "BatchError", "BatchLayout", "BatchTypeError", "BatchValueError", "DuplicateIdError",
+    "MissingColumnError", "PredictionBatch", "check_bank_schema", "check_schema", "check_unique_ids",
+    "common_id_type", "decode_batch", "decode_embedding", "id_keys", "validate_labels", "with_context",
 ]

@@ -19,12 +19,15 @@ import datetime
 import hashlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tomli_w
 
 from .config import TriageConfig, from_dict, to_dict
+from .decode import BatchValueError, check_bank_schema, check_schema
 from .policy import Thresholds
 
 if TYPE_CHECKING:
@@ -84,6 +87,13 @@ class Profile:
         """
         from .fit import fit_profile
 
+        config = (config or TriageConfig()).check_fit()
+        _check_calibration_classes(calibration)
+        if isinstance(bank, (pa.Table, pa.RecordBatch)):
+            dim = None
+            if isinstance(calibration, (pa.Table, pa.RecordBatch)) and "embedding" in calibration.schema.names:
+                dim = check_schema(calibration.schema, embedding="required", label="ignore").dim
+            check_bank_schema(bank.schema, dim=dim)
         return fit_profile(calibration, bank=bank, config=config, progress=progress)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -155,9 +165,14 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"profile: expected {path} to exist (a directory written by `triage fit`), found nothing")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ProfileError(f"profile: {path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"profile: expected {path} to be UTF-8 text, found bytes that are not "
+                               f"({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise ProfileError(f"profile: expected {path} to be readable, found {exc.strerror or exc}") from None
         fmt = data.get("profile", {}).get("format")
         if fmt != FORMAT:
             raise ProfileError(f"profile.format: expected {FORMAT}, found {fmt!r} in {path}")
@@ -177,7 +192,7 @@ class Profile:
         if bank.get("present"):
             from .bank import load_bank
 
-            index = load_bank(directory / bank["path"], mmap=mmap)
+            index = _load_bank(directory / bank["path"], mmap=mmap)
             if index.kind == "ivf" and "nprobe" in bank:
                 index.nprobe = int(bank["nprobe"])
         profile = cls(
@@ -206,6 +221,68 @@ class Profile:
                 f"{profile.version}: it was edited by hand or the bank changed; refit with `triage fit`"
             )
         return profile
+
+
+def _load_bank(directory: Path, mmap: bool):
+    """``load_bank``, its errors raised as ProfileError naming the file that cannot be read."""
+    from .bank import load_bank
+
+    try:
+        return load_bank(directory, mmap=mmap)
+    except (ValueError, OSError, EOFError) as exc:
+        # numpy's messages for a short or damaged .npy ("mmap length is greater than file size")
+        # name no file: find the first one whose size disagrees with its header.
+        where = _damaged_npy(directory) or directory
+        raise ProfileError(f"profile: the bank file {where} cannot be read ({exc}): the profile directory "
+                           "is truncated or damaged; refit with `triage fit`") from None
+
+
+def _damaged_npy(directory: Path) -> Path | None:
+    """The first ``.npy`` file in ``directory`` that is shorter than its header says, or unreadable."""
+    for path in sorted(directory.glob("*.npy")):
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(handle)
+                needed = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+        except (ValueError, OSError, EOFError):
+            return path
+        if path.stat().st_size < needed:
+            return path
+    return None
+
+
+def _check_calibration_classes(calibration) -> None:
+    """Refuse calibration data whose known labels (>= 0) are of fewer than two classes: a
+    temperature and thresholds fitted on one class say nothing of the others (such a profile
+    scored 10.7% holdout accuracy on a 10-class fleet). Labels that are absent or of the wrong
+    type are left to the decoder, which names them."""
+    if isinstance(calibration, (pa.Table, pa.RecordBatch)):
+        if "label" not in calibration.schema.names or not pa.types.is_integer(calibration.schema.field("label").type):
+            return
+        classes = check_schema(calibration.schema, embedding="ignore", label="required").classes
+        labels = calibration.column("label")
+        known = pc.unique(pc.filter(labels, pc.greater_equal(labels, 0))).to_pylist()
+    elif isinstance(calibration, Mapping) and calibration.get("label") is not None:
+        label, logits = calibration["label"], calibration.get("logits")
+        try:
+            values = np.asarray(label.cpu() if hasattr(label, "cpu") else label)
+            classes = int(logits.shape[-1])
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            return
+        if values.dtype.kind not in "iu":
+            return
+        known = np.unique(values[values >= 0]).tolist()
+    else:
+        return
+    if any(k >= classes for k in known):
+        return  # labels out of range: the decoder names them
+    if len(known) < 2:
+        found = f"only class {known[0]}" if known else "no known label at all"
+        raise BatchValueError("label", f"expected known labels of at least 2 classes in the calibration data "
+                                       f"(a profile fitted on one class cannot tell right from wrong), found {found}")
 
 
 def _content_hash(toml_dict: dict, bank) -> str:

@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 # Before torch, numba or FAISS start their OpenMP pools (see hitl_triage.kernels for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -37,7 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: raised in the main thread so every ``finally`` cleans up (partial
+    files removed, queues closed) exactly as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    # One stop is enough: a second signal must not interrupt the clean-up the first one started.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 0 done, 2 refused (a path, option, input or
+    configuration that is not what it must be: one line on stderr names it), 1 failed for another
+    reason (an operating-system error, one line too), 128 + the signal's number when SIGINT (130)
+    or SIGTERM (143) stopped it, after cleaning up. ``-v`` shows tracebacks instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -47,16 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS} if in_main_thread else {}
     try:
         return int(args.handler(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         # Input, configuration and profile errors (BatchError, ConfigError, ProfileError,
-        # BackendUnavailable...) name the field, what was expected and what was found: one line
-        # is clearer than a traceback. -v shows the traceback too.
+        # UsageError, BackendUnavailable...) name the field, what was expected and what was found:
+        # one line is clearer than a traceback. -v shows the traceback too.
         if args.verbose:
             raise
-        print(f"triage {args.command}: {exc}", file=sys.stderr)
+        _say(args, exc)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, an I/O error
+        if args.verbose:
+            raise
+        _say(args, exc)
+        return 1
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        what = getattr(args, "stopped", "it did not finish")
+        print(f"triage {args.command}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _say(args, exc: BaseException) -> None:
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+    print(f"triage {args.command}: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,20 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="working directory (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, stopped="the working directory keeps what was finished")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import report
+    from ..checks import check_device, output_dir, positive_int
     from ..demo import run_demo
 
+    # Checked before anything is simulated or fitted, so a wrong option costs no minutes.
+    check_device(args.device)
+    positive_int(args.rows, "--rows")
+    positive_int(args.sources, "--sources")
+    if args.out is not None:
+        output_dir(args.out, "--out")
     console = report.console
     out = args.out or Path(tempfile.mkdtemp(prefix="triage-demo-"))
     what = (f"a simulated fleet: {args.rows:,} predictions from {args.sources} sources" if args.data == "simulated"

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     mode.add_argument("--target-risk", type=float, metavar="A",
                       help="keep the error rate among auto-accepted predictions <= A (with prob. >= 1-delta)")
     parser.add_argument("--config", type=Path, metavar="triage.toml", help="configuration (every key has a default)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, stopped="no new profile directory was written")
 
 
 def load_config(args):
@@ -34,21 +34,63 @@ def load_config(args):
         config.thresholds.mode, config.thresholds.budget = "budget", args.budget
     if args.target_risk is not None:
         config.thresholds.mode, config.thresholds.target_risk = "target_risk", args.target_risk
-    return config.check()
+    return config.check_fit()
 
 
 def run(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
-
+    from hitl_triage.engine.decode import BatchError, check_bank_schema, check_schema, with_context
     from hitl_triage.engine.profile import Profile
 
     from .. import report
+    from ..checks import output_dir, parquet_schema, read_table
 
     config = load_config(args)
-    calibration = pq.read_table(args.calibration)
-    bank = pq.read_table(args.bank, columns=["embedding"]) if args.bank else None
+    # Every file is checked from its footer before a row is read or anything is written.
+    output_dir(args.out, "--out")
+    schema, _ = parquet_schema(args.calibration, "--calibration")
+    inputs = f"--calibration {args.calibration}" + (f" or --bank {args.bank}" if args.bank else "")
+    if args.bank is not None:
+        try:
+            dim = check_schema(schema, embedding="optional", label="ignore").dim
+        except BatchError as exc:
+            raise with_context(exc, f"--calibration {args.calibration}") from None
+        try:
+            check_bank_schema(parquet_schema(args.bank, "--bank")[0], dim=dim)
+        except BatchError as exc:
+            raise with_context(exc, f"--bank {args.bank}, with --calibration {args.calibration}") from None
+    calibration = read_table(args.calibration, "--calibration")
+    bank = read_table(args.bank, "--bank", columns=["embedding"]) if args.bank else None
     with report.stage_progress("fitting profile") as progress:
-        profile = Profile.fit(calibration, bank=bank, config=config, progress=progress)
-    profile.save(args.out)
+        try:
+            profile = Profile.fit(calibration, bank=bank, config=config, progress=progress)
+        except BatchError as exc:
+            raise with_context(exc, inputs) from None
+    save_whole(profile, args.out)
     report.print_fit(profile, args.out)
     return 0
+
+
+def save_whole(profile, directory: Path) -> Path:
+    """Save ``profile`` into ``directory``; a new directory appears whole or not at all (written as
+    ``.NAME.partial`` beside it, then renamed). An existing one is written in place, profile.toml
+    last: a stop between the bank and profile.toml leaves a profile that loading refuses (its
+    version no longer matches its bank), never one that decides differently from its file."""
+    import shutil
+
+    from ..checks import make_dirs, remove_dirs
+
+    if directory.is_dir():
+        return profile.save(directory)
+    staging = directory.with_name(f".{directory.name}.partial")
+    if staging.is_dir():  # left by a fit that was killed; nothing else writes there
+        shutil.rmtree(staging)
+    created = make_dirs(directory.parent, "--out")
+    try:
+        profile.save(staging)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_dirs(created)
+        raise
+    profile.path = directory
+    return directory

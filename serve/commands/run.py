@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT.parquet")
     parser.add_argument("--out", required=True, type=Path, metavar="DECISIONS.parquet")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-rows", type=int, default=None, help="rows per engine batch (default 262144)")
+    parser.add_argument("--batch-rows", type=int, default=None, help="rows per engine batch, >= 1 (default 262144)")
     parser.add_argument("--time-stages", action="store_true",
                         help="report seconds per stage (runs stages one after another)")
     parser.add_argument("--queue", default=None, metavar="URL",
@@ -23,30 +23,47 @@ def register(subparsers) -> None:
                              "redis://host:port/0); a rerun adds nothing")
     parser.add_argument("--queue-config", type=Path, default=None, metavar="triage.toml",
                         help="read the queue's options from this file's [queue] table")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, stopped="no decisions file was written (one appears only when a run completes)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from hitl_triage.engine.profile import Profile
 
     from .. import report
-    from ..offline import count_rows, run_offline
+    from ..checks import check_device, output_file, positive_int
+    from ..offline import run_offline
 
+    check_device(args.device)
+    batch_rows = {} if args.batch_rows is None else {"batch_rows": positive_int(args.batch_rows, "--batch-rows")}
+    queue_files = _queue_files(args.queue)
+    for path in queue_files:  # the queue's database is neither an input nor the decisions file
+        output_file(path, "--queue", inputs=[("--out", args.out), *args.inputs], partial=False)
     profile = Profile.load(args.profile)
-    total = count_rows(args.inputs)
     review_queue = None
     if args.queue:
         from .queue import open_from_args
 
         review_queue = open_from_args(args.queue, args.queue_config, tiers=profile.config.tiers.order)
-    try:
-        with report.row_progress("triage", total) as update:
-            options = {"batch_rows": args.batch_rows} if args.batch_rows else {}
-            result = run_offline(profile, args.inputs, args.out, device=args.device, progress=update,
-                                 time_stages=args.time_stages, review_queue=review_queue, **options)
-    finally:
-        if review_queue is not None:
-            review_queue.close()
+    with contextlib.ExitStack() as bars:
+        update = None
+
+        def progress(done: int, total: int) -> None:
+            # The bar opens once every check has passed, so a refused run prints only its error.
+            nonlocal update
+            if update is None:
+                update = bars.enter_context(report.row_progress("triage", total))
+            update(done, total)
+
+        try:
+            result = run_offline(profile, args.inputs, args.out, device=args.device, progress=progress,
+                                 time_stages=args.time_stages, review_queue=review_queue, protect=tuple(queue_files),
+                                 **batch_rows)
+        finally:
+            if review_queue is not None:
+                review_queue.close()
+    total = result.summary.rows
     report.print_summary(result.summary)
     if review_queue is not None:
         report.console.print(f"review queue {args.queue}: {result.queued:,} new items "
@@ -56,3 +73,11 @@ def run(args: argparse.Namespace) -> int:
     if result.stage_seconds:
         report.print_stages(result.stage_seconds)
     return 0
+
+
+def _queue_files(url: str | None) -> list[Path]:
+    """The files of an embedded (SQLite) queue at ``url``: the database and its WAL companions."""
+    if not url or not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+        return []
+    db = Path(url[len("sqlite:///"):])
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..sim import FleetConfig, simulate_fleet
+from ..checks import make_dirs, output_file, remove_dirs
+from ..sim import FleetConfig, FleetFiles, fleet_paths, simulate_fleet
 
 _DEFAULTS = FleetConfig()
 logger = logging.getLogger(__name__)
@@ -69,20 +71,23 @@ def register(subparsers) -> None:
     parser.add_argument("--row-group-rows", type=int, default=_DEFAULTS.row_group_rows, metavar="N",
                         help="rows per Parquet row group; layout only, never the data "
                         f"(default {_DEFAULTS.row_group_rows})")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, stopped="no fleet files were written")
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
-    try:
-        config = FleetConfig(
-            rows=args.rows, sources=args.sources, seed=args.seed, members=args.members, classes=args.classes,
-            dim=args.dim, calibration_rows=args.calibration_rows, bank_rows=args.bank_rows,
-            row_group_rows=args.row_group_rows,
-        )
-    except ValueError as exc:
-        console.print(f"[red]triage simulate:[/red] {exc}")
-        return 2
+    config = FleetConfig(  # a ValueError naming the option; the command line prints it on one line
+        rows=args.rows, sources=args.sources, seed=args.seed, members=args.members, classes=args.classes,
+        dim=args.dim, calibration_rows=args.calibration_rows, bank_rows=args.bank_rows,
+        row_group_rows=args.row_group_rows,
+    )
+    final = fleet_paths(args.out)
+    for path in final:
+        output_file(path, "--out", partial=False)
+    staging = _staging(final)
+    for path in staging:  # left by a run that was killed: named after this output, so ours
+        path.unlink(missing_ok=True)
+    created = make_dirs(final.fleet.parent, "--out")
 
     _keep_freed_blocks_mapped()
     start = time.perf_counter()
@@ -97,7 +102,16 @@ def run(args: argparse.Namespace) -> int:
             rate = f"{done / elapsed / 1e6:.2f} M rows/s" if done and elapsed > 0 else ""
             bar.update(task, completed=done, total=total, rate=rate)
 
-        files = simulate_fleet(args.out, config, progress=progress)
+        try:
+            simulate_fleet(staging.fleet, config, progress=progress)
+            for written, path in zip(staging, final):
+                os.replace(written, path)
+        except BaseException:
+            for path in staging:
+                path.unlink(missing_ok=True)
+            remove_dirs(created)
+            raise
+    files = final
     elapsed = time.perf_counter() - start
 
     table = Table(title=f"Simulated fleet (seed {config.seed}) in {elapsed:.1f} s", title_justify="left")
@@ -114,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(role, f"{rows:,}", _size(path.stat().st_size), str(path))
     console.print(table)
     return 0
+
+
+def _staging(files: FleetFiles) -> FleetFiles:
+    """Where the four files are written before they are renamed into place: hidden names beside
+    them, so a failed or stopped run leaves no file that looks like a fleet."""
+    stem = files.fleet.name.removesuffix(".parquet")
+    return fleet_paths(files.fleet.with_name(f".{stem}.partial.parquet"))
 
 
 def _size(n: float) -> str:
