@@ -250,12 +250,12 @@ class PreparedBatch:
     enqueued_at: float
 
 
-def prepare_batch(decisions, predictions, options: QueueOptions) -> PreparedBatch | None:
+def prepare_batch(decisions, predictions, options: QueueOptions, now: float | None = None) -> PreparedBatch | None:
     """The review items of a decision batch (None when it escalated nothing), with the tiers
-    checked against ``options``."""
+    checked against ``options``; ``now`` their ``enqueued_at`` (default this machine's clock)."""
     from .items import review_items, to_ipc
 
-    items = review_items(decisions, predictions, keep_embedding=options.keep_embedding)
+    items = review_items(decisions, predictions, keep_embedding=options.keep_embedding, now=now)
     if items.num_rows == 0:
         return None
     ids = items.column("id").to_pylist()

@@ -1,42 +1,48 @@
 """The production review queue: a Redis server shared by every replica.
 
 Durability: what an acknowledged call survives is the server's persistence setting (the README's
-"Review queue: Redis" names each); with ``appendonly yes`` and ``appendfsync always`` Redis fsyncs
-the append-only file before it answers, so an acknowledged enqueue, claim or verdict survives a
-crash of the server and a power loss.
+"Review queue" section names each); with ``appendonly yes`` and ``appendfsync always`` Redis
+fsyncs the append-only file before it answers, so an acknowledged enqueue, claim or verdict
+survives a crash of the server and a power loss.
 
-Layout (every key under ``prefix``, default ``hitl:``; ``S`` is an item's arrival sequence number,
-zero-padded to 16 digits, so that members sort lexicographically in arrival order):
+Layout (every key under ``prefix``, default ``hitl:``; ``S`` is an item's arrival sequence number
+zero-padded to 16 digits, so that members with equal scores sort in arrival order):
 
-- ``ids``: hash prediction id -> S, set with HSETNX: what makes enqueue idempotent;
-- ``i:S``: hash, the item's state (``id batch row tier priority needed slots predicted classes
-  state deliveries enqueued_at ver``) plus ``L:<reviewer>`` -> lease expiry per active lease;
-- ``open:<tier>``: sorted set of the tier's open items with review slots left, score
-  ``-priority`` and member S (equal scores sort by member: arrival order);
-- ``age:<tier>``: sorted set of the tier's open items by ``enqueued_at`` (oldest age);
-- ``lease:<tier>``: sorted set of leases, score the expiry (the server's clock), member S+reviewer;
-- ``dead:<tier>``: set of dead-lettered S; ``done``: hash tier -> items done there;
-- ``v:S``: hash verdict key (tier, reviewer) -> verdict record; ``vlog``: sorted set of every
-  verdict by ``stored_at``; ``vcount``: hash action -> verdicts;
-- ``b:<batch>``: each enqueued batch's items as one Arrow IPC blob, written once;
+- ``items``: hash prediction id -> the item's record. An id already there is skipped, which makes
+  enqueue idempotent. The record is a JSON array (the ``R_*`` positions below): S, score
+  (``-priority``), enqueued_at, batch, row, predicted class, C, tier, reviews needed, slots
+  (reviews still to hand out), state (open | done | dead), deliveries, version (raised by every
+  change), leases {reviewer: expiry}, and the verdicts at the item's tier {reviewer: action}.
+  One hash written 1,000 fields a command, not a hash per item: a command from Lua costs about
+  4 us on the 2-core VM, most of the 5 us per item that 200,000 items/s allows;
+- ``open:<tier>``: sorted set of the tier's open items with slots left, score ``-priority``,
+  member S followed by the id: ZRANGE from the start is priority order, ties in arrival order;
+- ``lease:<tier>``: sorted set of leases, score the expiry on the server's clock, member the id's
+  length, ``:``, the id and the reviewer;
+- ``age:<tier>`` / ``agecount:<tier>``: the batches with open items at the tier by enqueued_at, and
+  how many each has (``oldest_age_s`` without a member per item);
+- ``dead:<tier>``: set of dead-lettered ids; ``done``: hash tier -> items done there;
+- ``v:S``: hash (tier, reviewer) -> verdict; ``vlog``: sorted set of every verdict by stored_at;
+  ``vcount``: hash action -> verdicts;
+- ``b:<batch>``: an enqueued batch's items as one Arrow IPC blob, written once;
 - ``seq``, ``batch``, ``vseq``: counters; ``tiers``: set of the tiers that ever held an item.
 
-Atomic steps: an enqueue of one batch, a claim (expire leases, redeliver or dead-letter, lease
-the top n) and a requeue are Lua scripts, each one round trip. A verdict batch is read by one
-script, computed here with :func:`.base.check_verdict` and :func:`.base.resolve` (the one rule
-both backends call), and written by a second script that first checks every touched item's
-``ver`` (raised by every change of the item) and writes nothing when one moved on; the batch is
-then read and computed again (optimistic concurrency: all or nothing, no lock held).
+Atomic steps: an enqueue (of one batch or several), a claim (expire leases, redeliver or
+dead-letter, lease the top n) and a requeue are Lua scripts, one round trip each. A verdict batch
+is read by one script, computed here with :func:`.base.check_verdict` and :func:`.base.resolve`
+(the one rule both backends call), and written by a second script that first checks that every
+touched item's record is still the one read and writes nothing otherwise; the batch is then read
+and computed again (optimistic concurrency: all or nothing, no lock held between round trips).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
-import logging
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -44,103 +50,155 @@ import pyarrow.compute as pc
 import redis
 
 from .base import (
-    ItemState, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, resolve, verdict_rows,
+    ItemState, PreparedBatch, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, prepare_batch,
+    resolve, verdict_rows,
 )
-from .items import from_ipc, review_items, to_ipc
+from .items import from_ipc
 from .payload import PayloadReader, claimed_items, history_line, verdict_table
 
-log = logging.getLogger(__name__)
-
-# Members per ZADD/unpack inside a script (Lua's unpack is bounded by its C stack, 8000 values).
-_CHUNK = 1000
+# Positions in an item's record (0-based here; Lua's are one more).
+R_S, R_BATCH, R_SCORE, R_AT, R_ROW, R_PREDICTED, R_CLASSES, R_TIER, R_NEEDED, R_SLOTS, R_STATE, R_DELIVERIES, \
+    R_VER, R_LEASES, R_BY = range(15)
+# Values per command inside a script (Lua's unpack is bounded by its C stack, about 8000).
+_CHUNK = 2000
 # Verdict submissions retried after a concurrent change to one of their items, before giving up.
 _MAX_ATTEMPTS = 200
 
-_ENQUEUE = """
-local p, blob, at = ARGV[1], ARGV[2], ARGV[3]
-local ids, tiers, prio = cjson.decode(ARGV[4]), cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
-local needed, pred, classes = cjson.decode(ARGV[7]), cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
-local n = #ids
-local last = redis.call('INCRBY', p .. 'seq', n)
-local batch = redis.call('INCR', p .. 'batch')
-local new = {}
-for i = 1, n do
-  local s = string.format('%016d', last - n + i)
-  if redis.call('HSETNX', p .. 'ids', ids[i], s) == 1 then new[#new + 1] = i end
-end
-if #new == 0 then return 0 end
-redis.call('SET', p .. 'b:' .. batch, blob)
-local open, age = {}, {}
-for _, i in ipairs(new) do
-  local s, t = string.format('%016d', last - n + i), tiers[i]
-  redis.call('HSET', p .. 'i:' .. s, 'id', ids[i], 'batch', batch, 'row', i - 1, 'tier', t, 'priority', prio[i],
-             'needed', needed[i], 'slots', needed[i], 'predicted', pred[i], 'classes', classes[i], 'state', 'open',
-             'deliveries', 0, 'enqueued_at', at, 'ver', 0)
-  if not open[t] then open[t], age[t] = {}, {} end
-  local o, a = open[t], age[t]
-  o[#o + 1] = -prio[i]; o[#o + 1] = s
-  a[#a + 1] = at; a[#a + 1] = s
-end
-for t, o in pairs(open) do
-  redis.call('SADD', p .. 'tiers', t)
-  local a = age[t]
-  for j = 1, #o, 2 * CHUNK do
-    local k = math.min(j + 2 * CHUNK - 1, #o)
-    redis.call('ZADD', p .. 'open:' .. t, unpack(o, j, k))
-    redis.call('ZADD', p .. 'age:' .. t, unpack(a, j, k))
+# Lua shared by the scripts. Record fields (1-based): 1 S, 2 batch, 3 score, 4 enqueued_at, 5 row,
+# 6 predicted, 7 classes, 8 tier, 9 needed, 10 slots, 11 state, 12 deliveries, 13 version,
+# 14 leases {reviewer: expiry}, 15 verdicts at the tier {reviewer: action}.
+_LUA_COMMON = "local CHUNK = " + str(_CHUNK) + r"""
+-- redis.call(command, key, values...) over values in chunks (pairs stay whole: CHUNK is even)
+local function bulk(command, key, values)
+  for j = 1, #values, CHUNK do
+    redis.call(command, key, unpack(values, j, math.min(j + CHUNK - 1, #values)))
   end
 end
-return #new
-""".replace("CHUNK", str(_CHUNK))
+local function push(list, a, b) list[#list + 1] = a; list[#list + 1] = b end
+local function group(groups, name)
+  local g = groups[name]
+  if not g then g = {}; groups[name] = g end
+  return g
+end
+-- a lease's member in lease:<tier>: the id's length, ':', the id, the reviewer (unambiguous)
+local function lease_member(id, reviewer) return #id .. ':' .. id .. reviewer end
+local function lease_parts(m)
+  local colon = string.find(m, ':', 1, true)
+  local n = tonumber(string.sub(m, 1, colon - 1))
+  return string.sub(m, colon + 1, colon + n), string.sub(m, colon + n + 1)
+end
+-- age:<tier> holds each batch with open items at the tier (score its enqueued_at) and
+-- agecount:<tier> how many: the oldest open item's age without a member per item
+local function leave(p, tier, rec)
+  local key = p .. 'agecount:' .. tier
+  if redis.call('HINCRBY', key, rec[2], -1) <= 0 then
+    redis.call('HDEL', key, rec[2])
+    redis.call('ZREM', p .. 'age:' .. tier, rec[2])
+  end
+end
+local function enter(p, tier, rec)
+  if redis.call('HINCRBY', p .. 'agecount:' .. tier, rec[2], 1) == 1 then
+    redis.call('ZADD', p .. 'age:' .. tier, rec[4], rec[2])
+  end
+end
+"""
 
-# Expire every lease past its time (the server's clock): the slot is offered again, or the item
-# goes to the dead letter list once it has had max_deliveries deliveries. Shared by claim.
-_EXPIRE = """
+# ARGV: prefix, k, then per batch: blob, enqueued_at, JSON ids, JSON tier names, JSON tier of each
+# item (index into the names), then one line per item of its score and of its record's tail (the
+# fields after S and batch, made by Arrow). Returns the items added (ids already queued, or
+# repeated, are skipped).
+_ENQUEUE = _LUA_COMMON + r"""
+local p, k = ARGV[1], tonumber(ARGV[2])
+local added, seen = 0, {}
+for b = 0, k - 1 do
+  local a = 2 + 7 * b
+  local blob, at, ids, names = ARGV[a + 1], ARGV[a + 2], cjson.decode(ARGV[a + 3]), cjson.decode(ARGV[a + 4])
+  local tiers, scores, tails = cjson.decode(ARGV[a + 5]), cjson.decode(ARGV[a + 6]), cjson.decode(ARGV[a + 7])
+  local known = {}
+  for j = 1, #ids, CHUNK do
+    for _, rec in ipairs(redis.call('HMGET', p .. 'items', unpack(ids, j, math.min(j + CHUNK - 1, #ids)))) do
+      known[#known + 1] = rec
+    end
+  end
+  local new = {}
+  for i = 1, #ids do
+    if not known[i] and not seen[ids[i]] then seen[ids[i]] = true; new[#new + 1] = i end
+  end
+  if #new > 0 then
+    local last = redis.call('INCRBY', p .. 'seq', #new)
+    local batch = redis.call('INCR', p .. 'batch')
+    redis.call('SET', p .. 'b:' .. batch, blob)
+    local records, open, count = {}, {}, {}
+    local head = '",' .. batch .. ','
+    for j, i in ipairs(new) do
+      local s, t = string.format('%016d', last - #new + j), names[tiers[i] + 1]
+      local o = open[t]
+      if not o then o = {}; open[t] = o; count[t] = 0 end
+      records[#records + 1] = ids[i]
+      records[#records + 1] = '["' .. s .. head .. tails[i]
+      o[#o + 1] = scores[i]
+      o[#o + 1] = s .. ids[i]
+      count[t] = count[t] + 1
+    end
+    bulk('HSET', p .. 'items', records)
+    for t, members in pairs(open) do
+      redis.call('SADD', p .. 'tiers', t)
+      bulk('ZADD', p .. 'open:' .. t, members)
+      redis.call('HSET', p .. 'agecount:' .. t, batch, count[t])
+      redis.call('ZADD', p .. 'age:' .. t, at, batch)
+    end
+    added = added + #new
+  end
+end
+return added
+"""
+
+# Every lease past its time (the server's clock): its slot is offered again, or the item goes to
+# the dead letter list once it has had max_deliveries deliveries (its other leases end too).
+_EXPIRE = _LUA_COMMON + r"""
 local function expire(p, now, maxd)
   for _, tier in ipairs(redis.call('SMEMBERS', p .. 'tiers')) do
     local lk = p .. 'lease:' .. tier
     local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
     if #expired > 0 then
       redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-      local touched, seen = {}, {}
+      local records, order, freed = {}, {}, {}
       for _, m in ipairs(expired) do
-        local s, r = string.sub(m, 1, 16), string.sub(m, 17)
-        local ik = p .. 'i:' .. s
-        redis.call('HDEL', ik, 'L:' .. r)
-        if redis.call('HGET', ik, 'state') == 'open' then
-          redis.call('HINCRBY', ik, 'slots', 1)
-          if not seen[s] then seen[s] = true; touched[#touched + 1] = s end
+        local id, r = lease_parts(m)
+        local rec = records[id]
+        if not rec then
+          rec = cjson.decode(redis.call('HGET', p .. 'items', id)); records[id] = rec; order[#order + 1] = id
         end
+        rec[14][r] = nil
+        if rec[11] == 'open' then rec[10] = rec[10] + 1; freed[id] = true end
       end
-      for _, s in ipairs(touched) do
-        local ik = p .. 'i:' .. s
-        local f = redis.call('HMGET', ik, 'deliveries', 'slots', 'priority', 'tier')
-        local t = f[4]
-        if tonumber(f[1]) >= maxd then
-          redis.call('HSET', ik, 'state', 'dead')
-          redis.call('ZREM', p .. 'open:' .. t, s)
-          redis.call('ZREM', p .. 'age:' .. t, s)
-          redis.call('SADD', p .. 'dead:' .. t, s)
-          local fields = redis.call('HKEYS', ik)
-          for _, name in ipairs(fields) do
-            if string.sub(name, 1, 2) == 'L:' then
-              redis.call('HDEL', ik, name)
-              redis.call('ZREM', p .. 'lease:' .. t, s .. string.sub(name, 3))
-            end
-          end
-        elseif tonumber(f[2]) > 0 then
-          redis.call('ZADD', p .. 'open:' .. t, -tonumber(f[3]), s)
+      local writes = {}
+      for _, id in ipairs(order) do
+        local rec = records[id]
+        local t = rec[8]
+        if freed[id] and rec[12] >= maxd then
+          rec[11] = 'dead'
+          redis.call('ZREM', p .. 'open:' .. t, rec[1] .. id)
+          leave(p, t, rec)
+          redis.call('SADD', p .. 'dead:' .. t, id)
+          for r, _ in pairs(rec[14]) do redis.call('ZREM', p .. 'lease:' .. t, lease_member(id, r)) end
+          rec[14] = {}
+        elseif freed[id] and rec[10] > 0 then
+          redis.call('ZADD', p .. 'open:' .. t, rec[3], rec[1] .. id)
         end
-        redis.call('HINCRBY', ik, 'ver', 1)
+        rec[13] = rec[13] + 1
+        push(writes, id, cjson.encode(rec))
       end
+      bulk('HSET', p .. 'items', writes)
     end
   end
 end
 """
 
-# ARGV: prefix, tier, reviewer, n, lease (s), max_deliveries, the reviewer's verdict key at tier.
-_CLAIM = _EXPIRE + """
-local p, tier, reviewer, vkey = ARGV[1], ARGV[2], ARGV[3], ARGV[7]
+# ARGV: prefix, tier, reviewer, n, lease (s), max_deliveries -> {lease expiry, per item
+# {batch, row, deliveries, its verdict records}}.
+_CLAIM = _EXPIRE + r"""
+local p, tier, reviewer = ARGV[1], ARGV[2], ARGV[3]
 local n, lease, maxd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
@@ -150,38 +208,46 @@ local picked, start, step = {}, 0, math.max(2 * n, 64)
 while #picked < n do
   local members = redis.call('ZRANGE', ok, start, start + step - 1)
   if #members == 0 then break end
-  for _, s in ipairs(members) do
+  for _, m in ipairs(members) do
+    local id = string.sub(m, 17)
+    local rec = cjson.decode(redis.call('HGET', p .. 'items', id))
     -- never the same item twice to one reviewer at a tier: not while leased, not after a verdict
-    if not redis.call('HGET', p .. 'i:' .. s, 'L:' .. reviewer)
-       and redis.call('HEXISTS', p .. 'v:' .. s, vkey) == 0 then
-      picked[#picked + 1] = s
+    if rec[14][reviewer] == nil and rec[15][reviewer] == nil then
+      picked[#picked + 1] = {id, rec, m}
       if #picked == n then break end
     end
   end
   start = start + step
 end
-local until_ = now + lease
-local out = {}
-for _, s in ipairs(picked) do
-  local ik = p .. 'i:' .. s
-  redis.call('HSET', ik, 'L:' .. reviewer, until_)
-  redis.call('ZADD', p .. 'lease:' .. tier, until_, s .. reviewer)
-  if redis.call('HINCRBY', ik, 'slots', -1) <= 0 then redis.call('ZREM', ok, s) end
-  redis.call('HINCRBY', ik, 'deliveries', 1)
-  redis.call('HINCRBY', ik, 'ver', 1)
-  local f = redis.call('HMGET', ik, 'id', 'batch', 'row', 'deliveries')
-  out[#out + 1] = {f[1], f[2], f[3], f[4], redis.call('HVALS', p .. 'v:' .. s)}
+local expiry = now + lease
+local until_ = string.format('%.17g', expiry)
+local writes, leases, full, out = {}, {}, {}, {}
+for _, pick in ipairs(picked) do
+  local id, rec = pick[1], pick[2]
+  rec[14][reviewer] = until_
+  rec[10] = rec[10] - 1
+  rec[12] = rec[12] + 1
+  rec[13] = rec[13] + 1
+  if rec[10] <= 0 then full[#full + 1] = pick[3] end
+  push(writes, id, cjson.encode(rec))
+  push(leases, expiry, lease_member(id, reviewer))
+  out[#out + 1] = {rec[2], rec[5], rec[12], redis.call('HVALS', p .. 'v:' .. rec[1])}
 end
-return {string.format('%.17g', until_), out}
+if #picked > 0 then
+  bulk('HSET', p .. 'items', writes)
+  bulk('ZADD', p .. 'lease:' .. tier, leases)
+  bulk('ZREM', ok, full)
+end
+return {until_, out}
 """
 
-# ARGV: prefix, ids... -> per id: false, or {S, the item hash, its verdict records}.
-_READ = """
+# ARGV: prefix, ids... -> per id: false, or {its record, its verdict records}.
+_READ = r"""
 local p, out = ARGV[1], {}
 for i = 2, #ARGV do
-  local s = redis.call('HGET', p .. 'ids', ARGV[i])
-  if s then
-    out[#out + 1] = {s, redis.call('HGETALL', p .. 'i:' .. s), redis.call('HVALS', p .. 'v:' .. s)}
+  local record = redis.call('HGET', p .. 'items', ARGV[i])
+  if record then
+    out[#out + 1] = {record, redis.call('HVALS', p .. 'v:' .. cjson.decode(record)[1])}
   else
     out[#out + 1] = false
   end
@@ -189,90 +255,89 @@ end
 return out
 """
 
-# ARGV: prefix, JSON {items: [[S, ver, tier before, tier, needed, slots, state, deliveries,
-# [reviewers whose lease ends]]], verdicts: [[S, verdict key, record, action]]}. Writes nothing
-# and returns false when an item's ver is not the one read; else the stored_at it gave.
-_APPLY = """
+# ARGV: prefix, JSON {items: [[id, tier before, tier, state, slots, [reviewers whose lease
+# ends]]], verdicts: [[S, verdict key, record]], actions: {action: count}}, then per item its
+# record as read and its new record. Writes nothing and returns false when an item's record is not
+# the one read; else the stored_at it gave the verdicts.
+_APPLY = _LUA_COMMON + r"""
 local p = ARGV[1]
 local doc = cjson.decode(ARGV[2])
-for _, it in ipairs(doc.items) do
-  if redis.call('HGET', p .. 'i:' .. it[1], 'ver') ~= it[2] then return false end
+for i, it in ipairs(doc.items) do
+  if redis.call('HGET', p .. 'items', it[1]) ~= ARGV[1 + 2 * i] then return false end
 end
 local clock = redis.call('TIME')
 local stored_at = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local last = redis.call('INCRBY', p .. 'vseq', #doc.verdicts)
+local log = {}
 for i, v in ipairs(doc.verdicts) do
   local member = string.format('%016d', last - #doc.verdicts + i) .. v[3]
   redis.call('HSET', p .. 'v:' .. v[1], v[2], member)
-  redis.call('ZADD', p .. 'vlog', stored_at, member)
-  redis.call('HINCRBY', p .. 'vcount', v[4], 1)
+  push(log, stored_at, member)
 end
-for _, it in ipairs(doc.items) do
-  local s, before, tier, slots, state = it[1], it[3], it[4], it[6], it[7]
-  local ik = p .. 'i:' .. s
-  for _, r in ipairs(it[9]) do
-    redis.call('HDEL', ik, 'L:' .. r)
-    redis.call('ZREM', p .. 'lease:' .. before, s .. r)
-  end
-  redis.call('HSET', ik, 'tier', tier, 'needed', it[5], 'slots', slots, 'state', state, 'deliveries', it[8])
-  redis.call('HINCRBY', ik, 'ver', 1)
-  if state ~= 'open' or tier ~= before or slots <= 0 then redis.call('ZREM', p .. 'open:' .. before, s) end
-  if state ~= 'open' or tier ~= before then redis.call('ZREM', p .. 'age:' .. before, s) end
+bulk('ZADD', p .. 'vlog', log)
+for action, count in pairs(doc.actions) do redis.call('HINCRBY', p .. 'vcount', action, count) end
+local writes = {}
+for i, it in ipairs(doc.items) do
+  local id, before, tier, state, slots = it[1], it[2], it[3], it[4], it[5]
+  local record = ARGV[2 + 2 * i]
+  local rec = cjson.decode(record)
+  push(writes, id, record)
+  for _, r in ipairs(it[6]) do redis.call('ZREM', p .. 'lease:' .. before, lease_member(id, r)) end
+  if state ~= 'open' or tier ~= before or slots <= 0 then redis.call('ZREM', p .. 'open:' .. before, rec[1] .. id) end
+  if state ~= 'open' or tier ~= before then leave(p, before, rec) end
   if state == 'open' then
-    local f = redis.call('HMGET', ik, 'priority', 'enqueued_at')
-    if slots > 0 then redis.call('ZADD', p .. 'open:' .. tier, -tonumber(f[1]), s) end
+    if slots > 0 then redis.call('ZADD', p .. 'open:' .. tier, rec[3], rec[1] .. id) end
     if tier ~= before then
-      redis.call('ZADD', p .. 'age:' .. tier, f[2], s)
+      enter(p, tier, rec)
       redis.call('SADD', p .. 'tiers', tier)
     end
   elseif state == 'done' then
     redis.call('HINCRBY', p .. 'done', tier, 1)
   end
 end
+bulk('HSET', p .. 'items', writes)
 return stored_at
 """
 
 # Every dead-lettered item offered again: deliveries reset, slots = needed - its settled verdicts
 # at its tier. ARGV: prefix.
-_REQUEUE = """
+_REQUEUE = _LUA_COMMON + r"""
 local p, count = ARGV[1], 0
 for _, tier in ipairs(redis.call('SMEMBERS', p .. 'tiers')) do
   local dk = p .. 'dead:' .. tier
-  for _, s in ipairs(redis.call('SMEMBERS', dk)) do
-    local ik = p .. 'i:' .. s
-    local f = redis.call('HMGET', ik, 'needed', 'priority', 'enqueued_at')
+  local writes = {}
+  for _, id in ipairs(redis.call('SMEMBERS', dk)) do
+    local rec = cjson.decode(redis.call('HGET', p .. 'items', id))
     local settled = 0
-    for _, member in ipairs(redis.call('HVALS', p .. 'v:' .. s)) do
-      local record = cjson.decode(string.sub(member, 17))
-      if record[4] == tier and record[5] ~= 'escalate' then settled = settled + 1 end
+    for _, action in pairs(rec[15]) do
+      if action ~= 'escalate' then settled = settled + 1 end
     end
-    local slots = tonumber(f[1]) - settled
-    redis.call('HSET', ik, 'state', 'open', 'deliveries', 0, 'slots', slots)
-    redis.call('HINCRBY', ik, 'ver', 1)
-    if slots > 0 then redis.call('ZADD', p .. 'open:' .. tier, -tonumber(f[2]), s) end
-    redis.call('ZADD', p .. 'age:' .. tier, f[3], s)
+    rec[10], rec[11], rec[12], rec[13] = rec[9] - settled, 'open', 0, rec[13] + 1
+    if rec[10] > 0 then redis.call('ZADD', p .. 'open:' .. tier, rec[3], rec[1] .. id) end
+    enter(p, tier, rec)
+    push(writes, id, cjson.encode(rec))
     count = count + 1
   end
+  bulk('HSET', p .. 'items', writes)
   redis.call('DEL', dk)
 end
 return count
 """
 
-# ARGV: prefix, tiers... -> {TIME, per tier {depth, in_flight, oldest enqueued_at or false, done,
-# dead}, the vcount hash}.
-_STATS = """
+# ARGV: prefix, tiers... -> {TIME, per tier {tier, depth, in_flight, oldest enqueued_at or false,
+# done, dead}, the vcount hash, every tier that held an item}.
+_STATS = r"""
 local p = ARGV[1]
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local now = string.format('%.17g', tonumber(clock[1]) + tonumber(clock[2]) / 1e6)
 local out = {}
 for i = 2, #ARGV do
   local t = ARGV[i]
   local oldest = redis.call('ZRANGE', p .. 'age:' .. t, 0, 0, 'WITHSCORES')[2] or false
-  out[#out + 1] = {t, redis.call('ZCARD', p .. 'open:' .. t),
-                   redis.call('ZCOUNT', p .. 'lease:' .. t, '(' .. string.format('%.17g', now), '+inf'),
+  out[#out + 1] = {t, redis.call('ZCARD', p .. 'open:' .. t), redis.call('ZCOUNT', p .. 'lease:' .. t, '(' .. now, '+inf'),
                    oldest, redis.call('HGET', p .. 'done', t) or 0, redis.call('SCARD', p .. 'dead:' .. t)}
 end
-return {string.format('%.17g', now), out, redis.call('HGETALL', p .. 'vcount'), redis.call('SMEMBERS', p .. 'tiers')}
+return {now, out, redis.call('HGETALL', p .. 'vcount'), redis.call('SMEMBERS', p .. 'tiers')}
 """
 
 
@@ -296,10 +361,13 @@ class RedisQueue(ReviewQueue):
         self._stats = self._redis.register_script(_STATS)
         self._payload = PayloadReader(self._read_batch)
 
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
     def _read_batch(self, batch: int) -> pa.Table:
-        blob = self._redis.get(f"{self.prefix}b:{batch}")
+        blob = cast("bytes | None", self._redis.get(self._key(f"b:{batch}")))
         if blob is None:
-            raise QueueError(f"batch {batch}: expected its items under {self.prefix}b:{batch}, found none")
+            raise QueueError(f"batch {batch}: expected its items under {self._key(f'b:{batch}')}, found none")
         return from_ipc(blob)
 
     def _now(self) -> float:
@@ -310,38 +378,29 @@ class RedisQueue(ReviewQueue):
     # -- enqueue -----------------------------------------------------------------------------------
 
     def enqueue(self, decisions, predictions) -> int:
-        items = review_items(decisions, predictions, keep_embedding=self.options.keep_embedding, now=self._now())
-        if items.num_rows == 0:
+        return self.enqueue_many([(decisions, predictions)])
+
+    def enqueue_many(self, batches) -> int:
+        now = self._now()
+        args: list[Any] = []
+        for decisions, predictions in batches:
+            p = prepare_batch(decisions, predictions, self.options, now=now)
+            if p is not None:
+                args += _enqueue_args(p)
+        if not args:
             return 0
-        tiers = _values(items, "tier")
-        unknown = sorted(set(tiers) - set(self.options.tiers), key=str)
-        if unknown:
-            raise QueueError(f"decisions: tier: expected tiers among {self.options.tiers}, found {unknown}")
-        priority = items.column("priority")
-        if pc.any(pc.is_nan(priority)).as_py():
-            raise QueueError("decisions: priority: expected numbers, found NaN")
-        ids = items.column("id").combine_chunks()
-        needed = np.ones(len(ids), np.int8)
-        if self.options.overlap:
-            tier_array = np.array(tiers, dtype=object)
-            for tier in set(tiers):
-                rows = tier_array == tier
-                needed[rows] = self.options.needed(ids.filter(pa.array(rows)), tier)
-        args = [self.prefix, to_ipc(items), repr(items.column("enqueued_at")[0].as_py()),
-                json.dumps(ids.to_pylist()), json.dumps(tiers), json.dumps(_values(items, "priority")),
-                json.dumps(needed.tolist()), json.dumps(_values(items, "predicted_class")),
-                json.dumps(_values(items, "classes"))]
-        return int(self._enqueue(args=args))
+        return int(self._enqueue(args=[self.prefix, len(args) // 7, *args]))
 
     # -- claim -------------------------------------------------------------------------------------
 
     def claim(self, tier: str, reviewer: str, n: int = 1, lease: float = 300.0) -> pa.Table:
         check_claim(tier, reviewer, n, lease, self.options)
-        until, picked = self._claim(args=[self.prefix, tier, reviewer, n, repr(float(lease)),
-                                          self.options.max_deliveries, _verdict_key(tier, reviewer)])
-        refs = [(int(batch), int(row)) for _, batch, row, _, _ in picked]
-        return claimed_items(self._payload, refs, tier, [int(p[3]) for p in picked], float(until),
-                             [_history(p[4]) for p in picked], self.options.blind_audit)
+        until, picked = self._claim(args=[self.prefix, tier, reviewer, n, repr(float(lease)), self.options.max_deliveries])
+        return claimed_items(self._payload, [(int(b), int(r)) for b, r, _, _ in picked], tier,
+                             [int(d) for _, _, d, _ in picked], float(until),
+                             [[history_line(v.tier, v.reviewer, v.action, v.label) for v in _verdicts(records)]
+                              for _, _, _, records in picked],
+                             self.options.blind_audit)
 
     # -- verdicts ----------------------------------------------------------------------------------
 
@@ -349,20 +408,21 @@ class RedisQueue(ReviewQueue):
         rows = verdict_rows(verdicts)
         ids = list(dict.fromkeys(v.id for v in rows))
         for attempt in range(_MAX_ATTEMPTS):
-            items = {item_id: _Item.read(found) if found else None
-                     for item_id, found in zip(ids, self._read(args=[self.prefix, *ids]) if ids else [])}
-            counts, plan = self._plan(rows, items)
-            if not plan["verdicts"] or self._apply(args=[self.prefix, json.dumps(plan)]) is not None:
+            found = self._read(args=[self.prefix, *ids]) if ids else []
+            items = {item_id: None if f is None else _Item(item_id, *f) for item_id, f in zip(ids, found)}
+            counts, plan, records = self._plan(rows, items)
+            if not plan["verdicts"] or self._apply(args=[self.prefix, json.dumps(plan), *records]) is not None:
                 return counts
             time.sleep(random.uniform(0, 0.001 * min(attempt, 20)))  # another call changed an item: again
         raise QueueError(f"verdicts: expected to store them within {_MAX_ATTEMPTS} attempts, found their items "
-                         f"changed by other calls every time")
+                         "changed by other calls every time")
 
-    def _plan(self, rows: list[Verdict], items: dict[str, "_Item | None"]) -> tuple[dict, dict]:
-        """What ``rows`` do, computed on the items as read: the counts ``submit`` returns and the
-        writes for the apply script (QueueError, naming the row, for a verdict refused)."""
+    def _plan(self, rows: list[Verdict], items: dict[str, "_Item | None"]) -> tuple[dict, dict, list[bytes]]:
+        """What ``rows`` do to the items as read: the counts ``submit`` returns, the apply
+        script's plan and its records (QueueError, naming the row, for a verdict refused)."""
         counts = {"stored": 0, "duplicates": 0, "done": 0, "moved": 0}
-        writes: list[list[Any]] = []
+        verdicts: list[list[Any]] = []
+        actions: collections.Counter[str] = collections.Counter()
         touched: dict[str, _Item] = {}
         for row, v in enumerate(rows):
             item = items[v.id]
@@ -377,15 +437,14 @@ class RedisQueue(ReviewQueue):
             v = check_verdict(v, item.state() if item else None, self.options, row)
             assert item is not None
             touched[v.id] = item
-            item.verdicts[(v.tier, v.reviewer)] = v
-            item.order.append(v)
-            item.leases.discard(v.reviewer)
+            item.add(v)
             at_tier = [x for x in item.order if x.tier == v.tier]
             outcome = resolve(item.state(), at_tier, self.options)
             counts["stored"] += 1
-            record = json.dumps([v.id, v.label, v.reviewer, v.tier, v.action, None if v.ts != v.ts else v.ts,
-                                 item.batch, item.row])
-            writes.append([item.s, _verdict_key(v.tier, v.reviewer), record, v.action])
+            record = json.dumps([v.id, v.label, v.reviewer, v.tier, v.action, None if math.isnan(v.ts) else v.ts,
+                                 item.record[R_BATCH], item.record[R_ROW]])
+            verdicts.append([item.s, _verdict_key(v.tier, v.reviewer), record])
+            actions[v.action] += 1
             if outcome.kind == "open":
                 item.slots = item.needed - sum(x.action != "escalate" for x in at_tier) - len(item.leases)
                 continue
@@ -397,8 +456,9 @@ class RedisQueue(ReviewQueue):
                 needed = outcome.needed if outcome.needed > 0 else int(self.options.needed([v.id], outcome.tier)[0])
                 item.tier, item.needed, item.slots, item.deliveries = outcome.tier, needed, needed, 0
                 counts["moved"] += 1
-        plan = {"items": [item.write() for item in touched.values()], "verdicts": writes}
-        return counts, plan
+        plan = {"items": [item.change() for item in touched.values()], "verdicts": verdicts, "actions": dict(actions)}
+        records = [r for item in touched.values() for r in (item.read_as, item.encode())]
+        return counts, plan, records
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -407,8 +467,7 @@ class RedisQueue(ReviewQueue):
         now, per_tier, actions, known = self._stats(args=[self.prefix, *tiers])
         extra = sorted(t.decode() for t in known if t.decode() not in tiers)
         if extra:  # items at tiers this queue's options do not name (opened with other options before)
-            _, more, _, _ = self._stats(args=[self.prefix, *extra])
-            per_tier += more
+            per_tier += self._stats(args=[self.prefix, *extra])[1]
         out = {}
         for tier, depth, in_flight, oldest, done, dead in per_tier:
             out[tier.decode()] = {"depth": int(depth), "in_flight": int(in_flight),
@@ -420,15 +479,15 @@ class RedisQueue(ReviewQueue):
     def verdicts(self, since: float | None = None) -> pa.Table:
         low = "-inf" if since is None else f"({float(since)!r}"
         rows = []
-        for member, stored_at in self._redis.zrangebyscore(f"{self.prefix}vlog", low, "+inf", withscores=True):
+        logged = cast("list[tuple[bytes, float]]", self._redis.zrangebyscore(self._key("vlog"), low, "+inf", withscores=True))
+        for member, stored_at in logged:
             item_id, label, reviewer, tier, action, ts, batch, row = json.loads(member[16:])
             rows.append((item_id, label, reviewer, tier, action, stored_at if ts is None else ts, stored_at, batch, row))
         return verdict_table(rows, self._payload)
 
     def tier_of(self, item_id: str) -> str | None:
-        s = self._redis.hget(f"{self.prefix}ids", item_id)
-        tier = None if s is None else self._redis.hget(f"{self.prefix}i:{s.decode()}", "tier")
-        return None if tier is None else tier.decode()
+        record = self._redis.hget(self._key("items"), item_id)
+        return None if record is None else json.loads(record)[R_TIER]
 
     def requeue_dead(self) -> int:
         return int(self._requeue(args=[self.prefix]))
@@ -438,37 +497,80 @@ class RedisQueue(ReviewQueue):
 
 
 class _Item:
-    """An item's state as the read script returned it, changed in place by the verdicts of one
-    submission (so that later rows see what earlier rows did)."""
+    """An item as the read script returned it, changed in place by the verdicts of one submission
+    (so that later rows see what earlier rows did)."""
 
-    def __init__(self, s: str, fields: dict[str, str], records: list[bytes]):
-        self.s, self.ver = s, fields["ver"]
-        self.tier, self.before = fields["tier"], fields["tier"]
-        self.needed, self.slots = int(fields["needed"]), int(fields["slots"])
-        self.status, self.deliveries = fields["state"], int(fields["deliveries"])
-        self.predicted, self.classes = int(fields["predicted"]), int(fields["classes"])
-        self.batch, self.row = int(fields["batch"]), int(fields["row"])
-        self.leases = {name[2:] for name in fields if name.startswith("L:")}
+    def __init__(self, item_id: str, record: bytes, verdict_records: list[bytes]):
+        self.id, self.read_as = item_id, record
+        self.record = json.loads(record)
+        self.s = self.record[R_S]
+        self.tier, self.before = self.record[R_TIER], self.record[R_TIER]
+        self.needed, self.slots = self.record[R_NEEDED], self.record[R_SLOTS]
+        self.status, self.deliveries = self.record[R_STATE], self.record[R_DELIVERIES]
+        self.leases = set(self.record[R_LEASES])
         self.held = set(self.leases)
-        self.order: list[Verdict] = []
-        for member in sorted(records):  # the sequence-number prefix: oldest first
-            item_id, label, reviewer, tier, action, ts, _, _ = json.loads(member[16:])
-            self.order.append(Verdict(item_id, label, reviewer, tier, action, math.nan if ts is None else ts))
+        self.order = _verdicts(verdict_records)
         self.verdicts = {(v.tier, v.reviewer): v for v in self.order}
 
-    @classmethod
-    def read(cls, found: list) -> "_Item":
-        s, flat, records = found
-        fields = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-        return cls(s.decode(), fields, records)
-
     def state(self) -> ItemState:
-        return ItemState(tier=self.tier, needed=self.needed, predicted_class=self.predicted, classes=self.classes,
-                         done=self.status != "open")
+        return ItemState(tier=self.tier, needed=self.needed, predicted_class=self.record[R_PREDICTED],
+                         classes=self.record[R_CLASSES], done=self.status != "open")
 
-    def write(self) -> list:
-        return [self.s, self.ver, self.before, self.tier, self.needed, self.slots, self.status, self.deliveries,
-                sorted(self.held - self.leases)]
+    def add(self, v: Verdict) -> None:
+        self.verdicts[(v.tier, v.reviewer)] = v
+        self.order.append(v)
+        self.leases.discard(v.reviewer)
+
+    def change(self) -> list:
+        """The apply script's view: [id, tier before, tier, state, slots, reviewers whose lease ends]."""
+        return [self.id, self.before, self.tier, self.status, self.slots, sorted(self.held - self.leases)]
+
+    def encode(self) -> bytes:
+        record = list(self.record)
+        record[R_TIER], record[R_NEEDED], record[R_SLOTS] = self.tier, self.needed, self.slots
+        record[R_STATE], record[R_DELIVERIES], record[R_VER] = self.status, self.deliveries, record[R_VER] + 1
+        record[R_LEASES] = {r: until for r, until in self.record[R_LEASES].items() if r in self.leases}
+        record[R_BY] = {v.reviewer: v.action for v in self.order if v.tier == self.tier}
+        return json.dumps(record).encode()
+
+
+def _enqueue_args(p: PreparedBatch) -> list:
+    """The enqueue script's arguments for one batch. Each item's record, but for the S and batch
+    number the script gives it, is made here by Arrow: text for every number (shortest round-trip
+    form, so a score read back is the float32 priority exactly), no Python work per item."""
+    items, at = p.items, repr(p.enqueued_at)
+    for name in ("priority", "predicted_class", "classes"):
+        if items.column(name).null_count:
+            raise QueueError(f"decisions: {name}: expected a value on every escalated row, found null")
+    priority = items.column("priority").cast(pa.float64())
+    if pc.any(pc.is_nan(priority)).as_py():
+        raise QueueError("decisions: priority: expected numbers, found NaN")
+    scores = pc.negate(priority).cast(pa.string())
+    names = sorted(set(p.tiers))
+    tier_of_item = pc.index_in(items.column("tier"), value_set=pa.array(names, pa.string()))
+    needed = pa.array(p.needed, pa.int64()).cast(pa.string())
+    text = [pa.array(np.arange(items.num_rows)).cast(pa.string()),
+            items.column("predicted_class").cast(pa.string()), items.column("classes").cast(pa.string()),
+            pa.array([json.dumps(t) for t in names], pa.string()).take(tier_of_item), needed, needed]
+    tails = pc.binary_join_element_wise('"', scores, f'","{at}",', *_interleave(text, ","), ',"open",0,0,{},{}]', "")
+    return [p.blob, at, json.dumps(p.ids), json.dumps(names), json.dumps(tier_of_item.to_pylist()),
+            json.dumps(scores.to_pylist()), json.dumps(tails.to_pylist())]
+
+
+def _interleave(values: list, separator: str) -> list:
+    out = [values[0]]
+    for value in values[1:]:
+        out += [separator, value]
+    return out
+
+
+def _verdicts(records: list[bytes]) -> list[Verdict]:
+    """Verdicts from their stored records (a sequence-number prefix, then JSON), oldest first."""
+    out = []
+    for member in sorted(records):
+        item_id, label, reviewer, tier, action, ts, _, _ = json.loads(member[16:])
+        out.append(Verdict(item_id, label, reviewer, tier, action, math.nan if ts is None else ts))
+    return out
 
 
 def _verdict_key(tier: str, reviewer: str) -> str:
@@ -477,21 +579,6 @@ def _verdict_key(tier: str, reviewer: str) -> str:
     return f"{len(tier.encode())}:{tier}{reviewer}"
 
 
-def _history(records: list[bytes]) -> list[str]:
-    out = []
-    for member in sorted(records):
-        _, label, reviewer, tier, action, _, _, _ = json.loads(member[16:])
-        out.append(history_line(tier, reviewer, action, label))
-    return out
-
-
 def _same_verdict(v: Verdict, action: str, label: int) -> bool:
     """A resubmission of the stored verdict (a confirm may leave its label out)."""
     return v.action == action and (v.label == label or (action == "confirm" and v.label == -1))
-
-
-def _values(items: pa.Table, name: str) -> list:
-    column = items.column(name)
-    if column.null_count:
-        raise QueueError(f"decisions: {name}: expected a value on every escalated row, found {column.null_count} null")
-    return column.to_pylist()
