@@ -1,0 +1,309 @@
+"""Issue 19: the anomaly decision of every row equals exact search's, whatever the backend.
+
+The reference is independent of the code under test: FAISS's flat brute force (``faiss.knn``)
+picks k + 16 candidates per query among the bank's stored unit vectors, and numpy re-scores them
+by the exact spec restated from ``kernels/knn/reference.py``'s docstring (float32 unit queries
+with a float64 norm summed in index order; float64 similarities summed in index order, which
+``np.cumsum`` does; the k-th as a float32 distance). Each reference row is itself checked: its
+(k + 16)-th FAISS similarity must lie clear below its k-th re-scored one, so no true neighbour
+can have been left out.
+
+Checked on the fleet simulator's traffic with unseen classes between the seen ones, an OOD
+burst, drift and corrupted inputs; banks of 10k, 100k and (slow) 1M vectors; k = 5, 10, 50;
+thresholds at several quantiles and rows placed exactly on the threshold, one float32 step
+either side of it, and where the IVF scan's float32 rounding puts a row a step *below* its exact
+distance: zero differing ANOMALY bits, and every re-scored distance equal to the exact one, bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from hitl_triage.engine.bank import tune_nprobe
+from hitl_triage.kernels.knn import KnnIndex, knn_distance, knn_distance_certified
+from hitl_triage.kernels.knn.exact import (EXTRA, Prefilter, build_prefilter, dot_error_bound, exact_search_cpu,
+                                           exact_search_torch, float16_error_bound)
+from hitl_triage.kernels.knn.faiss_cpu import dot64
+from hitl_triage.kernels.knn.index import RawBank
+from hitl_triage.kernels.knn.reference import dot64_torch, unit_queries
+
+REFERENCE_EXTRA = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent reference
+
+
+def unit_spec(x: np.ndarray) -> np.ndarray:
+    """The spec's unit rows restated in numpy: u = x / max|x| (float32 division; float64 for
+    float64 input, then rounded), n = sqrt of the float64 sum of u^2 in index order, u / n in
+    float64 rounded to float32."""
+    x = np.asarray(x)
+    if x.dtype == np.float64:
+        u = (x / np.abs(x).max(axis=1, keepdims=True)).astype(np.float32)
+    else:
+        x32 = x.astype(np.float32)
+        u = x32 / np.abs(x32).max(axis=1, keepdims=True)
+    u64 = u.astype(np.float64)
+    n = np.sqrt(np.cumsum(u64 * u64, axis=1)[:, -1])
+    return (u64 / n[:, None]).astype(np.float32)
+
+
+def exact_kth(queries: np.ndarray, vectors: np.ndarray, ks, chunk: int = 1024, whole: bool = False) -> dict:
+    """Exact k-th distances {k: float32 [n]} of raw ``queries`` among the unit rows ``vectors``
+    (``whole``: re-score the whole bank, for banks with more ties than FAISS's candidates hold)."""
+    import faiss
+
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    q = unit_spec(queries)
+    extra = vectors.shape[0] if whole else min(vectors.shape[0], max(ks) + REFERENCE_EXTRA)
+    out = {k: np.empty(len(q), np.float32) for k in ks}
+    for a in range(0, len(q), chunk):
+        qc = q[a:a + chunk]
+        sims32, cand = faiss.knn(qc, vectors, extra, metric=faiss.METRIC_INNER_PRODUCT)
+        b = vectors[cand].astype(np.float64)  # [n, extra, D]
+        s = np.cumsum(qc.astype(np.float64)[:, None, :] * b, axis=2)[:, :, -1]
+        s = -np.sort(-s, axis=1)
+        if extra < vectors.shape[0]:
+            # Every vector outside the candidates has a float32 similarity <= the last one's
+            # (float32 error ~1e-6): the k-th must clear it for the reference to be exact.
+            assert np.all(sims32[:, -1] + 1e-5 < s[:, max(ks) - 1]), "reference: too many near-ties to be sure"
+        for k in ks:
+            out[k][a:a + chunk] = np.sqrt(np.maximum(2.0 - 2.0 * s[:, k - 1], 0.0)).astype(np.float32)
+    return out if len(ks) > 1 else out[ks[0]]
+
+
+def check_decisions(distances, rescored, exact, threshold, where: str) -> None:
+    """Zero differing bits; exact distances on every re-scored row and on every row above the
+    threshold; the rows left as they were at or below it."""
+    distances, rescored = np.asarray(distances), np.asarray(rescored)
+    t = np.float32(threshold)
+    differ = np.flatnonzero((distances > t) != (exact > t))
+    assert differ.size == 0, (f"{where}: {differ.size} ANOMALY bits differ from exact search at t={t!r}, "
+                              f"first row {differ[0]}: {distances[differ[0]]!r} vs exact {exact[differ[0]]!r}")
+    wrong = np.flatnonzero(rescored & (distances != exact))
+    assert wrong.size == 0, (f"{where}: {wrong.size} re-scored distances differ from exact search, first row "
+                             f"{wrong[0]}: {distances[wrong[0]]!r} vs {exact[wrong[0]]!r}")
+    above = exact > t
+    assert np.array_equal(distances[above], exact[above]), f"{where}: a row above the threshold is not exact"
+    assert np.all(distances[~rescored] <= t) or np.array_equal(distances, exact), \
+        f"{where}: a row left approximate lies above the threshold"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fleets with in-between OOD classes, a burst and drift
+
+
+FLEET = dict(ood_share=0.15, unseen_fraction=0.7, unseen_offset=0.3, burst_kind="unseen_class",
+             burst_ood_share=0.6, burst_start=0.4, burst_end=0.6, drift_strength=1.5, drift_start=0.2)
+
+
+@functools.lru_cache(maxsize=2)
+def fleet(bank_rows: int, rows: int, seed: int):
+    """(fleet embeddings, calibration embeddings, IVF index) of a simulated fleet."""
+    from hitl_triage.serve.sim import FleetConfig, generate_bank_batches, generate_calibration_batches, generate_fleet_with_truth
+
+    config = FleetConfig(rows=rows, bank_rows=bank_rows, calibration_rows=min(rows, 2000), seed=seed, **FLEET)
+    fleet_table = pa.Table.from_batches([p[0] for p in generate_fleet_with_truth(config, batch_rows=rows)])
+    bank = pa.Table.from_batches(list(generate_bank_batches(config)))
+    calibration = pa.Table.from_batches(list(generate_calibration_batches(config)))
+
+    def embeddings(table):
+        column = table.column("embedding").combine_chunks()
+        return column.values.to_numpy().reshape(len(column), -1).astype(np.float32)
+
+    index = KnnIndex.build(embeddings(bank), kind="ivf")
+    return embeddings(fleet_table), embeddings(calibration), index
+
+
+SIZES = [pytest.param(10_000, 6000, id="bank10k"), pytest.param(100_000, 4000, id="bank100k"),
+         pytest.param(1_000_000, 1000, id="bank1M", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("bank_rows, rows", SIZES)
+def test_anomaly_bits_equal_exact_search_on_fleet_traffic(bank_rows, rows, rng):
+    queries, calibration, index = fleet(bank_rows, rows, seed=19)
+    vectors = index.host_unit()
+    tune_nprobe(index, calibration, 10, 0.005)  # as `triage fit` tunes it (k=10, its default)
+    tuned = index.nprobe
+    exacts = exact_kth(queries, vectors, (5, 10, 50))
+    for k, exact in exacts.items():
+        where = f"bank {bank_rows:,}, k={k}, nprobe {index.search_nprobe(k)}"
+        approx = np.asarray(knn_distance(queries, index, k, backend="ivf"))
+        assert np.all(approx >= exact - 1e-6), "an IVF search can only over-estimate (up to float32 rounding)"
+        for t in (float(np.quantile(exact, 0.9)), float(np.quantile(exact, 0.97))):
+            distances, rescored = knn_distance_certified(queries, index, k, t)
+            check_decisions(distances, rescored, exact, t, where)
+        # Rows exactly on the threshold and one float32 step under it (the most over-estimated
+        # rows, where the approximate search is farthest off), and rows the float32 scan rounds
+        # a step below their exact distance, each with a random tenth of the traffic.
+        some = rng.random(len(queries)) < 0.1
+        on = np.argsort(approx - exact)[-2:]
+        below = np.flatnonzero(approx < exact)[:2]
+        for row, t in [(r, exact[r]) for r in on] + [(r, np.nextafter(exact[r], np.float32(-1))) for r in on] + \
+                [(r, approx[r]) for r in below]:
+            pick = some.copy()
+            pick[row] = True
+            distances, rescored = knn_distance_certified(queries[pick], index, k, float(t))
+            check_decisions(distances, rescored, exact[pick], t, f"{where}, row {row} at t={t!r}")
+        # A starved search (two lists) changes the cost, not the decisions.
+        index.nprobe = 2
+        t = float(np.quantile(exact, 0.95))
+        distances, rescored = knn_distance_certified(queries, index, k, t)
+        check_decisions(distances, rescored, exact, t, f"bank {bank_rows:,}, k={k}, nprobe 2")
+        index.nprobe = tuned
+        # At -inf every row is re-scored: all exact.
+        distances, rescored = knn_distance_certified(queries[some], index, k, -math.inf)
+        assert rescored.all() and np.array_equal(distances, exact[some])
+
+
+def test_rows_placed_on_the_threshold(rng):
+    """A row exactly on the threshold is not anomalous, one float32 step beyond it is; a row the
+    IVF scan rounds a step below its exact distance is still caught (the margin of the float32
+    error bound)."""
+    queries, _, index = fleet(10_000, 6000, seed=19)
+    k = 10
+    exact = exact_kth(queries, index.host_unit(), k)
+    approx = np.asarray(knn_distance(queries, index, k, backend="ivf"))
+    below = np.flatnonzero(approx < exact)
+    assert below.size, "the set-up must have rows the float32 scan rounds below their exact distance"
+    for row in below[:20]:
+        t = approx[row]  # approximate == t (not above it), exact > t: the row is anomalous
+        distances, rescored = knn_distance_certified(queries[row:row + 1], index, k, float(t))
+        assert rescored[0] and distances[0] == exact[row] > t
+    for row in rng.choice(len(queries), 20, replace=False):
+        for t, fires in ((exact[row], False), (np.nextafter(exact[row], np.float32(-np.inf)), True)):
+            distances, _ = knn_distance_certified(queries[row:row + 1], index, k, float(t))
+            assert (distances[0] > t) == fires and (not fires or distances[0] == exact[row])
+
+
+# ---------------------------------------------------------------------------------------------
+# The re-scoring on its own: odd shapes, heads or none, ties, wrong floors, every dtype
+
+
+def low_rank_bank(rng, n: int, dim: int, rank: int) -> np.ndarray:
+    """Clustered unit rows in a ``rank``-dimensional subspace (the pre-filter finds a head)."""
+    basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T
+    centres = rng.standard_normal((8, rank))
+    coords = centres[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, rank))
+    return (coords @ basis).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, dim, k, rank", [(1, 3, 1, None), (37, 17, 5, None), (500, 130, 50, None),
+                                             (3001, 64, 10, 16), (2000, 128, 1, 24), (64, 40, 64, 16)],
+                         ids=lambda v: str(v))
+def test_exact_search_equals_the_reference(n, dim, k, rank, rng):
+    bank = rng.standard_normal((n, dim)).astype(np.float32) if rank is None else low_rank_bank(rng, n, dim, rank)
+    raw = RawBank(bank)
+    vectors = raw.host_unit()
+    queries = np.concatenate([rng.standard_normal((23, dim)), bank[:3] * 7.5]).astype(np.float32)
+    expected = exact_kth(queries, vectors, k)
+    prefilter = build_prefilter(vectors)
+    assert (prefilter.rotation is not None) == (rank is not None and dim >= 32), prefilter.head_dim
+    for pf in (prefilter, raw.prefilter()):
+        sims, rows = exact_search_cpu(unit_spec(queries), vectors, pf, k, np.full(len(queries), -np.inf))
+        got = np.sqrt(np.maximum(2 - 2 * sims[:, -1], 0)).astype(np.float32)
+        assert np.array_equal(got, expected), (pf.head_dim, np.abs(got - expected).max())
+        assert np.all(np.diff(sims, axis=1) <= 0) and (rows >= 0).all()
+    sims_t, _ = exact_search_torch(torch.from_numpy(unit_spec(queries)), raw, k)
+    got = np.sqrt(np.maximum(2 - 2 * sims_t[:, -1].numpy(), 0)).astype(np.float32)
+    assert np.array_equal(got, expected)
+
+
+def test_ties_and_wrong_floors_are_caught(rng):
+    """Duplicated bank vectors (more ties than the heap's spare slots) and a floor above the
+    true k-th similarity (which would drop neighbours) still give the exact result, through the
+    retry and the float64 scan."""
+    base = rng.standard_normal((50, 32)).astype(np.float32)
+    bank = np.concatenate([np.repeat(base[:1], 3 * EXTRA, axis=0), base[1:]])
+    raw = RawBank(bank)
+    vectors = raw.host_unit()
+    queries = np.concatenate([base[:1] + 0.01 * rng.standard_normal((4, 32)), rng.standard_normal((4, 32))]).astype(np.float32)
+    k = 5
+    expected = exact_kth(queries, vectors, k, whole=True)
+    q = unit_spec(queries)
+    for floor in (np.full(8, -np.inf), np.full(8, 0.9999)):
+        sims, _ = exact_search_cpu(q, vectors, raw.prefilter(), k, floor)
+        assert np.array_equal(np.sqrt(np.maximum(2 - 2 * sims[:, -1], 0)).astype(np.float32), expected)
+
+
+def test_the_spec_is_the_same_bits_in_numba_torch_and_numpy(rng):
+    x = np.concatenate([rng.standard_normal((50, 77)) * 10.0 ** rng.uniform(-30, 30, (50, 1)),
+                        rng.standard_normal((5, 77)) * 1e-40]).astype(np.float32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = torch.from_numpy(x.astype(np.float64) if dtype == torch.float64 else x).to(dtype)
+        t = torch.where(torch.isfinite(t), t, torch.ones_like(t))
+        t = torch.where((t != 0).any(dim=1, keepdim=True), t, torch.ones_like(t))
+        source = t.double().numpy() if dtype == torch.float64 else t.float().numpy()
+        assert np.array_equal(unit_queries(t).numpy(), unit_spec(source)), dtype
+    q = unit_spec(x)
+    b = unit_spec(rng.standard_normal((9, 77)).astype(np.float32))
+    ours = np.array([[dot64(q, i, b, j) for j in range(9)] for i in range(len(q))])
+    numpy_spec = np.cumsum(q.astype(np.float64)[:, None, :] * b.astype(np.float64)[None], axis=2)[:, :, -1]
+    torch_spec = dot64_torch(torch.from_numpy(q), torch.from_numpy(b)[None].expand(len(q), -1, -1)).numpy()
+    assert np.array_equal(ours, numpy_spec) and np.array_equal(torch_spec, numpy_spec)
+
+
+def test_error_bounds_hold_on_adversarial_sums(rng):
+    """Rows built for cancellation (large equal-and-opposite parts): the float32 scan's dot
+    products and float16-rounded operands stay within their bounds."""
+    dim = 128
+    q = rng.standard_normal((400, dim)).astype(np.float32)
+    b = (-q + 1e-3 * rng.standard_normal((400, dim))).astype(np.float32)
+    q, b = unit_spec(q), unit_spec(b)
+    spec = np.cumsum(q.astype(np.float64) * b.astype(np.float64), axis=1)[:, -1]
+    f32 = np.einsum("ij,ij->i", q, b, dtype=np.float32)
+    assert np.abs(f32 - spec).max() <= dot_error_bound(dim)
+    f16 = (torch.from_numpy(q).half().float() * torch.from_numpy(b).half().float()).sum(dim=1).numpy()
+    assert np.abs(f16 - spec).max() <= float16_error_bound(dim)
+    assert dot_error_bound(dim) < 1e-5 < float16_error_bound(dim) < 2e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend, the GPU ones through Triton's interpreter
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference", "faiss"])
+def test_every_backend_decides_as_exact_search(backend, rng):
+    """The float16 GPU search (here Triton's interpreter on CPU tensors, re-scored by the torch
+    path that CUDA runs), torch's float32 matmul and the float64 reference: same bits as exact."""
+    bank = low_rank_bank(rng, 700, 32, 12)
+    raw = RawBank(bank)
+    queries = np.concatenate([bank[rng.integers(0, 700, 40)] + 0.3 * rng.standard_normal((40, 32)),
+                              rng.standard_normal((24, 32))]).astype(np.float32)
+    k = 7
+    exact = exact_kth(queries, raw.host_unit(), k)
+    for t in (float(np.quantile(exact, 0.5)), float(np.quantile(exact, 0.9)), float(exact[3])):
+        distances, rescored = knn_distance_certified(torch.from_numpy(queries), torch.from_numpy(bank), k, t,
+                                                     backend=backend)
+        check_decisions(distances.numpy(), rescored.numpy(), exact, t, backend)
+        if backend == "faiss":
+            assert not rescored.any(), "FAISS's float64-re-scored search is exact: nothing to re-score"
+
+
+def test_certified_distance_arguments(rng):
+    bank = rng.standard_normal((100, 8)).astype(np.float32)
+    q = np.concatenate([rng.standard_normal((3, 8)), np.full((1, 8), np.nan), np.zeros((1, 8))]).astype(np.float32)
+    distances, rescored = knn_distance_certified(q, bank, 3, -math.inf, backend="torch")
+    assert np.isnan(distances[3:]).all() and not rescored[3:].any() and rescored[:3].all()
+    distances, rescored = knn_distance_certified(q, bank, 3, math.inf, backend="torch")
+    assert not rescored.any()
+    with pytest.raises(ValueError, match="threshold: expected a number or"):
+        knn_distance_certified(q, bank, 3, float("nan"))
+    with pytest.raises(TypeError, match="threshold: expected a number"):
+        knn_distance_certified(q, bank, 3, "high")
+    empty, none = knn_distance_certified(q[:0], bank, 3, 0.5)
+    assert empty.shape == (0,) and none.shape == (0,)
+
+
+def test_prefilter_without_head_on_spread_variance(rng):
+    vectors = unit_spec(rng.standard_normal((5000, 64)).astype(np.float32))
+    assert build_prefilter(vectors).rotation is None
+    assert isinstance(RawBank(vectors).prefilter(), Prefilter)
