@@ -247,7 +247,8 @@ local p, out = ARGV[1], {}
 for i = 2, #ARGV do
   local record = redis.call('HGET', p .. 'items', ARGV[i])
   if record then
-    out[#out + 1] = {record, redis.call('HVALS', p .. 'v:' .. cjson.decode(record)[1])}
+    -- every record starts with '["' and S (16 digits): no need to decode it here
+    out[#out + 1] = {record, redis.call('HVALS', p .. 'v:' .. string.sub(record, 3, 18))}
   else
     out[#out + 1] = false
   end
@@ -256,7 +257,7 @@ return out
 """
 
 # ARGV: prefix, JSON {items: [[id, tier before, tier, state, slots, [reviewers whose lease
-# ends]]], verdicts: [[S, verdict key, record]], actions: {action: count}}, then per item its
+# ends], S, batch, score, enqueued_at]], verdicts: [[S, verdict key, record]], actions: {action: count}}, then per item its
 # record as read and its new record. Writes nothing and returns false when an item's record is not
 # the one read; else the stored_at it gave the verdicts.
 _APPLY = _LUA_COMMON + r"""
@@ -279,9 +280,8 @@ for action, count in pairs(doc.actions) do redis.call('HINCRBY', p .. 'vcount', 
 local writes = {}
 for i, it in ipairs(doc.items) do
   local id, before, tier, state, slots = it[1], it[2], it[3], it[4], it[5]
-  local record = ARGV[2 + 2 * i]
-  local rec = cjson.decode(record)
-  push(writes, id, record)
+  local rec = {it[7], it[8], it[9], it[10]}  -- the record's first fields, all leave/enter use
+  push(writes, id, ARGV[2 + 2 * i])
   for _, r in ipairs(it[6]) do redis.call('ZREM', p .. 'lease:' .. before, lease_member(id, r)) end
   if state ~= 'open' or tier ~= before or slots <= 0 then redis.call('ZREM', p .. 'open:' .. before, rec[1] .. id) end
   if state ~= 'open' or tier ~= before then leave(p, before, rec) end
@@ -522,8 +522,10 @@ class _Item:
         self.leases.discard(v.reviewer)
 
     def change(self) -> list:
-        """The apply script's view: [id, tier before, tier, state, slots, reviewers whose lease ends]."""
-        return [self.id, self.before, self.tier, self.status, self.slots, sorted(self.held - self.leases)]
+        """The apply script's view: [id, tier before, tier, state, slots, reviewers whose lease ends,
+        S, batch, score, enqueued_at]."""
+        return [self.id, self.before, self.tier, self.status, self.slots, sorted(self.held - self.leases),
+                *self.record[R_S:R_AT + 1]]
 
     def encode(self) -> bytes:
         record = list(self.record)
