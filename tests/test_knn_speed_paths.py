@@ -131,6 +131,53 @@ def test_results_do_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
         np.testing.assert_array_equal(rows[0], reference[1][i])
 
 
+def low_rank(rng, n: int, dim: int, rank: int, classes: int = 6) -> np.ndarray:
+    """Clustered unit rows spanning a ``rank``-dimensional subspace (the pre-filter's head)."""
+    basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T
+    centres = rng.standard_normal((classes, rank))
+    return unit((centres[rng.integers(0, classes, n)] + 0.6 * rng.standard_normal((n, rank))) @ basis)
+
+
+def head_scan(stored: np.ndarray, q: np.ndarray):
+    from hitl_triage.kernels.knn.exact import build_prefilter, dot_error_bound
+
+    prefilter = build_prefilter(stored)
+    assert prefilter.rotation is not None, "the set-up must give the pre-filter a head"
+    qh, qt = prefilter.queries(q)
+    return ivf_cpu.HeadScan(qh, qt, prefilter.heads, prefilter.tails, prefilter.eps + dot_error_bound(q.shape[1]))
+
+
+@pytest.mark.parametrize("case", [(1, 500, 64, 8, 3, 1, 8), (257, 1999, 130, 32, 5, 50, 16), (33, 1000, 40, 10, 1, 60, 8),
+                                  (70, 3000, 128, 12, 4, 10, 32)],
+                         ids=lambda c: "B{}-N{}-D{}-L{}-p{}-k{}-r{}".format(*c))
+def test_scan_through_a_head_is_exact_within_the_probed_lists(case, rng):
+    """With a pre-filter head only rows that cannot beat a heap's root are skipped: the same
+    top-k of the probed lists (queries off the bank's subspace included)."""
+    batch, n, dim, nlist, nprobe, k, rank = case
+    stored, lists, _ = lists_for(rng, low_rank(rng, n, dim, rank), nlist)
+    q = unit(low_rank(rng, batch, dim, rank) + 0.3 * rng.standard_normal((batch, dim)))
+    sims, rows = search_ivf(q, stored, lists, nprobe, k, head=head_scan(stored, q))
+    check_scan(q, stored, lists, nprobe, k, sims, rows, str(case))
+
+
+def test_scan_through_a_head_does_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
+    stored, lists, _ = lists_for(rng, low_rank(rng, 3001, 64, 8), 24)
+    q = unit(low_rank(rng, 1501, 64, 8) + 0.05 * rng.standard_normal((1501, 64)))
+    head = head_scan(stored, q)
+    reference = search_ivf(q, stored, lists, 5, 9, threads=1, head=head)
+    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(ivf_cpu, "MAX_CHUNK_ROWS", 61)
+    for threads in (1, 2, 3):
+        sims, rows = search_ivf(q, stored, lists, 5, 9, threads=threads, head=head)
+        np.testing.assert_array_equal(sims, reference[0])
+        np.testing.assert_array_equal(rows, reference[1])
+    for i in (0, 17, 1500):
+        one = ivf_cpu.HeadScan(head.qh[i:i + 1], head.qt[i:i + 1], head.heads, head.tails, head.eps)
+        sims, rows = search_ivf(q[i:i + 1], stored, lists, 5, 9, head=one)
+        np.testing.assert_array_equal(sims[0], reference[0][i])
+        np.testing.assert_array_equal(rows[0], reference[1][i])
+
+
 @pytest.mark.parametrize("dim", [3, 128, 257])
 def test_flat_search_does_not_depend_on_the_batch(rng, dim):
     """The exact flat search (FAISS candidates re-scored in float64) gives a row the same bits

@@ -45,7 +45,7 @@ import torch
 from numba import njit
 
 from .faiss_cpu import dot64, knn_threads, similarities_to_distances
-from .ivf_cpu import _FASTMATH, _dot, _dots_2x6, _executor, _push, _read_only, _sift_down
+from .ivf_cpu import _FASTMATH, _admit, _admit_block, _dot, _dots_2x6, _executor, _head_sims4, _read_only, _sift_down
 from .reference import dot64_torch, unit_queries
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,8 @@ def build_prefilter(stored: np.ndarray, *, max_tail: float = MAX_TAIL_NORM, samp
     none = Prefilter(None, stored, np.zeros(n, np.float32), 0.0)
     if n == 0 or dim < 2 * HEAD_STEP:
         return none
-    pick = torch.from_numpy(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
-    x = torch.from_numpy(np.asarray(stored))[pick].to(torch.float64)
+    pick = np.linspace(0, n - 1, min(n, sample)).astype(np.int64)
+    x = torch.from_numpy(np.asarray(stored)[pick].astype(np.float64))  # a copy: a memory map stays read-only
     _, vectors = np.linalg.eigh((x.T @ x).numpy())
     rotation = np.ascontiguousarray(vectors[:, ::-1].T)  # rows: directions, largest variance first
     rot = torch.from_numpy(rotation)
@@ -186,7 +186,7 @@ def build_prefilter(stored: np.ndarray, *, max_tail: float = MAX_TAIL_NORM, samp
     heads = np.empty((head, n), np.float32)
     tails = np.empty(n, np.float32)
     for start in range(0, n, block):
-        part = torch.from_numpy(np.asarray(stored[start:start + block])).to(torch.float64) @ rot.T
+        part = torch.from_numpy(np.asarray(stored[start:start + block], dtype=np.float64)) @ rot.T
         heads[:, start:start + block] = part[:, :head].T.numpy()
         tails[start:start + block] = _round_up(torch.linalg.vector_norm(part[:, head:], dim=1).numpy())
     orthogonality = float(np.linalg.norm(rotation @ rotation.T - np.eye(dim)))
@@ -197,13 +197,6 @@ def build_prefilter(stored: np.ndarray, *, max_tail: float = MAX_TAIL_NORM, samp
 
 # ---------------------------------------------------------------------------------------------
 # CPU: the fused exact scan
-
-
-@njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _admit(Q, X, heap_sims, heap_rows, q, i):
-    """Push bank row i into query q's heap by its full float32 dot product (kept out of line:
-    inlined twelve times, it stopped LLVM from vectorising the head dot products)."""
-    _push(heap_sims, heap_rows, q, heap_sims.shape[1], _dot(Q, q, X, i), i)
 
 
 @njit(inline="always")
@@ -257,70 +250,20 @@ def _exact_scan(Q, QH, qt, floor, X, XH, xt, eps, block, heap_sims, heap_rows):
             r += 2
 
 
-@njit(inline="always")
-def _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, q, sims, b0, bl):
-    """Admit to query q's heap every row b0 + i of the block whose head similarity ``sims[i]``
-    plus tail product reaches the gate (the larger of the floor and the heap's root, less eps)."""
-    gate = max(floor[q], heap_sims[q, 0]) - eps
-    tail = qt[q]
-    for i in range(bl):
-        if sims[i] + tail * xt[b0 + i] >= gate:
-            _admit(Q, X, heap_sims, heap_rows, q, b0 + i)
-            gate = max(floor[q], heap_sims[q, 0]) - eps
-
-
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _exact_scan_heads(Q, QH, qt, floor, X, XHt, xt, eps, block, heap_sims, heap_rows):
-    """:func:`_exact_scan` for a projected head stored transposed, ``XHt`` [r, N] (r a multiple
-    of 4): four queries at a time against a block of rows, four head dimensions per pass, the
-    loop over rows vectorised (no horizontal sums: at r = 32 the 2 x 6 dot-product block spent
-    its time in them; this ran 1.7x faster, as fast as torch's sgemm on the same shapes). The
-    head similarities of a block go to a small buffer, then :func:`_admit_block` compares them."""
+    """:func:`_exact_scan` for a projected head stored transposed, ``XHt`` [r, N]: four queries
+    at a time against a block of rows (:func:`~.ivf_cpu._head_sims4`), then each row of the
+    block whose bound reaches the query's gate is admitted (:func:`~.ivf_cpu._admit_block`)."""
     n = Q.shape[0]
-    r = QH.shape[1]
     total = XHt.shape[1]
     buf = np.empty((4, block), np.float32)
     for b0 in range(0, total, block):
         bl = min(block, total - b0)
         for g in range(0, n, 4):
-            qa = g
-            qb = min(g + 1, n - 1)
-            qc = min(g + 2, n - 1)
-            qd = min(g + 3, n - 1)
-            s0 = buf[0]
-            s1 = buf[1]
-            s2 = buf[2]
-            s3 = buf[3]
-            for i in range(bl):
-                s0[i] = 0.0
-                s1[i] = 0.0
-                s2[i] = 0.0
-                s3[i] = 0.0
-            for d0 in range(0, r, 4):
-                v0 = XHt[d0, b0:b0 + bl]
-                v1 = XHt[d0 + 1, b0:b0 + bl]
-                v2 = XHt[d0 + 2, b0:b0 + bl]
-                v3 = XHt[d0 + 3, b0:b0 + bl]
-                a0, a1, a2, a3 = QH[qa, d0], QH[qa, d0 + 1], QH[qa, d0 + 2], QH[qa, d0 + 3]
-                b0_, b1_, b2_, b3_ = QH[qb, d0], QH[qb, d0 + 1], QH[qb, d0 + 2], QH[qb, d0 + 3]
-                c0, c1, c2, c3 = QH[qc, d0], QH[qc, d0 + 1], QH[qc, d0 + 2], QH[qc, d0 + 3]
-                e0, e1, e2, e3 = QH[qd, d0], QH[qd, d0 + 1], QH[qd, d0 + 2], QH[qd, d0 + 3]
-                for i in range(bl):
-                    x0 = v0[i]
-                    x1 = v1[i]
-                    x2 = v2[i]
-                    x3 = v3[i]
-                    s0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                    s1[i] += b0_ * x0 + b1_ * x1 + b2_ * x2 + b3_ * x3
-                    s2[i] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                    s3[i] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
-            _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qa, s0, b0, bl)
-            if g + 1 < n:
-                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qb, s1, b0, bl)
-            if g + 2 < n:
-                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qc, s2, b0, bl)
-            if g + 3 < n:
-                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qd, s3, b0, bl)
+            _head_sims4(QH, g, min(g + 1, n - 1), min(g + 2, n - 1), min(g + 3, n - 1), XHt, b0, bl, buf)
+            for j in range(min(4, n - g)):
+                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, g + j, buf[j], b0, bl)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
