@@ -19,7 +19,7 @@ else:  # pragma: no cover - Python 3.10
 TIER_NAMES = ("general", "specialist", "adjudicator")
 # Tables of triage.toml that the serving layer reads (the review queue, the service); the
 # engine's configuration leaves them alone.
-SERVE_TABLES = ("queue", "service")
+SERVE_TABLES = ("queue", "serve")
 
 
 class ConfigError(ValueError):

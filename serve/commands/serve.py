@@ -1,0 +1,47 @@
+"""`triage serve`: the triage service (triage.v1 gRPC, Arrow Flight, Open Inference Protocol)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a profile to fleets over gRPC, Arrow Flight and the Open Inference Protocol",
+        description="Decide batches sent by fleets; write escalations to the review queue before answering.",
+    )
+    parser.add_argument("--profile", required=True, type=Path, metavar="PROFILE_DIR")
+    parser.add_argument("--queue", default=None, metavar="URL", help="review queue (sqlite:///review.db or redis://host:port/0)")
+    parser.add_argument("--config", type=Path, default=None, metavar="triage.toml", help="its [serve] and [queue] tables")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0: any free port)")
+    parser.add_argument("--flight-port", type=int, default=None, help="Arrow Flight port (default 50052; -1: off)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 9464; -1: off)")
+    parser.add_argument("--max-batch-rows", type=int, default=None)
+    parser.add_argument("--max-delay-ms", type=float, default=None)
+    parser.add_argument("--max-queue-rows", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="server processes on the same ports")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="write the bound ports here as JSON once SERVING (for scripts and tests)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hitl_triage.serve.service.config import ServeConfig
+    from hitl_triage.serve.service.server import Service
+
+    config = ServeConfig.from_toml(
+        args.config, host=args.host, port=args.port, flight_port=args.flight_port, metrics_port=args.metrics_port,
+        max_batch_rows=args.max_batch_rows, max_delay_ms=args.max_delay_ms, max_queue_rows=args.max_queue_rows,
+        workers=args.workers,
+    )
+    service = Service.start(args.profile, args.queue, config, device=args.device, queue_config=args.config)
+    service.install_signal_handlers()
+    if args.ready_file is not None:
+        service.write_ready_file(args.ready_file)
+    print(f"triage serve: profile {service.engines.profile.version}; "
+          + ", ".join(f"{face} on {config.host}:{port}" for face, port in service.ports.items()), flush=True)
+    service.wait()
+    return 0

@@ -1,0 +1,147 @@
+"""One server process: the engine, the dynamic batcher, the queue writer and the faces over them.
+
+    service = Service.start(profile_dir, queue_url, config)   # binds the ports, SERVING
+    service.wait()                                            # until SIGTERM / SIGINT / stop()
+
+Shutdown (SIGTERM): health turns NOT_SERVING, new calls are refused, the calls already admitted
+are decided and their escalations written, then the ports close; nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from hitl_triage.engine.monitoring import TriageSummary
+
+from .batcher import Batcher
+from .config import ServeConfig
+from .engines import EngineHolder
+from .writer import QueueWriter
+
+logger = logging.getLogger(__name__)
+RELOAD_POLL_S = 2.0
+
+
+class Service:
+    """What every face calls: ``decide`` (through the batcher), ``queue``, ``engines``, ``stats``."""
+
+    def __init__(self, engines: EngineHolder, queue, config: ServeConfig):
+        self.engines = engines
+        self.queue = queue
+        self.config = config
+        self.summary = TriageSummary()
+        self._summary_lock = threading.Lock()
+        self.writer = QueueWriter(queue)
+        self.batcher = Batcher(self._decide_batch, self.writer, max_batch_rows=config.max_batch_rows,
+                               max_delay_s=config.max_delay_s, max_queue_rows=config.max_queue_rows)
+        self.grpc_server = None
+        self.flight_server = None
+        self.health = None
+        self.ports: dict[str, int] = {}
+        self._stopped = threading.Event()
+
+    # -- deciding ----------------------------------------------------------------------------------
+
+    def _decide_batch(self, batch: pa.RecordBatch, reported: bool) -> pa.RecordBatch:
+        if reported:
+            decisions = self.engines.engine.triage(batch, reported=True)
+        else:
+            decisions = self.engines.engine.triage(batch)
+        with self._summary_lock:
+            self.summary.update(decisions)
+        return decisions
+
+    def decide(self, batch: pa.RecordBatch, *, deadline: float | None = None, alive=lambda: True,
+               reported: bool = False) -> pa.RecordBatch | None:
+        """The decisions of ``batch`` once its escalations are stored (None for zero rows)."""
+        future = self.batcher.submit(batch, deadline=deadline, alive=alive, reported=reported)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + 30.0
+        return future.result(timeout)
+
+    def stats(self) -> dict:
+        with self._summary_lock:
+            s = self.summary
+            by_reason = {k: int(v) for k, v in s.by_reason.items()}
+            rows, escalated = int(s.rows), int(s.escalated)
+        return {
+            "profile_version": self.engines.profile.version, "rows": rows, "escalated": escalated,
+            "by_reason": by_reason, "queue": self.queue.stats() if self.queue is not None else {},
+            "admitted_rows": self.batcher.admitted_rows,
+        }
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, profile_dir: str | Path, queue_url: str | None, config: ServeConfig, *, device: str | None = None,
+              queue_config: Path | None = None) -> "Service":
+        from hitl_triage.serve.commands.queue import open_from_args
+
+        from .grpc_server import build_grpc_server
+
+        engines = EngineHolder(profile_dir, device=device)
+        queue = open_from_args(queue_url, queue_config, tiers=engines.profile.config.tiers.order) if queue_url else None
+        service = cls(engines, queue, config)
+        server, port, health_servicer = build_grpc_server(
+            service, host=config.host, port=config.port, max_message_bytes=config.max_message_mb << 20,
+        )
+        service.grpc_server, service.health = server, health_servicer
+        service.ports["grpc"] = port
+        server.start()
+        service._set_serving(True)
+        threading.Thread(target=service._watch_profile, name="profile-watch", daemon=True).start()
+        return service
+
+    def _set_serving(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if self.health is not None:
+            for name in ("", "triage.v1.Triage"):
+                self.health.set(name, status)
+
+    def _watch_profile(self) -> None:
+        while not self._stopped.wait(RELOAD_POLL_S):
+            if self.engines.changed_on_disk():
+                try:
+                    self.engines.reload()
+                except Exception:  # noqa: BLE001 - keep serving the version we have
+                    logger.exception("profile reload failed; still serving %s", self.engines.profile.version)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """NOT_SERVING, finish what was admitted, close the ports."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_serving(False)
+        stopped = self.grpc_server.stop(grace_s) if self.grpc_server is not None else None
+        self.batcher.close(grace_s)  # decides and writes what was admitted
+        if stopped is not None:
+            stopped.wait(grace_s)
+        if self.queue is not None:
+            self.queue.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, frame):
+            logger.warning("signal %d: finishing admitted calls, then stopping", signum)
+            threading.Thread(target=self.stop, name="shutdown").start()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def write_ready_file(self, path: Path) -> None:
+        """The bound ports as JSON, written whole once the server is SERVING (tests and the demo
+        read it to find a server started on port 0)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), **self.ports}))
+        tmp.replace(path)
