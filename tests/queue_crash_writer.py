@@ -29,6 +29,12 @@ def batch(number: int, rows: int):
     return decision_batch(np.random.default_rng(number), rows, start=number * rows, escalate_share=ESCALATE_SHARE)
 
 
+def say(line: str) -> None:
+    """One line to stdout in one write(2), so that a kill never leaves half a line (print may
+    write the text and its newline apart, and both processes share the pipe)."""
+    os.write(1, (line + "\n").encode())
+
+
 def write_forever(url: str, rows: int, first: int) -> None:
     from hitl_triage.serve.queue import open_queue
 
@@ -36,7 +42,7 @@ def write_forever(url: str, rows: int, first: int) -> None:
         number = first
         while True:
             queue.enqueue(*batch(number, rows))
-            print(f"done {number}", flush=True)
+            say(f"done {number}")
             number += 1
 
 
@@ -51,7 +57,7 @@ def main() -> None:
     from hitl_triage.serve.queue import review_items
 
     review_items(*batch(0, rows))  # the first batch pays for lazy set-up (0.4 s): pay it here, once
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         command, _, argument = line.partition(" ")
         if command != "start":
@@ -64,9 +70,9 @@ def main() -> None:
                 traceback.print_exc()
                 sys.stderr.flush()
             os._exit(1)
-        print(f"pid {pid}", flush=True)
+        say(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"exit {pid} {status}", flush=True)
+        say(f"exit {pid} {status}")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,17 @@ def check_verdict(v: Verdict, item: ItemState | None, options: QueueOptions, row
     return dataclasses.replace(v, label=label)
 
 
+def check_resubmission(v: Verdict, action: str, label: int, row: int) -> None:
+    """``v`` comes again for the (id, tier, reviewer) whose stored verdict is ``action`` with
+    ``label``: a resubmission of it (a confirm may leave its label out) changes nothing; a
+    different verdict is QueueError naming the row (a verdict cannot be changed)."""
+    if v.action == action and (v.label == label or (action == "confirm" and v.label == -1)):
+        return
+    raise QueueError(f"verdicts row {row} (id {v.id!r}): expected the verdict {v.reviewer!r} already submitted at tier "
+                     f"{v.tier!r} ({action} {label}), found a different one ({v.action} {v.label}); a verdict cannot be "
+                     f"changed")
+
+
 def resolve(item: ItemState, verdicts_at_tier: list[Verdict], options: QueueOptions) -> Outcome:
     """What the verdicts an item has at its tier (the newest last) do to it. An ``escalate``
     moves it one tier up at once; otherwise it is done once it has ``needed`` verdicts, unless
@@ -344,5 +355,5 @@ def check_claim(tier: str, reviewer: str, n: int, lease: float, options: QueueOp
 
 __all__ = [
     "ACTIONS", "ItemState", "Outcome", "PreparedBatch", "QueueError", "prepare_batch", "QueueOptions", "ReviewQueue", "VERDICT_SCHEMA",
-    "Verdict", "check_claim", "check_verdict", "resolve", "verdict_rows",
+    "Verdict", "check_claim", "check_resubmission", "check_verdict", "resolve", "verdict_rows",
 ]

@@ -50,8 +50,8 @@ import pyarrow.compute as pc
 import redis
 
 from .base import (
-    ItemState, PreparedBatch, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, prepare_batch,
-    resolve, verdict_rows,
+    ItemState, PreparedBatch, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission, check_verdict,
+    prepare_batch, resolve, verdict_rows,
 )
 from .items import from_ipc
 from .payload import PayloadReader, claimed_items, history_line, verdict_table
@@ -428,10 +428,7 @@ class RedisQueue(ReviewQueue):
             item = items[v.id]
             stored = item.verdicts.get((v.tier, v.reviewer)) if item else None
             if stored is not None:
-                if not _same_verdict(v, stored.action, stored.label):
-                    raise QueueError(f"verdicts row {row} (id {v.id!r}): expected the verdict {v.reviewer!r} already "
-                                     f"submitted at tier {v.tier!r} ({stored.action} {stored.label}), found a "
-                                     f"different one ({v.action} {v.label}); a verdict cannot be changed")
+                check_resubmission(v, stored.action, stored.label, row)
                 counts["duplicates"] += 1
                 continue
             v = check_verdict(v, item.state() if item else None, self.options, row)
@@ -579,8 +576,3 @@ def _verdict_key(tier: str, reviewer: str) -> str:
     """The field of a verdict in its item's ``v:S`` hash: one per (tier, reviewer), unambiguous
     whatever the names hold (the tier's length in UTF-8 bytes first)."""
     return f"{len(tier.encode())}:{tier}{reviewer}"
-
-
-def _same_verdict(v: Verdict, action: str, label: int) -> bool:
-    """A resubmission of the stored verdict (a confirm may leave its label out)."""
-    return v.action == action and (v.label == label or (action == "confirm" and v.label == -1))

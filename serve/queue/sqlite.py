@@ -23,11 +23,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from .base import (
-    ItemState, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_verdict, prepare_batch, resolve,
-    verdict_rows,
+    ItemState, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission, check_verdict, prepare_batch,
+    resolve, verdict_rows,
 )
-from .items import blind, from_ipc, hide_predictions
-from .payload import PayloadReader, verdict_table
+from .items import from_ipc
+from .payload import PayloadReader, claimed_items, history_line, verdict_table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (batch INTEGER PRIMARY KEY, ipc BLOB NOT NULL);
@@ -145,12 +145,8 @@ class SqliteQueue(ReviewQueue):
             db.executemany("UPDATE items SET slots = slots - 1, deliveries = deliveries + 1 WHERE seq = ?",
                            [(row[0],) for row in picked])
             history = self._history(db, [row[1] for row in picked])
-        items = self._payload.rows([(row[2], row[3]) for row in picked])
-        items = items.set_column(items.schema.get_field_index("tier"), "tier", pa.array([tier] * len(picked), pa.string()))
-        items = hide_predictions(items, blind(items, self.options.blind_audit))
-        return items.append_column("deliveries", pa.array([row[4] + 1 for row in picked], pa.int32())) \
-                    .append_column("lease_until", pa.array([until] * len(picked), pa.float64())) \
-                    .append_column("history", pa.array([history.get(row[1], []) for row in picked], pa.list_(pa.string())))
+        return claimed_items(self._payload, [(row[2], row[3]) for row in picked], tier, [row[4] + 1 for row in picked],
+                             until, [history.get(row[1], []) for row in picked], self.options.blind_audit)
 
     def _expire(self, db: sqlite3.Connection, now: float) -> None:
         """Leases past their time: the slot is offered again; an item that has been delivered
@@ -171,7 +167,7 @@ class SqliteQueue(ReviewQueue):
             for item_id, tier, reviewer, action, label in db.execute(
                 f"SELECT id, tier, reviewer, action, label FROM verdicts WHERE id IN ({marks}) ORDER BY seq", chunk
             ):
-                out.setdefault(item_id, []).append(f"{tier}/{reviewer}: {action}" + (f" {label}" if label >= 0 else ""))
+                out.setdefault(item_id, []).append(history_line(tier, reviewer, action, label))
         return out
 
     # -- verdicts ----------------------------------------------------------------------------------
@@ -186,10 +182,7 @@ class SqliteQueue(ReviewQueue):
                     "SELECT action, label FROM verdicts WHERE id = ? AND tier = ? AND reviewer = ?", (v.id, v.tier, v.reviewer)
                 ).fetchone()
                 if stored is not None:
-                    if not _same_verdict(v, stored[0], stored[1]):
-                        raise QueueError(f"verdicts row {row} (id {v.id!r}): expected the verdict {v.reviewer!r} already "
-                                         f"submitted at tier {v.tier!r} ({stored[0]} {stored[1]}), found a different one "
-                                         f"({v.action} {v.label}); a verdict cannot be changed")
+                    check_resubmission(v, stored[0], stored[1], row)
                     counts["duplicates"] += 1
                     continue
                 item = self._item_state(db, v.id)
@@ -275,11 +268,6 @@ class SqliteQueue(ReviewQueue):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _same_verdict(v: Verdict, action: str, label: int) -> bool:
-    """A resubmission of the stored verdict (a confirm may leave its label out)."""
-    return v.action == action and (v.label == label or (action == "confirm" and v.label == -1))
 
 
 def _repeat(value):
