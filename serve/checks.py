@@ -85,11 +85,17 @@ def input_file(path: str | Path, option: str, what: str = "a Parquet file") -> P
     return path
 
 
+def native_file(path: str | Path, mode: str = "rb") -> pa.NativeFile:
+    """An Arrow file on ``path``, opened by its bytes: Arrow takes a str path as UTF-8, so a name
+    that is not (a Linux file name can hold any byte) fails there and works here."""
+    return pa.OSFile(os.fsencode(path), mode)
+
+
 def parquet_schema(path: str | Path, option: str) -> tuple[pa.Schema, int]:
     """The Arrow schema and row count of a Parquet file, read from its footer (no rows read)."""
     path = input_file(path, option)
     try:
-        with pq.ParquetFile(path) as parquet:
+        with native_file(path) as handle, pq.ParquetFile(handle) as parquet:
             return parquet.schema_arrow, parquet.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(f"{option} {path}: expected a Parquet file, found a file pyarrow cannot read as "
@@ -106,7 +112,8 @@ def read_table(path: str | Path, option: str, columns: list[str] | None = None) 
     path = Path(path)
     parquet_schema(path, option)
     try:
-        return pq.read_table(path, columns=columns)
+        with native_file(path) as handle:
+            return pq.read_table(handle, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise read_error(path, exc) from None
 

@@ -18,7 +18,7 @@ import threading
 # Before torch, numba or FAISS start their OpenMP pools (see hitl_triage.kernels for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COMMANDS = ("simulate", "fit", "run", "queue", "demo")
+COMMANDS = ("simulate", "fit", "run", "serve", "queue", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    for stream in (sys.stdout, sys.stderr):
+        # A path may hold bytes that are not UTF-8 (Linux allows any): printing it must not fail
+        # after the work is done.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            reconfigure(errors="backslashreplace")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS} if in_main_thread else {}
     try:

@@ -37,6 +37,7 @@ from .checks import (
     PartialFile,
     UsageError,
     check_device,
+    native_file,
     output_file,
     parquet_schema,
     positive_int,
@@ -255,7 +256,7 @@ def _read_batches(plan: InputPlan, batch_rows: int, columns: list[str] | None = 
     for path in plan.paths:
         first = 0
         try:
-            with pq.ParquetFile(path) as reader:
+            with native_file(path) as handle, pq.ParquetFile(handle) as reader:
                 for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
                     yield path, first, batch
                     first += batch.num_rows
@@ -340,6 +341,7 @@ class _Writer:
         self.seconds = seconds
         self.threaded = threaded
         self._writer: pq.ParquetWriter | None = None
+        self._file = native_file(path, "wb")  # the writer leaves a file it was given open
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="parquet-writer", daemon=True) if threaded else None
@@ -357,7 +359,7 @@ class _Writer:
     def _write(self, batch: pa.RecordBatch) -> None:
         t0 = time.perf_counter()
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, batch.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._file, batch.schema, compression="zstd")
         self._writer.write_batch(batch)
         self.seconds["write"] += time.perf_counter() - t0
 
@@ -382,15 +384,18 @@ class _Writer:
         if self._error is not None:
             raise self._error
         if self._writer is None:  # no rows at all: still a valid, empty decisions file
-            self._writer = pq.ParquetWriter(self.path, self.empty_schema)
+            self._writer = pq.ParquetWriter(self._file, self.empty_schema)
         writer, self._writer = self._writer, None
         writer.close()
+        self._file.close()
 
     def abort(self) -> None:
         self._stop()
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            try:
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
                 writer.close()
-            except (pa.ArrowException, OSError):  # a file that is thrown away anyway
-                pass
+        except (pa.ArrowException, OSError):  # a file that is thrown away anyway
+            pass
+        finally:
+            self._file.close()

@@ -173,6 +173,13 @@ def _fifo(env: Env) -> Path:
     return path
 
 
+def _null_device(env: Env) -> Path:
+    """A private null device node (a copy of /dev/null's, in the case's directory)."""
+    path = env.d / "null"
+    os.mknod(path, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    return path
+
+
 def _unreadable(env: Env) -> Path:
     path = env.copy(env.fleet)
     path.chmod(0)
@@ -289,7 +296,10 @@ HOSTILE_EXTRA = [
     Case("empty-file-input", lambda e: e.run(e.text("empty.parquet", b"")), ("input", "empty.parquet", "empty file")),
     Case("fifo-input", lambda e: e.run(_fifo(e)), ("input", "pipe.parquet", "named pipe")),
     Case("char-device-input", lambda e: e.run(Path("/dev/null")), ("input", "/dev/null", "character device")),
-    Case("out-is-dev-null", lambda e: e.run(e.fleet, out=Path("/dev/null")), ("--out", "/dev/null", "character device")),
+    # Never /dev/null itself: a regression would replace the machine's null device (as root).
+    Case("out-is-a-null-device", lambda e: e.run(e.fleet, out=_null_device(e)), ("--out", "null", "character device"),
+         skip="" if ROOT else "only root makes a device node"),
+    Case("out-is-a-named-pipe", lambda e: e.run(e.fleet, out=_fifo(e)), ("--out", "pipe.parquet", "named pipe")),
     Case("out-is-a-hard-link-to-the-input", lambda e: (e.copy(e.fleet, "x.parquet"), os.link(e.d / "x.parquet", e.d / "h.parquet"),
                                                        e.run(e.d / "x.parquet", out=e.d / "h.parquet"))[-1],
          ("--out", "h.parquet", "is the input")),
@@ -427,3 +437,158 @@ def test_hostile_input_is_refused_with_one_line_and_changes_nothing(case, base, 
                              if before.get(k) != after.get(k)}
     leftovers = [p for p in tmp_path.rglob("*") if "partial" in p.name and str(p) not in before]
     assert not leftovers, leftovers
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile inputs that must succeed: files that differ but fit one decisions file, empty inputs,
+# odd ids and paths. The oracle is the clean run of the whole fleet in one file.
+# ------------------------------------------------------------------------------------------------
+
+DECIDED = ["escalate", "reason_mask", "tier", "priority", "predicted_class", "confidence", "margin", "mutual_info",
+           "vote_agreement", "ood_score", "audit_weight", "audit_stratum", "valid", "profile_version"]
+
+
+def _run_ok(capsys, *argv) -> None:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 0, err
+
+
+def _same_decisions(got: pa.Table, clean: pa.Table, stratum_rows: int | None = None) -> None:
+    """Equal decisions; ``audit_stratum`` compared on the first ``stratum_rows`` rows only (a row
+    without ``source`` is in another stratum, by design: strata are made of the columns present)."""
+    assert got.num_rows == clean.num_rows
+    assert got.column("id").cast(pa.string()).equals(clean.column("id").cast(pa.string()))
+    for name in DECIDED:
+        a, b = got.column(name), clean.column(name)
+        if name == "audit_stratum" and stratum_rows is not None:
+            a, b = a.slice(0, stratum_rows), b.slice(0, stratum_rows)
+        assert a.equals(b), name
+
+
+def test_files_whose_types_differ_are_unified_into_one_decisions_file(base, tmp_path, capsys):
+    """string, large_string and dictionary-encoded columns; source and category present in one file
+    and absent in another: one decisions file, nulls where a file had no column, and every decision
+    equal to the single-file run's (the audit draw hashes the same UTF-8 bytes)."""
+    fleet, clean = pq.read_table(base / "fleet.parquet"), pq.read_table(base / "clean.parquet")
+    a = fleet.slice(0, 600)
+    b = fleet.slice(600, 500).drop_columns(["category"])
+    b = b.set_column(0, "id", b.column("id").cast(pa.large_string()))
+    b = b.set_column(b.schema.get_field_index("source"), "source", b.column("source").dictionary_encode())
+    c = fleet.slice(1100, 400).drop_columns(["source", "category"])
+    paths = [tmp_path / f"{name}.parquet" for name in "abc"]
+    for table, path in zip((a, b, c), paths):
+        pq.write_table(table, path)
+    out = tmp_path / "decisions.parquet"
+    _run_ok(capsys, "run", "--profile", base / "profile", *paths, "--out", out, "--batch-rows", 350)
+    got = pq.read_table(out)
+    assert got.schema.field("id").type == pa.large_string()
+    _same_decisions(got, clean, stratum_rows=1100)
+    source = got.column("source").to_pylist()
+    assert source[:1100] == fleet.column("source").to_pylist()[:1100] and set(source[1100:]) == {None}
+    category = got.column("category").to_pylist()
+    assert category[:600] == fleet.column("category").to_pylist()[:600] and set(category[600:]) == {None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "c.parquet", "decisions.parquet"]
+
+
+def test_int32_and_int64_ids_are_one_id_type(base, tmp_path, capsys):
+    fleet = pq.read_table(base / "fleet.parquet")
+    whole = fleet.set_column(0, "id", pa.array(np.arange(1500, dtype=np.int64) * 7))
+    pq.write_table(whole, tmp_path / "whole.parquet")
+    first = whole.slice(0, 800)
+    second = whole.slice(800).set_column(0, "id", whole.column("id").slice(800).cast(pa.int32()))
+    pq.write_table(first, tmp_path / "a.parquet")
+    pq.write_table(second, tmp_path / "b.parquet")
+    _run_ok(capsys, "run", "--profile", base / "profile", tmp_path / "whole.parquet", "--out", tmp_path / "one.parquet")
+    _run_ok(capsys, "run", "--profile", base / "profile", tmp_path / "a.parquet", tmp_path / "b.parquet",
+            "--out", tmp_path / "two.parquet")
+    one, two = pq.read_table(tmp_path / "one.parquet"), pq.read_table(tmp_path / "two.parquet")
+    assert two.schema.field("id").type == pa.int64()
+    assert one.equals(two)
+
+
+@pytest.mark.parametrize("case", ["zero-row-file-first", "only-a-zero-row-file", "huge-batch-rows",
+                                  "new-nested-output-directories", "ids-with-nul-bytes-and-newlines",
+                                  "non-utf8-file-names", "rerun-over-a-complete-decisions-file"])
+def test_hostile_but_valid_runs_succeed(case, base, tmp_path, capsys):
+    fleet, clean = pq.read_table(base / "fleet.parquet"), pq.read_table(base / "clean.parquet")
+    out = tmp_path / "decisions.parquet"
+    inputs: list = [base / "fleet.parquet"]
+    extra: list = []
+    if case in ("zero-row-file-first", "only-a-zero-row-file"):
+        pq.write_table(fleet.slice(0, 0), tmp_path / "empty.parquet")
+        inputs = [tmp_path / "empty.parquet"] + (inputs if case == "zero-row-file-first" else [])
+    elif case == "huge-batch-rows":
+        extra = ["--batch-rows", str(10**12)]
+    elif case == "new-nested-output-directories":
+        out = tmp_path / "a" / "b" / "decisions.parquet"
+    elif case == "ids-with-nul-bytes-and-newlines":
+        ids = ["a\x00", "a", "a\x00b", "a\nb", "", " "] + [f"r{i}" for i in range(6, 1500)]
+        inputs = [tmp_path / "odd.parquet"]
+        pq.write_table(fleet.set_column(0, "id", pa.array(ids)), inputs[0])
+    elif case == "non-utf8-file-names":
+        inputs = [tmp_path / os.fsdecode(b"fleet-\xff.parquet")]
+        shutil.copyfile(base / "fleet.parquet", inputs[0])
+        out = tmp_path / os.fsdecode(b"decisions-\xfe.parquet")
+    elif case == "rerun-over-a-complete-decisions-file":
+        shutil.copyfile(base / "clean.parquet", out)
+    _run_ok(capsys, "run", "--profile", base / "profile", *inputs, "--out", out, *extra)
+    got = pq.read_table(pa.OSFile(os.fsencode(out)))
+    if case == "only-a-zero-row-file":
+        assert got.num_rows == 0 and got.schema.names[:2] == ["id", "escalate"]
+        assert {"source", "category"} <= set(got.schema.names)
+    elif case == "ids-with-nul-bytes-and-newlines":
+        assert got.column("id").to_pylist()[:6] == ["a\x00", "a", "a\x00b", "a\nb", "", " "]
+    else:
+        _same_decisions(got, clean)
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Duplicate ids mean the same everywhere: the Python API, the fit, a run; equal keys of different
+# ids are never called duplicates.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_engine_and_the_fit_refuse_duplicate_ids(base):
+    profile = Profile.load(base / "profile")
+    batch = pq.read_table(base / "fleet.parquet").slice(0, 50)
+    ids = batch.column("id").to_pylist()
+    ids[30] = ids[7]
+    ids[41] = ids[7]
+    with pytest.raises(DuplicateIdError, match=r"^id: .*found 2 row\(s\).*first: id '.*' at row 30, first seen at row 7") as info:
+        TriageEngine(profile, device="cpu").triage(batch.set_column(0, "id", pa.array(ids)))
+    assert info.value.count == 2 and info.value.first == ids[7] and info.value.column == "id"
+    with pytest.raises(DuplicateIdError):  # a mapping of arrays too
+        TriageEngine(profile, device="cpu").triage({"id": np.array([5, 6, 5]), "logits": np.zeros((3, 5, 10), np.float32),
+                                                    "embedding": np.ones((3, 8), np.float32)})
+    calibration = pq.read_table(base / "fleet.calibration.parquet")
+    doubled = pa.concat_tables([calibration, calibration])
+    with pytest.raises(DuplicateIdError, match="1500 row"):
+        Profile.fit(doubled)
+
+
+def test_equal_keys_of_different_ids_are_not_duplicates(base, tmp_path, capsys, monkeypatch):
+    """Force every id onto one key (a 64-bit collision, one in 2**64 per pair in real life): the
+    batch check and the run's check confirm against the ids and let the run through."""
+    from hitl_triage.engine import decode
+    from hitl_triage.serve import offline
+
+    def colliding(ids, *, bits=64):
+        return np.zeros(len(ids), np.uint64)
+
+    monkeypatch.setattr(decode, "id_keys", colliding)
+    monkeypatch.setattr(offline, "id_keys", colliding)
+    decode.check_unique_ids(pa.array(["a", "b", "c"]))
+    with pytest.raises(DuplicateIdError, match="'b' at row 3"):
+        decode.check_unique_ids(pa.array(["a", "b", "c", "b"]))
+    out = tmp_path / "decisions.parquet"
+    _run_ok(capsys, "run", "--profile", base / "profile", base / "fleet.parquet", "--out", out, "--batch-rows", 400)
+    _same_decisions(pq.read_table(out), pq.read_table(base / "clean.parquet"))
+
+
+def test_target_risk_needs_a_holdout_and_a_profile_that_has_none_still_loads():
+    config = TriageConfig.from_dict({"thresholds": {"mode": "target_risk"}, "calibration": {"holdout": 0.0}})
+    with pytest.raises(ConfigError, match="calibration.holdout"):
+        config.check_fit()
+    TriageConfig.from_dict({"thresholds": {"mode": "budget"}, "calibration": {"holdout": 0.0}}).check_fit()

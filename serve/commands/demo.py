@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import report
-    from ..checks import check_device, output_dir, positive_int
+    from ..checks import UsageError, check_device, output_dir, positive_int
     from ..demo import run_demo
 
     # Checked before anything is simulated or fitted, so a wrong option costs no minutes.
@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     positive_int(args.sources, "--sources")
     if args.out is not None:
         output_dir(args.out, "--out")
+        try:  # the simulator's Parquet writer takes paths as UTF-8
+            str(args.out).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"--out {args.out}: expected a UTF-8 path, found bytes that are not UTF-8") from None
     console = report.console
     out = args.out or Path(tempfile.mkdtemp(prefix="triage-demo-"))
     what = (f"a simulated fleet: {args.rows:,} predictions from {args.sources} sources" if args.data == "simulated"

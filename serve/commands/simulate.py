@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
 import time
@@ -132,9 +133,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _staging(files: FleetFiles) -> FleetFiles:
     """Where the four files are written before they are renamed into place: hidden names beside
-    them, so a failed or stopped run leaves no file that looks like a fleet."""
-    stem = files.fleet.name.removesuffix(".parquet")
-    return fleet_paths(files.fleet.with_name(f".{stem}.partial.parquet"))
+    them, so a failed or stopped run leaves no file that looks like a fleet. The names are ASCII
+    (a digest of the final name): the Parquet writer takes a path as UTF-8, and a Linux file name
+    need not be."""
+    digest = hashlib.blake2b(os.fsencode(files.fleet.name), digest_size=6).hexdigest()
+    return fleet_paths(files.fleet.with_name(f".simulate-{digest}.partial.parquet"))
 
 
 def _size(n: float) -> str:
