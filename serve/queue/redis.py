@@ -9,8 +9,8 @@ Layout (every key under ``prefix``, default ``hitl:``; ``S`` is an item's arriva
 zero-padded to 16 digits, so that members with equal scores sort in arrival order):
 
 - ``items``: hash prediction id -> the item's record. An id already there is skipped, which makes
-  enqueue idempotent. The record is a JSON array (the ``R_*`` positions below): S, score
-  (``-priority``), enqueued_at, batch, row, predicted class, C, tier, reviews needed, slots
+  enqueue idempotent. The record is a JSON array (the ``R_*`` positions below): S, batch, score
+  (``-priority``, as text), enqueued_at (text), row, predicted class, C, tier, reviews needed, slots
   (reviews still to hand out), state (open | done | dead), deliveries, version (raised by every
   change), leases {reviewer: expiry}, and the verdicts at the item's tier {reviewer: action}.
   One hash written 1,000 fields a command, not a hash per item: a command from Lua costs about
@@ -50,8 +50,8 @@ import pyarrow.compute as pc
 import redis
 
 from .base import (
-    ItemState, PreparedBatch, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission, check_verdict,
-    prepare_batch, resolve, verdict_rows,
+    ACTIONS, ItemState, PreparedBatch, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission,
+    check_verdict, prepare_batch, resolve, verdict_rows,
 )
 from .items import from_ipc
 from .payload import PayloadReader, claimed_items, history_line, verdict_table
@@ -257,8 +257,8 @@ return out
 """
 
 # ARGV: prefix, JSON {items: [[id, tier before, tier, state, slots, [reviewers whose lease
-# ends], S, batch, score, enqueued_at]], verdicts: [[S, verdict key, record]], actions: {action: count}}, then per item its
-# record as read and its new record. Writes nothing and returns false when an item's record is not
+# ends], S, batch, score, enqueued_at]], verdicts: [[S, verdict key, record]], actions:
+# {action: count}}, then per item its record as read and its new record. Writes nothing and returns false when an item's record is not
 # the one read; else the stored_at it gave the verdicts.
 _APPLY = _LUA_COMMON + r"""
 local p = ARGV[1]
@@ -334,8 +334,9 @@ local out = {}
 for i = 2, #ARGV do
   local t = ARGV[i]
   local oldest = redis.call('ZRANGE', p .. 'age:' .. t, 0, 0, 'WITHSCORES')[2] or false
-  out[#out + 1] = {t, redis.call('ZCARD', p .. 'open:' .. t), redis.call('ZCOUNT', p .. 'lease:' .. t, '(' .. now, '+inf'),
-                   oldest, redis.call('HGET', p .. 'done', t) or 0, redis.call('SCARD', p .. 'dead:' .. t)}
+  local in_flight = redis.call('ZCOUNT', p .. 'lease:' .. t, '(' .. now, '+inf')
+  local done = redis.call('HGET', p .. 'done', t) or 0
+  out[#out + 1] = {t, redis.call('ZCARD', p .. 'open:' .. t), in_flight, oldest, done, redis.call('SCARD', p .. 'dead:' .. t)}
 end
 return {now, out, redis.call('HGETALL', p .. 'vcount'), redis.call('SMEMBERS', p .. 'tiers')}
 """
@@ -395,7 +396,8 @@ class RedisQueue(ReviewQueue):
 
     def claim(self, tier: str, reviewer: str, n: int = 1, lease: float = 300.0) -> pa.Table:
         check_claim(tier, reviewer, n, lease, self.options)
-        until, picked = self._claim(args=[self.prefix, tier, reviewer, n, repr(float(lease)), self.options.max_deliveries])
+        until, picked = self._claim(args=[self.prefix, tier, reviewer, n, repr(float(lease)),
+                                          self.options.max_deliveries])
         return claimed_items(self._payload, [(int(b), int(r)) for b, r, _, _ in picked], tier,
                              [int(d) for _, _, d, _ in picked], float(until),
                              [[history_line(v.tier, v.reviewer, v.action, v.label) for v in _verdicts(records)]
@@ -471,15 +473,17 @@ class RedisQueue(ReviewQueue):
                                   "oldest_age_s": 0.0 if oldest is None else max(0.0, float(now) - float(oldest)),
                                   "done": int(done), "dead": int(dead)}
         counted = {actions[i].decode(): int(actions[i + 1]) for i in range(0, len(actions), 2)}
-        return {"tiers": out, "verdicts": {a: counted.get(a, 0) for a in ("confirm", "correct", "escalate", "out_of_scope")}}
+        return {"tiers": out, "verdicts": {a: counted.get(a, 0) for a in ACTIONS}}
 
     def verdicts(self, since: float | None = None) -> pa.Table:
         low = "-inf" if since is None else f"({float(since)!r}"
         rows = []
-        logged = cast("list[tuple[bytes, float]]", self._redis.zrangebyscore(self._key("vlog"), low, "+inf", withscores=True))
+        logged = cast("list[tuple[bytes, float]]",
+                      self._redis.zrangebyscore(self._key("vlog"), low, "+inf", withscores=True))
         for member, stored_at in logged:
             item_id, label, reviewer, tier, action, ts, batch, row = json.loads(member[16:])
-            rows.append((item_id, label, reviewer, tier, action, stored_at if ts is None else ts, stored_at, batch, row))
+            ts = stored_at if ts is None else ts  # a verdict sent without a time took the time it was stored
+            rows.append((item_id, label, reviewer, tier, action, ts, stored_at, batch, row))
         return verdict_table(rows, self._payload)
 
     def tier_of(self, item_id: str) -> str | None:
