@@ -267,10 +267,12 @@ def _check_calibration_classes(calibration) -> None:
         known = pc.unique(pc.filter(labels, pc.greater_equal(labels, 0))).to_pylist()
     elif isinstance(calibration, Mapping) and calibration.get("label") is not None:
         label, logits = calibration["label"], calibration.get("logits")
+        if logits is None or not hasattr(logits, "shape"):
+            return
         try:
             values = np.asarray(label.cpu() if hasattr(label, "cpu") else label)
             classes = int(logits.shape[-1])
-        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+        except (TypeError, ValueError, RuntimeError, IndexError):
             return
         if values.dtype.kind not in "iu":
             return

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -104,7 +105,7 @@ def count_rows(paths: list[Path]) -> int:
     return sum(parquet_schema(p, "input")[1] for p in paths)
 
 
-def plan_inputs(profile: Profile, inputs: list[str | Path]) -> InputPlan:
+def plan_inputs(profile: Profile, inputs: Sequence[str | Path]) -> InputPlan:
     """Check every input against the data contract, the profile and each other, reading only the
     footers: the same file given twice, integer ids in one file and string ids in another, or a
     file the profile cannot triage is refused here, naming the file."""
@@ -118,7 +119,9 @@ def plan_inputs(profile: Profile, inputs: list[str | Path]) -> InputPlan:
                                  "(its rows would be triaged twice, with the same ids)")
     has_bank = profile.bank is not None
     embedding = ("required" if profile.config.policy.on_missing_embedding == "error" else "optional") if has_bank else "ignore"
-    rows, id_types, strings = [], {}, {}
+    rows: list[int] = []
+    id_types: dict[str, pa.DataType] = {}
+    strings: dict[str, list[pa.DataType]] = {}
     for path in paths:
         schema, n = parquet_schema(path, "input")
         try:
