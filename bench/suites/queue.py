@@ -230,6 +230,13 @@ def _review_row(ctx, backend: str, url: str, batches) -> None:
 
 
 def _noop(_):
+    """Warm a worker: import the queue (and torch under it) before the clock starts."""
+    import hitl_triage.serve.queue.sqlite  # noqa: F401
+
+    try:
+        import hitl_triage.serve.queue.redis  # noqa: F401
+    except ImportError:
+        pass
     return None
 
 
