@@ -107,7 +107,14 @@ def print_fit(profile: Profile, directory) -> None:
                       f"{fmt_rate(rates.get('audit', 0.0))}: {fmt_rate(rates['with_audit'])}")
     if "bank" in r:
         b = r["bank"]
-        table.add_row("bank", f"{b['kept']:,} vectors, D={b['dim']}, {b['kind']} index" + (f", {b['dropped']} dropped" if b["dropped"] else ""))
+        line = f"{b['kept']:,} vectors, D={b['dim']}, {b['kind']} index" + (f", {b['dropped']} dropped" if b["dropped"] else "")
+        if b.get("kind") == "ivf" and "nprobe" in b:
+            line += f"; nprobe {b['nprobe']} of {b['nlist']} lists, k-th distance error {b.get('knn_error', math.nan):.2%}"
+            if "knn_error_hard" in b:
+                line += f" ({b['knn_error_hard']:.2%} on rows between the calibration rows)"
+        if "rescored_share" in b:
+            line += f"; anomaly decisions exact, {b['rescored_share']:.1%} of the threshold rows re-scored"
+        table.add_row("bank", line)
     table.add_row("written to", str(directory))
     console.print(table)
 

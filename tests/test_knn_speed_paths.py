@@ -322,12 +322,22 @@ def test_tune_nprobe_finds_the_smallest_passing_value(rng):
     index = KnnIndex.build(x, kind="ivf", nlist=64)
     exact = knn_distance(calibration, KnnIndex.build(x, kind="flat"), 5)
 
+    # The hard rows, restated: midpoints of random pairs of the calibration rows (bank.hard_rows).
+    pairs = np.random.default_rng(1).integers(0, 600, (2, 300))
+    mid = calibration[pairs[0]].astype(np.float64) + calibration[pairs[1]]
+    hard = mid[(pairs[0] != pairs[1]) & (np.linalg.norm(mid, axis=1) > 1e-3)].astype(np.float32)
+    exact_hard = knn_distance(hard, KnnIndex.build(x, kind="flat"), 5)
+
     def bound(nprobe):
         index.nprobe = nprobe
-        rel = np.abs(knn_distance(calibration, index, 5) - exact) / exact
-        return rel.mean() + 2 * rel.std() / np.sqrt(rel.size)
+        limits = []
+        for rows, ex in ((calibration, exact), (hard, exact_hard)):
+            rel = np.abs(knn_distance(rows, index, 5) - ex) / ex
+            limits.append(rel.mean() + 2 * rel.std() / np.sqrt(rel.size))
+        return max(limits)
 
     report = tune_nprobe(index, calibration, 5, 0.005)
+    assert report["knn_error_hard"] > report["knn_error"], "the midpoints are the harder rows"
     chosen = report["nprobe"]
     assert report["knn_error_bound"] <= 0.005 and report["knn_error"] <= report["knn_error_bound"]
     assert chosen == 1 or bound(chosen - 1) > 0.005

@@ -12,6 +12,14 @@ score speed-up against each peer of the same case, AUROC of the score for OOD ag
 in-distribution queries, and for every distance the mean relative error of the k-th distance
 against an exact search (the quality gate for approximate indexes: PERF-NOTES found that an
 approximate index can raise AUROC, so AUROC says nothing about its correctness).
+
+"IVF, exact decisions" rows (issue 19): the IVF index deciding at an anomaly threshold (the one
+that lets 95% of the calibration rows pass by exact search) with
+``knn_distance_certified``: every row the IVF scan could put above it is re-scored exactly. They
+carry the share of rows re-scored, the ANOMALY bits that differ from FAISS's flat search
+re-scored in float64 (zero by construction) and those the plain IVF search gets wrong at the
+same threshold. Their AUROC mixes exact distances above the threshold with approximate ones
+below it: the tighter bound's row is the one that stays within 0.001 of exact search's.
 """
 
 from __future__ import annotations
@@ -27,11 +35,17 @@ from ..runner import NotAvailableYet
 from .common import failure, not_yet, time_call
 
 SUITE = "knn"
-TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "kth_rel_err", "nprobe")
+TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "kth_rel_err", "nprobe", "rescored", "bits_differ", "ivf_bits_differ")
 TABLE_HIDE = ("sizes", "dtype", "best s", "compile s")  # the case names bank and k; the JSON has all
 KS = (5, 50)
 #: max_knn_error of the second IVF row (the first uses the engine's default): AUROC nearer exact.
 TIGHT_KNN_ERROR = 0.002
+#: The "IVF, exact decisions" rows decide at the anomaly threshold that lets this share of the
+#: calibration rows pass, by exact search (the target-risk mode's default ``ood_pass_rate``), on
+#: an IVF index tuned to each of these bounds: the default, and the one that keeps the AUROC of
+#: the scores (exact above the threshold, approximate below it) within 0.001 of exact search's.
+PASS_RATE = 0.95
+EXACT_DECISIONS_ERRORS = (None, 0.001)  # None: the engine's default bank.max_knn_error
 PEERS = ("sklearn brute", "pytorch-ood KNN", "cleanlab OOD")
 
 
@@ -62,6 +76,9 @@ def run(ctx) -> None:
              f"the bank nor the queries), tuning time in fit_s")
     if ctx.quick:
         ctx.note("quick mode: banks 10k (2,000 queries) and 100k (1,000 queries); cleanlab at 10k only")
+    ctx.note(f"exact decisions: at the anomaly threshold that lets {PASS_RATE:.0%} of the calibration rows pass "
+             "(exact search); rescored = share of queries re-scored exactly, bits_differ = ANOMALY bits against "
+             "FAISS flat re-scored in float64, ivf_bits_differ = the same for the plain IVF search")
 
     task = ctx.task(SUITE, total=len(sizes) * len(KS))
     built: dict = {}  # (index kind, bank rows) -> (KnnIndex, build seconds)
@@ -105,10 +122,11 @@ def exact_kth_distance(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int
 
 
 class Prebuilt:
-    """A model built earlier in the run, with the seconds its build took."""
+    """A model built earlier in the run, with the seconds its build took (and, for the
+    exact-decisions row, the anomaly threshold it decides at)."""
 
-    def __init__(self, model, seconds: float):
-        self.model, self.seconds = model, seconds
+    def __init__(self, model, seconds: float, threshold: float | None = None):
+        self.model, self.seconds, self.threshold = model, seconds, threshold
 
 
 def calibration_embedding(data) -> np.ndarray:
@@ -128,7 +146,7 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
 
     from hitl_triage.engine.bank import tune_nprobe
     from hitl_triage.engine.config import BankConfig
-    from hitl_triage.kernels.knn import KnnIndex, knn_distance
+    from hitl_triage.kernels.knn import KnnIndex, knn_distance, knn_distance_certified
 
     impls = []
 
@@ -151,6 +169,25 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
         return fit, score
 
     default_error = BankConfig().max_knn_error
+    threshold: dict = {}  # per k: the anomaly threshold the exact-decisions row decides at
+
+    def exact_decisions(max_error: float):
+        def fit(bank):
+            # The IVF index of that bound (built and tuned once, shared with the plain IVF row of
+            # the same bound), deciding at the threshold `triage fit` would choose from the
+            # calibration rows' exact distances.
+            from hitl_triage.engine.thresholds import ood_threshold
+
+            shared = ours("ivf", "ivf", max_error)[0](bank)
+            if k not in threshold:
+                calibration = knn_distance(tuning, shared.model, k, backend="faiss") if len(tuning) else np.zeros(1)
+                threshold[k] = ood_threshold(calibration, PASS_RATE)
+            return Prebuilt(shared.model, shared.seconds, threshold=threshold[k])
+        return fit
+
+    def score_exact_decisions(index, queries):
+        return knn_distance_certified(queries, index, k, threshold[k])[0]
+
     for label, kind_of_index, backend, max_error in (
         ("ours: faiss flat", "flat", "faiss", None),
         (f"ours: IVF, error <= {default_error:g} (default)", "ivf", "ivf", default_error),
@@ -159,6 +196,12 @@ def _implementations(ctx, bank_rows: int, k: int, built: dict, tuning: np.ndarra
     ):
         fit, score = ours(kind_of_index, backend, max_error)
         impls.append((label, fit, score, "distance"))
+        if label.startswith("ours: IVF") and max_error == default_error:
+            for bound in EXACT_DECISIONS_ERRORS:
+                bound = default_error if bound is None else bound
+                impls.append((f"ours: IVF, exact decisions, error <= {bound:g}"
+                              + (" (default)" if bound == default_error else ""),
+                              exact_decisions(bound), score_exact_decisions, "distance"))
 
     if ctx.cuda:
         on_device = {}  # the queries are copied to the GPU once, outside the timed calls
@@ -241,8 +284,9 @@ def _measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact) -> Row:
         t0 = time.perf_counter()
         model = fit(bank)
         fit_s = time.perf_counter() - t0
+        threshold = None
         if isinstance(model, Prebuilt):
-            model, fit_s = model.model, model.seconds
+            model, fit_s, threshold = model.model, model.seconds, model.threshold
         t0 = time.perf_counter()
         scores = np.asarray(score(model, q), dtype=np.float64)
         row.compile_s = time.perf_counter() - t0
@@ -269,6 +313,18 @@ def _measure(ctx, label, fit, score, kind, bank, q, is_ood, k, exact) -> Row:
     row.quality["non_finite"] = int((~finite).sum())
     if getattr(model, "kind", None) == "ivf":
         row.quality["nprobe"] = f"{model.search_nprobe(k)}/{model.nlist}"
+    if threshold is not None:
+        from hitl_triage.kernels.knn import knn_distance, knn_distance_certified
+
+        _, rescored = knn_distance_certified(q, model, k, threshold)
+        row.quality["threshold"] = threshold
+        row.quality["rescored"] = float(np.mean(rescored))
+        # ANOMALY bits against FAISS flat re-scored in float64 (the exact search), and those the
+        # plain IVF search would get wrong at the same threshold.
+        flat = np.asarray(knn_distance(q, model, k, backend="faiss"))
+        approx = np.asarray(knn_distance(q, model, k, backend="ivf"))
+        row.quality["bits_differ"] = int(np.count_nonzero((scores > threshold) != (flat > threshold)))
+        row.quality["ivf_bits_differ"] = int(np.count_nonzero((approx > threshold) != (flat > threshold)))
     return row
 
 
