@@ -307,3 +307,68 @@ def test_prefilter_without_head_on_spread_variance(rng):
     vectors = unit_spec(rng.standard_normal((5000, 64)).astype(np.float32))
     assert build_prefilter(vectors).rotation is None
     assert isinstance(RawBank(vectors).prefilter(), Prefilter)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_backends_decide_as_exact_search(backend, rng):
+    """On a GPU: the float16 search flags the rows its error bound could put above the threshold,
+    the torch path re-scores them on the device; bits and re-scored distances equal the CPU
+    reference."""
+    bank = low_rank_bank(rng, 50_000, 128, 32)
+    index = KnnIndex.build(bank, kind="ivf")
+    queries = np.concatenate([bank[rng.integers(0, len(bank), 3000)] + 0.4 * rng.standard_normal((3000, 128)),
+                              rng.standard_normal((1000, 128))]).astype(np.float32)
+    for k in (5, 50):
+        exact = exact_kth(queries, index.host_unit(), k)
+        for t in (float(np.quantile(exact, 0.5)), float(np.quantile(exact, 0.95)), float(exact[7])):
+            distances, rescored = knn_distance_certified(torch.from_numpy(queries).cuda(), index, k, t, backend=backend)
+            assert distances.is_cuda and rescored.is_cuda
+            check_decisions(distances.cpu().numpy(), rescored.cpu().numpy(), exact, t, f"{backend} cuda, k={k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: decisions, priority, the summary, and fit's expected rates on an IVF bank
+
+
+def test_engine_anomaly_decisions_priority_and_fit_rates_on_an_ivf_bank():
+    from engine_fixtures import ANOMALY, CONFIDENCE, DISAGREEMENT, POLICY, audit_uniform_np, column, fleet_tables
+
+    from hitl_triage.engine.config import TriageConfig
+    from hitl_triage.engine.engine import TriageEngine
+    from hitl_triage.engine.fit import SPLIT_SEED
+    from hitl_triage.engine.monitoring import TriageSummary
+    from hitl_triage.engine.profile import Profile
+
+    fleet_table, _, calibration, bank = fleet_tables(6000, dim=64, calibration_rows=8000, bank_rows=20_000)
+    config = TriageConfig.from_dict({"calibration": {"holdout": 0.5}, "bank": {"k": 10}})
+    profile = Profile.fit(calibration, bank=bank, config=config)
+    assert profile.bank.kind == "ivf"
+    t = profile.thresholds.ood
+    engine = TriageEngine(profile, device="cpu")
+
+    # Fit's expected rates are the rates a run fires on the same (holdout) rows.
+    holdout = audit_uniform_np(column(calibration, "id"))(SPLIT_SEED) < 0.5
+    decided = engine.triage(calibration.filter(pa.array(holdout)).drop_columns(["label"]))
+    mask = column(decided, "reason_mask").astype(np.int64)
+    expected = profile.fit_report["expected_rates"]
+    for name, bit in (("confidence", CONFIDENCE), ("disagreement", DISAGREEMENT), ("anomaly", ANOMALY), ("policy", POLICY)):
+        assert expected[name] == float(np.mean((mask & bit) > 0)), name
+
+    # On fleet traffic: ANOMALY bits from exact search, exact distances and priorities where it fired.
+    decisions = engine.triage(fleet_table)
+    embedding = fleet_table.column("embedding").combine_chunks()
+    exact = exact_kth(embedding.values.to_numpy().reshape(len(embedding), -1), profile.bank.host_unit(), profile.k)
+    mask = column(decisions, "reason_mask").astype(np.int64)
+    ood = column(decisions, "ood_score")
+    fired = (mask & ANOMALY) > 0
+    assert np.array_equal(fired, exact > np.float32(t))
+    assert fired.sum() > 20 and np.array_equal(ood[fired], exact[fired])
+    only = fired & ((mask & (CONFIDENCE | DISAGREEMENT | POLICY)) == 0)
+    severity = np.clip((exact - np.float32(t)) / np.float32(max(t, 1e-6)), 0, 1)
+    assert only.any() and np.array_equal(column(decisions, "priority")[only], severity[only])
+    rescored = column(decisions, "ood_rescored")
+    assert rescored[fired].all() and 0 < rescored.mean() < 0.5
+    summary = TriageSummary().update(decisions)
+    assert summary.knn_rows == decisions.num_rows and summary.knn_rescored == int(rescored.sum())
+    assert summary.to_dict()["knn_rescored_share"] == rescored.mean()
