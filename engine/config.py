@@ -7,6 +7,7 @@ that name the key and the section, so a typo never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -334,6 +335,7 @@ def to_dict(obj):
 
 
 def _in_range(name: str, value, low, high) -> None:
-    if value != value or (low is not None and value < low) or (high is not None and value > high):  # NaN != NaN
+    if (isinstance(value, float) and math.isnan(value)) or (low is not None and value < low) or (
+            high is not None and value > high):
         bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ConfigError(f"{name}: expected a value in {bounds}, found {value!r}")

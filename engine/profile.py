@@ -190,8 +190,6 @@ class Profile:
             )
         index = None
         if bank.get("present"):
-            from .bank import load_bank
-
             index = _load_bank(directory / bank["path"], mmap=mmap)
             if index.kind == "ivf" and "nprobe" in bank:
                 index.nprobe = int(bank["nprobe"])

@@ -118,7 +118,7 @@ def read_table(path: str | Path, option: str, columns: list[str] | None = None) 
         raise read_error(path, exc) from None
 
 
-def _same(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """Do ``a`` and ``b`` name one file (links, ``..`` and hard links resolved)?"""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -160,7 +160,7 @@ def output_file(path: str | Path, option: str, *, inputs: Iterable[Path | tuple[
     for used in inputs:
         role, source = used if isinstance(used, tuple) else ("the input", used)
         for target, name in targets:
-            if _same(target, Path(source)):
+            if same_file(target, Path(source)):
                 raise UsageError(f"{option} {path}: expected a path of its own, found {name} is {role} {source} "
                                  "(writing there would destroy it)")
     for directory in outside:

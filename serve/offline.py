@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,6 +42,7 @@ from .checks import (
     parquet_schema,
     positive_int,
     read_error,
+    same_file,
 )
 from .queue import ReviewQueue
 
@@ -114,7 +114,7 @@ def plan_inputs(profile: Profile, inputs: Sequence[str | Path]) -> InputPlan:
         raise UsageError("input: expected at least one Parquet file, found none")
     for i, path in enumerate(paths):
         for earlier in paths[:i]:
-            if os.path.realpath(earlier) == os.path.realpath(path) or _same_file(earlier, path):
+            if same_file(earlier, path):
                 raise UsageError(f"input {path}: expected each input once, found it is also the input {earlier} "
                                  "(its rows would be triaged twice, with the same ids)")
     has_bank = profile.bank is not None
@@ -143,13 +143,6 @@ def plan_inputs(profile: Profile, inputs: Sequence[str | Path]) -> InputPlan:
             large = any(pa.types.is_large_string(k.value_type if pa.types.is_dictionary(k) else k) for k in kinds)
             unified[name] = kinds[0] if same else (pa.large_string() if large else pa.string())
     return InputPlan(paths=paths, rows=rows, id_type=common_id_type(id_types), strings=unified)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def run_offline(

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -60,25 +59,11 @@ class Env:
     d: Path
     base: Path
 
-    @property
-    def fleet(self) -> Path:
-        return self.base / "fleet.parquet"
-
-    @property
-    def calibration(self) -> Path:
-        return self.base / "fleet.calibration.parquet"
-
-    @property
-    def bank(self) -> Path:
-        return self.base / "fleet.bank.parquet"
-
-    @property
-    def profile(self) -> Path:
-        return self.base / "profile"
-
-    @property
-    def out(self) -> Path:
-        return self.d / "decisions.parquet"
+    fleet = property(lambda self: self.base / "fleet.parquet")
+    calibration = property(lambda self: self.base / "fleet.calibration.parquet")
+    bank = property(lambda self: self.base / "fleet.bank.parquet")
+    profile = property(lambda self: self.base / "profile")
+    out = property(lambda self: self.d / "decisions.parquet")  # where a case's run writes
 
     def copy(self, source: Path, name: str | None = None) -> Path:
         target = self.d / (name or source.name)

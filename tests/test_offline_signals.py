@@ -160,8 +160,8 @@ def test_a_stopped_or_killed_run_leaves_nothing_a_rerun_does_not_clean_up(fleet,
         lines = [line for line in err.splitlines() if line.strip()]
         if code == 128 + sig:  # stopped by the command's handler: cleaned up, one line
             assert sig != signal.SIGKILL, case
-            assert lines == [f"triage run: stopped by {sig.name}; no decisions file was written (one appears only "
-                             "when a run completes)"], case
+            expected = f"triage run: stopped by {sig.name}; no decisions file was written (one appears only when a run completes)"
+            assert lines == [expected], case
             assert not partial.exists(), case
         elif code == -sig:  # SIGKILL, or a stop before main installed its handler
             assert sig == signal.SIGKILL or when == "start-up", case
