@@ -85,12 +85,14 @@ class Service:
         from hitl_triage.serve.commands.queue import open_from_args
 
         from .grpc_server import build_grpc_server
+        from .inference import add_inference_servicer
 
         engines = EngineHolder(profile_dir, device=device)
         queue = open_from_args(queue_url, queue_config, tiers=engines.profile.config.tiers.order) if queue_url else None
         service = cls(engines, queue, config)
         server, port, health_servicer = build_grpc_server(
             service, host=config.host, port=config.port, max_message_bytes=config.max_message_mb << 20,
+            extra_servicers=(add_inference_servicer(service),),  # the Open Inference Protocol, same port
         )
         service.grpc_server, service.health = server, health_servicer
         service.ports["grpc"] = port
