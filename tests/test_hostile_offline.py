@@ -554,15 +554,15 @@ def test_the_engine_and_the_fit_refuse_duplicate_ids(base):
 
 
 def test_equal_keys_of_different_ids_are_not_duplicates(base, tmp_path, capsys, monkeypatch):
-    """Force every id onto one key (a 64-bit collision, one in 2**64 per pair in real life): the
-    batch check and the run's check confirm against the ids and let the run through."""
+    """Force every id onto one key (the batch check's 32-bit hash, the run's 64-bit key): both
+    confirm against the ids and let the run through."""
     from hitl_triage.engine import decode
     from hitl_triage.serve import offline
 
-    def colliding(ids, *, bits=64):
+    def colliding(ids):
         return np.zeros(len(ids), np.uint64)
 
-    monkeypatch.setattr(decode, "id_keys", colliding)
+    monkeypatch.setattr(decode, "batch_keys", lambda ids: colliding(ids).astype(np.uint32))
     monkeypatch.setattr(offline, "id_keys", colliding)
     decode.check_unique_ids(pa.array(["a", "b", "c"]))
     with pytest.raises(DuplicateIdError, match="'b' at row 3"):
@@ -577,3 +577,24 @@ def test_target_risk_needs_a_holdout_and_a_profile_that_has_none_still_loads():
     with pytest.raises(ConfigError, match="calibration.holdout"):
         config.check_fit()
     TriageConfig.from_dict({"thresholds": {"mode": "budget"}, "calibration": {"holdout": 0.0}}).check_fit()
+
+
+@pytest.mark.parametrize("kind", ["increasing-int", "shuffled-int", "ints-2**32-apart", "string", "large_string"])
+def test_one_repeated_id_among_many_is_found_where_it_is(kind, rng):
+    n = 100_003
+    values = {
+        "increasing-int": np.arange(n, dtype=np.int64) * 3,
+        "shuffled-int": rng.permutation(n).astype(np.int64),
+        "ints-2**32-apart": np.arange(n, dtype=np.int64) << 32,
+        "string": np.array([f"id-{i}" for i in rng.permutation(n)], dtype=object),
+        "large_string": np.array([f"{i:x}" for i in rng.permutation(n)], dtype=object),
+    }[kind]
+    ids = pa.array(values, pa.large_string() if kind == "large_string" else None)
+    from hitl_triage.engine.decode import check_unique_ids
+
+    check_unique_ids(ids)  # unique: passes
+    seen, row = sorted(int(r) for r in rng.choice(n, size=2, replace=False))
+    values = values.copy()
+    values[row] = values[seen]
+    with pytest.raises(DuplicateIdError, match=rf"found 1 row\(s\).* at row {row}, first seen at row {seen}\)"):
+        check_unique_ids(pa.array(values, ids.type))
