@@ -7,8 +7,8 @@ Steps: the fleet simulator writes the fleet, calibration and bank files (not tim
 another, so seconds per stage add up: read, decode, signals, knn, audit, policy, output, write),
 once as ``triage run`` runs by default (reading, triage and writing overlapped), for the
 end-to-end rows/s, and once the same way with the k-NN distance left approximate (the engine's
-k-NN scoring before issue 19, patched in for this row only), so that the cost of exact anomaly
-decisions is a ratio of one run. One row per stage with its seconds and share of the staged run's
+k-NN scoring before issue 19, and its IVF scan without the pre-filter head, patched in for this
+row only), so that the cost of exact anomaly decisions is a ratio of one run. One row per stage with its seconds and share of the staged run's
 stage total; the overlapped rows carry the share of rows re-scored exactly and, for the
 approximate run, the ANOMALY bits that differ from the exact decisions.
 """
@@ -130,13 +130,19 @@ def _label(staged: bool, approximate: bool) -> str:
 @contextlib.contextmanager
 def _approximate_knn():
     """The engine's k-NN scoring as it was before issue 19: the backend's distance as it comes,
-    no row re-scored (patched into the engine module for one run)."""
+    no row re-scored, and the IVF scan without the pre-filter head that came with the issue
+    (patched into the engine and the index for one run)."""
     import torch
 
     from hitl_triage.engine import engine as engine_module
-    from hitl_triage.kernels.knn import knn_distance
+    from hitl_triage.kernels.knn import KnnIndex, knn_distance
+    from hitl_triage.kernels.knn.exact import no_head as headless
 
     exact_scores = engine_module.ood_scores
+    with_head = KnnIndex.prefilter
+
+    def no_head(index):
+        return headless(index.host_unit())
 
     def approximate_scores(x, bank, k, threshold):
         if x.embedding is None:
@@ -147,10 +153,12 @@ def _approximate_knn():
         return scores, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
 
     engine_module.ood_scores = approximate_scores
+    KnnIndex.prefilter = no_head  # type: ignore[method-assign]
     try:
         yield
     finally:
         engine_module.ood_scores = exact_scores
+        KnnIndex.prefilter = with_head  # type: ignore[method-assign]
 
 
 def _anomaly_bits_differ(pq, exact_path, approximate_path) -> int:

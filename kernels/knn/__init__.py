@@ -153,7 +153,7 @@ class _Found:
     numpy_out: bool
 
 
-def _search(queries, bank, k, backend: str | None) -> _Found:
+def _search(queries, bank, k: int, backend: str | None) -> _Found:
     numpy_out = returns_numpy(queries)
     q = as_tensor(queries, "queries")
     if q.ndim != 2:

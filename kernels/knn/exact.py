@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .faiss_cpu import dot64, knn_threads, similarities_to_distances
+from .faiss_cpu import _rescore, dot64, knn_threads, similarities_to_distances
 from .ivf_cpu import _FASTMATH, _admit, _admit_block, _dot, _dots_2x6, _executor, _head_sims4, _read_only, _sift_down
 from .reference import dot64_torch, unit_queries
 
@@ -120,7 +120,8 @@ class Prefilter:
     """Cheap upper bounds on the similarities of a bank's stored rows.
 
     ``rotation`` float64 [D, D] (orthonormal rows, leading principal direction first) or None
-    (no head: ``heads`` is then the stored rows themselves [N, D] and ``tails`` zero); ``heads``
+    (no head: ``heads`` is then the stored rows themselves [N, D], ``tails`` zero and ``eps``
+    the float32 dot product's error bound, :func:`no_head`); ``heads``
     float32 [r, N] (transposed: one row per head dimension, for the vectorised scan) the rotated
     stored rows' first r coordinates; ``tails`` float32 [N] upper bounds on the norms of their
     remaining coordinates; ``eps`` the bound on the rounding of head dot + tail product (see
@@ -146,6 +147,12 @@ class Prefilter:
                 _round_up(np.linalg.norm(rotated[:, r:], axis=1)))
 
 
+def no_head(stored: np.ndarray) -> Prefilter:
+    """The pre-filter without a head: the bound of a row is its float32 dot product plus that
+    product's error bound (so no row is turned away that could enter)."""
+    return Prefilter(None, stored, np.zeros(stored.shape[0], np.float32), dot_error_bound(stored.shape[1]))
+
+
 def _round_up(norms64: np.ndarray) -> np.ndarray:
     """float32 values >= the float64 norms plus their own rounding (about D ulps)."""
     padded = np.asarray(norms64, np.float64) * (1.0 + 1e-12) + 1e-30
@@ -164,7 +171,7 @@ def build_prefilter(stored: np.ndarray, *, max_tail: float = MAX_TAIL_NORM, samp
     sum of bound terms (2^-22), and the rotation's departure from orthonormality (the spectral
     norm of R R^T - I, bounded by its Frobenius norm); doubled for headroom."""
     n, dim = stored.shape
-    none = Prefilter(None, stored, np.zeros(n, np.float32), 0.0)
+    none = no_head(stored)
     if n == 0 or dim < 2 * HEAD_STEP:
         return none
     pick = np.linspace(0, n - 1, min(n, sample)).astype(np.int64)
@@ -207,6 +214,18 @@ def _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h, i):
         _admit(Q, X, heap_sims, heap_rows, q, i)
 
 
+@njit(inline="always")
+def _offer6(Q, X, qt, xt, floor, eps, heap_sims, heap_rows, q, h0, h1, h2, h3, h4, h5, i):
+    """:func:`_offer` rows i .. i + 5 with head similarities h0 .. h5 to query q."""
+    gate = max(floor[q], heap_sims[q, 0])
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h0, i)
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h1, i + 1)
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h2, i + 2)
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h3, i + 3)
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h4, i + 4)
+    _offer(Q, X, qt, xt, gate, eps, heap_sims, heap_rows, q, h5, i + 5)
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _exact_scan(Q, QH, qt, floor, X, XH, xt, eps, block, heap_sims, heap_rows):
     """Offer every row of X to the heaps of the queries Q (see :func:`_offer`); QH and XH are
@@ -226,21 +245,9 @@ def _exact_scan(Q, QH, qt, floor, X, XH, xt, eps, block, heap_sims, heap_rows):
             i = b0
             while i + 6 <= b1:
                 a0, a1, a2, a3, a4, a5, c0, c1, c2, c3, c4, c5 = _dots_2x6(QH, qa, qb, XH, i)
-                ga = max(floor[qa], heap_sims[qa, 0])
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a0, i)
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a1, i + 1)
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a2, i + 2)
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a3, i + 3)
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a4, i + 4)
-                _offer(Q, X, qt, xt, ga, eps, heap_sims, heap_rows, qa, a5, i + 5)
+                _offer6(Q, X, qt, xt, floor, eps, heap_sims, heap_rows, qa, a0, a1, a2, a3, a4, a5, i)
                 if paired:
-                    gb = max(floor[qb], heap_sims[qb, 0])
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c0, i)
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c1, i + 1)
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c2, i + 2)
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c3, i + 3)
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c4, i + 4)
-                    _offer(Q, X, qt, xt, gb, eps, heap_sims, heap_rows, qb, c5, i + 5)
+                    _offer6(Q, X, qt, xt, floor, eps, heap_sims, heap_rows, qb, c0, c1, c2, c3, c4, c5, i)
                 i += 6
             for side in range(2 if paired else 1):
                 q = qa if side == 0 else qb
@@ -274,30 +281,15 @@ def _certify(Q, X, heap_sims, heap_rows, eps32, out_sims, out_rows, certified):
     value must clear that. A heap that never filled left nothing out but rows below the floor."""
     n, slots = heap_sims.shape
     k = out_sims.shape[1]
-    sims = np.empty(slots, np.float64)
-    rows = np.empty(slots, np.int64)
+    _rescore(Q, X, heap_rows, out_sims, out_rows)
     for q in range(n):
         m = 0
         for j in range(slots):
-            row = heap_rows[q, j]
-            if row < 0:
-                continue
-            s = dot64(Q, q, X, row)
-            p = m
-            while p > 0 and (sims[p - 1] < s or (sims[p - 1] == s and rows[p - 1] > row)):
-                sims[p] = sims[p - 1]
-                rows[p] = rows[p - 1]
-                p -= 1
-            sims[p] = s
-            rows[p] = row
-            m += 1
-        for j in range(min(m, k)):
-            out_sims[q, j] = sims[j]
-            out_rows[q, j] = rows[j]
+            m += heap_rows[q, j] >= 0
         if m < k:
             certified[q] = False
         elif m == slots:
-            certified[q] = sims[k - 1] > np.float64(heap_sims[q, 0]) + eps32
+            certified[q] = out_sims[q, k - 1] > np.float64(heap_sims[q, 0]) + eps32
         else:
             certified[q] = True
 
@@ -442,13 +434,13 @@ def exact_search_torch(q: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, tor
         logger.info("exact k-NN re-scoring on %s: %d rows tie too closely to certify; searching them on the CPU",
                     device, again.numel())
         host_q = q[again].cpu().numpy()
-        s, r = exact_search_cpu(host_q, bank.host_unit(), bank.prefilter(), k, np.full(host_q.shape[0], -np.inf))
-        spec[again] = torch.from_numpy(s).to(device)
-        rows[again] = torch.from_numpy(r).to(device)
+        host_s, host_r = exact_search_cpu(host_q, bank.host_unit(), bank.prefilter(), k, np.full(host_q.shape[0], -np.inf))
+        spec[again] = torch.from_numpy(host_s).to(device)
+        rows[again] = torch.from_numpy(host_r).to(device)
     return spec, rows
 
 
 __all__ = [
     "EXTRA", "Prefilter", "build_prefilter", "dot_error_bound", "exact_search_cpu", "exact_search_torch",
-    "float16_error_bound",
+    "float16_error_bound", "no_head",
 ]

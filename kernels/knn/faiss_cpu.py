@@ -162,6 +162,19 @@ def dot64(q, i, vectors, row):
     return acc
 
 
+@njit(inline="always")
+def insert_sorted(sims, rows, n, s, row):
+    """Insert (s, row) into the first n entries of (sims descending, rows ascending on ties),
+    growing them to n + 1 (insertion: there are a handful)."""
+    p = n
+    while p > 0 and (sims[p - 1] < s or (sims[p - 1] == s and rows[p - 1] > row)):
+        sims[p] = sims[p - 1]
+        rows[p] = rows[p - 1]
+        p -= 1
+    sims[p] = s
+    rows[p] = row
+
+
 @njit(cache=True, nogil=True)
 def _rescore(q, vectors, candidates, out_sims, out_rows):
     k = out_sims.shape[1]
@@ -174,15 +187,7 @@ def _rescore(q, vectors, candidates, out_sims, out_rows):
             row = candidates[i, j]
             if row < 0:
                 continue
-            acc = dot64(q, i, vectors, row)
-            # insertion into (sims descending, rows ascending): m is a handful
-            p = n
-            while p > 0 and (sims[p - 1] < acc or (sims[p - 1] == acc and rows[p - 1] > row)):
-                sims[p] = sims[p - 1]
-                rows[p] = rows[p - 1]
-                p -= 1
-            sims[p] = acc
-            rows[p] = row
+            insert_sorted(sims, rows, n, dot64(q, i, vectors, row), row)
             n += 1
         for j in range(min(n, k)):
             out_sims[i, j] = sims[j]

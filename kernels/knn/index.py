@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .._arrays import as_tensor
-from .exact import Prefilter, build_prefilter
+from .exact import Prefilter, build_prefilter, no_head
 from .ivf_cpu import IvfLists, assign, group_by_list, merged_order, train_centroids
 from .reference import unit_rows
 
@@ -128,18 +128,25 @@ def _unit_host(x: torch.Tensor) -> np.ndarray:
 
 
 class _DeviceCopies:
-    """Arrays copied to a device (in a dtype), made on first use and kept."""
+    """Arrays copied to a device (in a dtype), and the pre-filter, made on first use and kept."""
 
     def __init__(self):
         self._copies: dict[tuple, torch.Tensor] = {}
+        self._prefilter: Prefilter | None = None
 
     def get(self, key, make) -> torch.Tensor:
         if key not in self._copies:
             self._copies[key] = make()
         return self._copies[key]
 
+    def prefilter(self, make) -> Prefilter:
+        if self._prefilter is None:
+            self._prefilter = make()
+        return self._prefilter
+
     def clear(self) -> None:
         self._copies.clear()
+        self._prefilter = None
 
 
 class RawBank:
@@ -179,8 +186,7 @@ class RawBank:
 
     def prefilter(self) -> Prefilter:
         """No projected head for a bank searched once: every vector is checked by its dot product."""
-        unit = self.host_unit()
-        return self._copies.get(("prefilter",), lambda: Prefilter(None, unit, np.zeros(len(unit), np.float32), 0.0))
+        return self._copies.prefilter(lambda: no_head(self.host_unit()))
 
     def rows_to_ids(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
@@ -480,7 +486,7 @@ class KnnIndex:
     def prefilter(self) -> Prefilter:
         """Internal: the pre-filter of the exact re-scoring (:func:`~.exact.build_prefilter`),
         made on first use (about 1 s at 1M x 128) and kept until the next :meth:`add`."""
-        return self._copies.get(("prefilter",), lambda: build_prefilter(self.host_unit()))
+        return self._copies.prefilter(lambda: build_prefilter(self.host_unit()))
 
 
 def _check_nprobe(nprobe, nlist: int) -> int:

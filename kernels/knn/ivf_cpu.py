@@ -259,19 +259,16 @@ def _sort_heaps(heap_sims, heap_rows):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _ivf_search_chunk(Q, X, centroids, offsets, nprobe, out_sims, out_rows):
-    """k nearest rows of X for each query of Q ([n, D] unit rows), scanning the ``nprobe`` lists
-    with the nearest centroids; list l is rows offsets[l] .. offsets[l + 1] - 1 of X. Writes
-    ``out_sims`` [n, k] (descending inner products) and ``out_rows`` [n, k] (-1 where the probed
-    lists held fewer than k rows); both must arrive filled with -inf and -1."""
+def _probe_and_group(Q, centroids, nprobe):
+    """(starts int64 [nlist + 1], queries int64 [n * nprobe]): the ``nprobe`` nearest centroids of
+    each query of Q (by :func:`_scan_block`, a heap per query), then the (query, list) pairs
+    grouped by list by a counting sort, queries ascending within a list: list l is probed by
+    ``queries[starts[l]:starts[l + 1]]``."""
     n = Q.shape[0]
     nlist = centroids.shape[0]
-    k = out_sims.shape[1]
-    # 1. The nprobe nearest centroids of each query, by the same kernel (a heap per query).
     probe_sims = np.full((n, nprobe), -np.inf, dtype=np.float32)
     probe_lists = np.full((n, nprobe), -1, dtype=np.int64)
     _scan_block(Q, np.arange(n), 0, n, centroids, 0, nlist, probe_sims, probe_lists, nprobe)
-    # 2. Group the (query, list) pairs by list: a counting sort, queries ascending within a list.
     starts = np.zeros(nlist + 1, dtype=np.int64)
     for q in range(n):
         for p in range(nprobe):
@@ -285,7 +282,19 @@ def _ivf_search_chunk(Q, X, centroids, offsets, nprobe, out_sims, out_rows):
             lst = probe_lists[q, p]
             pair_queries[fill[lst]] = q
             fill[lst] += 1
-    # 3. Scan each list once for all the queries of the chunk that probe it. (Scanning every
+    return starts, pair_queries
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _ivf_search_chunk(Q, X, centroids, offsets, nprobe, out_sims, out_rows):
+    """k nearest rows of X for each query of Q ([n, D] unit rows), scanning the ``nprobe`` lists
+    with the nearest centroids; list l is rows offsets[l] .. offsets[l + 1] - 1 of X. Writes
+    ``out_sims`` [n, k] (descending inner products) and ``out_rows`` [n, k] (-1 where the probed
+    lists held fewer than k rows); both must arrive filled with -inf and -1."""
+    nlist = centroids.shape[0]
+    k = out_sims.shape[1]
+    starts, pair_queries = _probe_and_group(Q, centroids, nprobe)
+    # Scan each list once for all the queries of the chunk that probe it. (Scanning every
     # query's nearest list first, for better heap roots early, cut heap insertions by a quarter
     # and measured no faster.)
     for lst in range(nlist):
@@ -302,22 +311,7 @@ def _ivf_search_chunk_heads(Q, QH, qt, X, XHt, xt, eps, centroids, offsets, npro
     beats the heap's root is admitted), for a fraction of the multiply-adds."""
     n = Q.shape[0]
     nlist = centroids.shape[0]
-    probe_sims = np.full((n, nprobe), -np.inf, dtype=np.float32)
-    probe_lists = np.full((n, nprobe), -1, dtype=np.int64)
-    _scan_block(Q, np.arange(n), 0, n, centroids, 0, nlist, probe_sims, probe_lists, nprobe)
-    starts = np.zeros(nlist + 1, dtype=np.int64)
-    for q in range(n):
-        for p in range(nprobe):
-            starts[probe_lists[q, p] + 1] += 1
-    for lst in range(nlist):
-        starts[lst + 1] += starts[lst]
-    fill = starts[:nlist].copy()
-    pair_queries = np.empty(n * nprobe, dtype=np.int64)
-    for q in range(n):
-        for p in range(nprobe):
-            lst = probe_lists[q, p]
-            pair_queries[fill[lst]] = q
-            fill[lst] += 1
+    starts, pair_queries = _probe_and_group(Q, centroids, nprobe)
     no_floor = np.full(n, -np.inf, dtype=np.float32)
     buf = np.empty((4, HEAD_LIST_ROWS), dtype=np.float32)
     for lst in range(nlist):
