@@ -372,3 +372,22 @@ def test_engine_anomaly_decisions_priority_and_fit_rates_on_an_ivf_bank():
     summary = TriageSummary().update(decisions)
     assert summary.knn_rows == decisions.num_rows and summary.knn_rescored == int(rescored.sum())
     assert summary.to_dict()["knn_rescored_share"] == rescored.mean()
+
+
+@pytest.mark.parametrize("rank", [None, 12], ids=["no head", "head"])
+def test_a_floor_at_the_kth_similarity_loses_nothing(rank, rng):
+    """The tightest valid floor, the k-th spec similarity itself: the neighbour that sits on it
+    must still be admitted (its float32 dot product may round below it; the bound's eps covers
+    that, with a projected head and without)."""
+    dim, k = 48, 6
+    bank = rng.standard_normal((4000, dim)).astype(np.float32) if rank is None else low_rank_bank(rng, 4000, dim, rank)
+    vectors = RawBank(bank).host_unit()
+    prefilter = build_prefilter(vectors)
+    assert (prefilter.rotation is None) == (rank is None)
+    queries = (bank[rng.integers(0, 4000, 300)] + 0.2 * rng.standard_normal((300, dim))).astype(np.float32)
+    q = unit_spec(queries)
+    expected = exact_kth(queries, vectors, k)
+    kth_sim = 1.0 - expected.astype(np.float64) ** 2 / 2  # within float32 rounding of the spec's
+    floor = kth_sim - 4e-7  # just under it: a valid lower bound despite the float32 distance
+    sims, _ = exact_search_cpu(q, vectors, prefilter, k, floor)
+    assert np.array_equal(np.sqrt(np.maximum(2 - 2 * sims[:, -1], 0)).astype(np.float32), expected)
