@@ -145,11 +145,12 @@ class TierConfig:
     anomaly: str = "specialist"
     audit: str = "general"
     invalid: str = "specialist"
+    reported: str = "specialist"
 
     def check(self, category_tier: dict[str, str]) -> None:
         if len(set(self.order)) != len(self.order) or not self.order:
             raise ConfigError(f"tiers.order: expected distinct tier names, found {self.order}")
-        for field in ("confidence", "disagreement", "policy", "anomaly", "audit", "invalid"):
+        for field in ("confidence", "disagreement", "policy", "anomaly", "audit", "invalid", "reported"):
             value = getattr(self, field)
             if value not in self.order:
                 raise ConfigError(f"tiers.{field}: expected one of {self.order}, found {value!r}")

@@ -174,18 +174,20 @@ class TriageEngine:
     def stage_seconds(self) -> dict[str, float]:
         return dict(self._timer.seconds)
 
-    def triage(self, batch) -> pa.RecordBatch:
+    def triage(self, batch, *, reported: bool = False) -> pa.RecordBatch:
         """Decision columns (DECISION_SCHEMA) for every row of ``batch``, in input order.
 
         ``batch``: an Arrow RecordBatch or Table in the data contract, or a mapping of column name
         to arrays (numpy, torch, CuPy, pyarrow). Raises ``BatchError`` (naming the column, what was
         expected and what came) for input that cannot be triaged; then no row is decided.
+        ``reported``: users challenged these predictions (the service's Report call): every row
+        escalates with the REPORTED bit to ``tiers.reported``, whatever the model said.
         """
-        decisions = self.decide(batch)
+        decisions = self.decide(batch, reported=reported)
         with self._timer.stage("output"):
             return decisions.to_arrow()
 
-    def decide(self, batch) -> Decisions:
+    def decide(self, batch, *, reported: bool = False) -> Decisions:
         """Like :meth:`triage`, but the columns stay tensors on the engine's device."""
         p = self.profile
         t = self._timer
@@ -217,7 +219,8 @@ class TriageEngine:
 
         with t.stage("audit"):
             inputs, weight, columns = rule_inputs(
-                x, s, ood, self._categories, p.config.audit, members=p.members, classes=p.classes
+                x, s, ood, self._categories, p.config.audit, members=p.members, classes=p.classes,
+                reported=reported,
             )
             valid = inputs.valid
             sampled_rows = torch.nonzero(inputs.audit_sampled).flatten().cpu().numpy()

@@ -12,6 +12,7 @@ largest severity among the row's fired reasons, where
 - ANOMALY: min(1, (d - t_ood) / t_ood), the k-NN distance's excess over its threshold;
 - POLICY: the category's configured priority (default 0.5);
 - AUDIT: 0 (an audit sample is not urgent);
+- REPORTED: 0.9 (a user challenged the prediction; only rows that cannot be scored come first);
 - rows that cannot be scored (non-finite or missing logits, missing embedding): 1.
 """
 
@@ -28,6 +29,7 @@ from .config import PolicyConfig, TierConfig
 from .lookup import lookup_codes
 
 DEFAULT_POLICY_PRIORITY = 0.5
+REPORTED_PRIORITY = 0.9
 
 
 class Reason(enum.IntFlag):
@@ -38,6 +40,7 @@ class Reason(enum.IntFlag):
     POLICY = 4
     ANOMALY = 8
     AUDIT = 16
+    REPORTED = 32  # a prediction users challenged (the service's Report call), whatever the model said
 
 
 def reason_names(mask: int) -> list[str]:
@@ -123,6 +126,7 @@ class RuleInputs:
     audit_sampled: torch.Tensor      # bool
     members: int
     classes: int
+    reported: torch.Tensor | None = None  # bool: rows users reported; None: none
 
     def take(self, rows: torch.Tensor) -> "RuleInputs":
         """The inputs of the given rows (int64 indices or a bool mask)."""
@@ -131,7 +135,7 @@ class RuleInputs:
             self, confidence=self.confidence[rows], mutual_info=self.mutual_info[rows],
             vote_agreement=self.vote_agreement[rows], predicted_class=self.predicted_class[rows],
             valid=self.valid[rows], ood_score=pick(self.ood_score), category_code=pick(self.category_code),
-            audit_sampled=self.audit_sampled[rows],
+            audit_sampled=self.audit_sampled[rows], reported=pick(self.reported),
         )
 
 
@@ -145,6 +149,7 @@ class Triggers:
     policy: torch.Tensor
     anomaly: torch.Tensor
     audit: torch.Tensor
+    reported: torch.Tensor
     confidence_threshold: torch.Tensor
     high_mi: torch.Tensor
     low_vote: torch.Tensor
@@ -162,6 +167,7 @@ class Triggers:
             | self.policy.to(torch.uint8) * int(Reason.POLICY)
             | self.anomaly.to(torch.uint8) * int(Reason.ANOMALY)
             | self.audit.to(torch.uint8) * int(Reason.AUDIT)
+            | self.reported.to(torch.uint8) * int(Reason.REPORTED)
         )
 
 
@@ -212,7 +218,8 @@ def fire_triggers(x: RuleInputs, thresholds: Thresholds, tables: CategoryTables)
         missing_embedding = anomaly = nothing
     return Triggers(
         confidence=low_confidence, disagreement=disagreement, policy=policy, anomaly=anomaly,
-        audit=x.audit_sampled, confidence_threshold=conf_threshold, high_mi=high_mi, low_vote=low_vote,
+        audit=x.audit_sampled, reported=x.reported if x.reported is not None else nothing,
+        confidence_threshold=conf_threshold, high_mi=high_mi, low_vote=low_vote,
         missing_embedding=missing_embedding,
     )
 
@@ -233,6 +240,7 @@ def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables
         (fired.disagreement, tiers.disagreement),
         (fired.anomaly, tiers.anomaly),
         (fired.policy, tiers.policy),
+        (fired.reported, tiers.reported),
         (invalid | fired.missing_embedding, tiers.invalid),
     ):
         tier = torch.where(rows, torch.clamp(tier, min=rank[tier_name]), tier)
@@ -257,5 +265,7 @@ def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables
         severity = torch.where(fired.anomaly, torch.maximum(severity, ood_sev), severity)
     if x.category_code is not None:
         severity = torch.where(fired.policy, torch.maximum(severity, tables.priority[x.category_code]), severity)
+    if x.reported is not None:
+        severity = torch.where(fired.reported, severity.clamp(min=REPORTED_PRIORITY), severity)
     severity = torch.where(invalid | fired.missing_embedding, torch.ones_like(severity), severity)
     return RuleOutputs(reason_mask=mask, tier_rank=tier, priority=severity.to(torch.float32))

@@ -77,11 +77,11 @@ def valid_rows(x: PredictionBatch, s: EnsembleSignals[torch.Tensor]) -> torch.Te
 
 
 def rule_inputs(x: PredictionBatch, s: EnsembleSignals[torch.Tensor], ood: torch.Tensor | None, tables: CategoryTables,
-                audit_config: AuditConfig, *, members: int, classes: int
+                audit_config: AuditConfig, *, members: int, classes: int, reported: bool = False
                 ) -> tuple[RuleInputs, torch.Tensor, audit.AuditColumns]:
     """The rule's inputs for the rows of ``x`` with signals ``s`` and k-NN distances ``ood`` (None
     without a bank), the audit weight of each row (0 where not sampled) and the audit columns
-    (for the stratum labels of the sampled rows)."""
+    (for the stratum labels of the sampled rows). ``reported``: every row was reported by users."""
     columns = audit.AuditColumns(x.ids, x.source, x.category, s.predicted_class, s.confidence)
     sampled, weight = audit.sample(columns, audit_config)
     inputs = RuleInputs(
@@ -89,5 +89,6 @@ def rule_inputs(x: PredictionBatch, s: EnsembleSignals[torch.Tensor], ood: torch
         predicted_class=s.predicted_class, valid=valid_rows(x, s), ood_score=ood,
         category_code=category_codes(x.category, tables, s.confidence.device),
         audit_sampled=sampled, members=members, classes=classes,
+        reported=torch.ones_like(sampled) if reported else None,
     )
     return inputs, weight, columns

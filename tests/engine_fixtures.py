@@ -19,9 +19,9 @@ import torch
 import xxhash
 
 # Reason bits as DESIGN.md lists them (restated, not imported, so a renumbering is caught).
-CONFIDENCE, DISAGREEMENT, POLICY, ANOMALY, AUDIT = 1, 2, 4, 8, 16
+CONFIDENCE, DISAGREEMENT, POLICY, ANOMALY, AUDIT, REPORTED = 1, 2, 4, 8, 16, 32
 BITS = {"confidence": CONFIDENCE, "disagreement": DISAGREEMENT, "policy": POLICY, "anomaly": ANOMALY,
-        "audit": AUDIT}
+        "audit": AUDIT, "reported": REPORTED}
 
 # The decision columns DESIGN.md promises ("Output decisions ... at least"), with their types.
 DESIGN_COLUMNS = {
@@ -199,9 +199,10 @@ def audit_uniform_np(ids) -> callable:
 # ------------------------------------------------------------------------------------------------
 
 
-def expected_rules(decisions: pa.Table | pa.RecordBatch, profile, category=None):
+def expected_rules(decisions: pa.Table | pa.RecordBatch, profile, category=None, *, reported: bool = False):
     """(reason_mask uint8 [N], tier name or None [N], priority float64 [N]) recomputed from the
-    decisions' signal columns, the input's categories and the profile's thresholds and rules."""
+    decisions' signal columns, the input's categories and the profile's thresholds and rules
+    (``reported``: users reported every row, as the service's Report call says)."""
     col = {name: np.asarray(decisions.column(name).to_numpy(zero_copy_only=False)) for name in
            ("confidence", "mutual_info", "vote_agreement", "ood_score", "audit_weight", "valid",
             "predicted_class")}
@@ -239,15 +240,17 @@ def expected_rules(decisions: pa.Table | pa.RecordBatch, profile, category=None)
     anomaly = ((ood > np.float32(th.ood)) | missing_embedding) if has_bank else np.zeros(n, dtype=bool)
     audit = col["audit_weight"] > 0
 
+    users = np.full(n, reported)
     mask = (low_conf * CONFIDENCE | disagreement * DISAGREEMENT | policy * POLICY | anomaly * ANOMALY
-            | audit * AUDIT).astype(np.uint8)
+            | audit * AUDIT | users * REPORTED).astype(np.uint8)
 
     order = list(cfg.tiers.order)
     rank = {name: i for i, name in enumerate(order)}
     tier = np.full(n, -1)
     for fired, name in ((audit, cfg.tiers.audit), (low_conf, cfg.tiers.confidence),
                         (disagreement, cfg.tiers.disagreement), (anomaly, cfg.tiers.anomaly),
-                        (policy, cfg.tiers.policy), (cannot | missing_embedding, cfg.tiers.invalid)):
+                        (policy, cfg.tiers.policy), (users, cfg.tiers.reported),
+                        (cannot | missing_embedding, cfg.tiers.invalid)):
         tier = np.where(fired, np.maximum(tier, rank[name]), tier)
     cat_rank = np.array([rank[cfg.policy.category_tier[c]] if c in cfg.policy.category_tier else -1 for c in cats])
     tier = np.where(mask > 0, np.maximum(tier, cat_rank), tier)
@@ -269,6 +272,7 @@ def expected_rules(decisions: pa.Table | pa.RecordBatch, profile, category=None)
             severity = np.where(anomaly, np.maximum(severity, ood_sev), severity)
     policy_priority = np.array([cfg.policy.category_priority.get(c, 0.5) for c in cats])
     severity = np.where(policy, np.maximum(severity, policy_priority), severity)
+    severity = np.where(users, np.maximum(severity, 0.9), severity)  # a user's challenge: 0.9
     severity = np.where(cannot | missing_embedding, 1.0, severity)
     return mask, tier_names, severity
 

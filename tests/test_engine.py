@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from engine_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    BITS,
     one_torch_thread,
     ANOMALY,
     AUDIT,
@@ -401,9 +402,7 @@ def test_summary_merge_equals_one_summary_of_everything(triaged):
         assert got[key] == expected[key], key
     # Independent counts from the columns.
     mask = column(decisions, "reason_mask")
-    assert expected["by_reason"] == {name: int(((mask & bit) > 0).sum()) for name, bit in
-                                     (("confidence", CONFIDENCE), ("disagreement", DISAGREEMENT), ("policy", POLICY),
-                                      ("anomaly", ANOMALY), ("audit", AUDIT))}
+    assert expected["by_reason"] == {name: int(((mask & bit) > 0).sum()) for name, bit in BITS.items()}
     assert got["by_reason"] == expected["by_reason"]
 
 

@@ -27,7 +27,7 @@ class ServeConfig:
     ``max_message_mb``: largest gRPC message either way. ``workers``: server processes on the same
     ports (SO_REUSEPORT). ``tokens``: token -> role (fleet: triage and report; reviewer: verdicts;
     admin: everything, reload included); empty = no authentication. ``tls_cert`` / ``tls_key``:
-    PEM files; both or neither. ``reported_tier``: the tier of rows users reported.
+    PEM files; both or neither. (Rows users report go to the profile's ``tiers.reported``.)
     """
 
     host: str = "127.0.0.1"
@@ -42,7 +42,6 @@ class ServeConfig:
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
-    reported_tier: str = "specialist"
 
     def check(self) -> "ServeConfig":
         for name in ("port", "flight_port", "metrics_port"):
