@@ -89,11 +89,7 @@ class Profile:
 
         config = (config or TriageConfig()).check_fit()
         _check_calibration_classes(calibration)
-        if isinstance(bank, (pa.Table, pa.RecordBatch)):
-            dim = None
-            if isinstance(calibration, (pa.Table, pa.RecordBatch)) and "embedding" in calibration.schema.names:
-                dim = check_schema(calibration.schema, embedding="required", label="ignore").dim
-            check_bank_schema(bank.schema, dim=dim)
+        _check_bank(calibration, bank)
         return fit_profile(calibration, bank=bank, config=config, progress=progress)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -250,6 +246,21 @@ def _damaged_npy(directory: Path) -> Path | None:
         if path.stat().st_size < needed:
             return path
     return None
+
+
+def _check_bank(calibration, bank) -> None:
+    """The bank has an ``embedding`` column (a table) and the calibration data's D (table or
+    array [N, D]), refused naming the bank before anything is fitted."""
+    dim = None
+    if isinstance(calibration, (pa.Table, pa.RecordBatch)) and "embedding" in calibration.schema.names:
+        dim = check_schema(calibration.schema, embedding="required", label="ignore").dim
+    elif isinstance(calibration, Mapping) and len(getattr(calibration.get("embedding"), "shape", ())) == 2:
+        dim = int(calibration["embedding"].shape[1])
+    if isinstance(bank, (pa.Table, pa.RecordBatch)):
+        check_bank_schema(bank.schema, dim=dim)
+    elif dim is not None and len(getattr(bank, "shape", ())) == 2 and int(bank.shape[1]) != dim:
+        raise BatchValueError("embedding", f"expected the bank's vectors to have the calibration data's D={dim}, "
+                                           f"found D={int(bank.shape[1])} (an array of shape {list(bank.shape)})")
 
 
 def _check_calibration_classes(calibration) -> None:

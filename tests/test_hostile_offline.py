@@ -598,3 +598,11 @@ def test_one_repeated_id_among_many_is_found_where_it_is(kind, rng):
     values[row] = values[seen]
     with pytest.raises(DuplicateIdError, match=rf"found 1 row\(s\).* at row {row}, first seen at row {seen}\)"):
         check_unique_ids(pa.array(values, ids.type))
+
+
+def test_a_bank_of_the_wrong_dim_is_named_from_python_too(base):
+    calibration = pq.read_table(base / "fleet.calibration.parquet")
+    with pytest.raises(ValueError, match=r"^embedding: expected the bank's vectors to have the calibration data's D=8, found D=5"):
+        Profile.fit(calibration, bank=np.ones((300, 5), np.float32))
+    with pytest.raises(ValueError, match=r"^embedding: .*bank.*no such column"):
+        Profile.fit(calibration, bank=pa.table({"vectors": [1.0]}))
