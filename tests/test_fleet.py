@@ -495,5 +495,5 @@ def test_cli_writes_the_four_files(tmp_path, capsys, monkeypatch):
 def test_cli_rejects_bad_arguments_with_the_field(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     assert main(["simulate", "--rows", "0", "--out", str(tmp_path / "x.parquet")]) == 2
-    assert "rows" in capsys.readouterr().out
+    assert "rows" in capsys.readouterr().err  # one line on stderr, as every command refuses
     assert not (tmp_path / "x.parquet").exists()
