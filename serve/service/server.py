@@ -33,15 +33,17 @@ RELOAD_POLL_S = 2.0
 class Service:
     """What every face calls: ``decide`` (through the batcher), ``queue``, ``engines``, ``stats``."""
 
-    def __init__(self, engines: EngineHolder, queue, config: ServeConfig):
+    def __init__(self, engines: EngineHolder, queue, config: ServeConfig, metrics=None):
         self.engines = engines
         self.queue = queue
         self.config = config
+        self.metrics = metrics  # metrics.Metrics, or None: metrics off
         self.summary = TriageSummary()
         self._summary_lock = threading.Lock()
-        self.writer = QueueWriter(queue)
+        observe = metrics.observe if metrics is not None else None
+        self.writer = QueueWriter(queue, observe=observe)
         self.batcher = Batcher(self._decide_batch, self.writer, max_batch_rows=config.max_batch_rows,
-                               max_delay_s=config.max_delay_s, max_queue_rows=config.max_queue_rows)
+                               max_delay_s=config.max_delay_s, max_queue_rows=config.max_queue_rows, observe=observe)
         self.grpc_server = None
         self.flight_server = None
         self.health = None
@@ -57,6 +59,8 @@ class Service:
             decisions = self.engines.engine.triage(batch)
         with self._summary_lock:
             self.summary.update(decisions)
+        if self.metrics is not None:
+            self.metrics.decided(decisions)
         return decisions
 
     def decide(self, batch: pa.RecordBatch, *, deadline: float | None = None, alive=lambda: True,
@@ -81,21 +85,32 @@ class Service:
 
     @classmethod
     def start(cls, profile_dir: str | Path, queue_url: str | None, config: ServeConfig, *, device: str | None = None,
-              queue_config: Path | None = None) -> "Service":
+              queue_config: Path | None = None, worker: bool = False) -> "Service":
+        """``worker``: one of ``--workers N`` processes (its metrics go to the parent, which serves them)."""
         from hitl_triage.serve.commands.queue import open_from_args
 
+        from . import auth
+        from . import metrics as ops_metrics
         from .grpc_server import build_grpc_server
         from .inference import add_inference_servicer
 
         engines = EngineHolder(profile_dir, device=device)
         queue = open_from_args(queue_url, queue_config, tiers=engines.profile.config.tiers.order) if queue_url else None
-        service = cls(engines, queue, config)
+        service = cls(engines, queue, config, metrics=ops_metrics.Metrics() if config.metrics_port >= 0 else None)
+        authorizer = auth.Authorizer(config.tokens)
+        auth.log_mode(config.tokens)
+        interceptors = [ops_metrics.CallInterceptor(service.metrics)] + ([auth.AuthInterceptor(authorizer)] if authorizer.enabled else [])
         server, port, health_servicer = build_grpc_server(
             service, host=config.host, port=config.port, max_message_bytes=config.max_message_mb << 20,
+            interceptors=interceptors, credentials=auth.server_credentials(config),
             extra_servicers=(add_inference_servicer(service),),  # the Open Inference Protocol, same port
         )
         service.grpc_server, service.health = server, health_servicer
         service.ports["grpc"] = port
+        if service.metrics is not None:
+            service.metrics.watch(service)
+            if not worker:
+                service.ports["metrics"] = service.metrics.serve(config.host, config.metrics_port)
         server.start()
         service._set_serving(True)
         threading.Thread(target=service._watch_profile, name="profile-watch", daemon=True).start()
@@ -129,6 +144,8 @@ class Service:
             stopped.wait(grace_s)
         if self.queue is not None:
             self.queue.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -1,0 +1,196 @@
+"""Token authentication with roles, for every face of the service.
+
+A client sends ``authorization: Bearer <token>``; ``serve.tokens`` maps each token to a role:
+
+- ``fleet``: Triage, TriageStream, Report, GetProfile, Stats, and every call of the Open Inference
+  Protocol (``inference.GRPCInferenceService``).
+- ``reviewer``: SubmitVerdicts, GetProfile, Stats.
+- ``admin``: everything, ReloadProfile included.
+
+``grpc.health.v1`` and server reflection answer without a token. A call without a token, or with
+one the server does not know, ends UNAUTHENTICATED; a known token whose role does not cover the
+call ends PERMISSION_DENIED; both messages say what was expected. No tokens configured: no
+authentication (the server logs it at start).
+
+The gRPC port uses :class:`AuthInterceptor`; other faces call :meth:`Authorizer.check` with the
+``triage.v1`` method a call stands for. The Flight face (flight_server.py) takes it as is::
+
+    authorizer = Authorizer(config.tokens)
+    start_flight_server(service, config, authorize=authorizer.check)
+    # in a handler: authorizer.check(token, "/triage.v1.Triage/SubmitVerdicts") -> "reviewer",
+    # or raises Unauthenticated / PermissionDenied, whose ``code`` is the grpc.StatusCode
+
+``Authorizer({})`` (no tokens) lets every call through: ``check`` returns None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+FLEET, REVIEWER, ADMIN = "fleet", "reviewer", "admin"
+TRIAGE = "/triage.v1.Triage/"
+INFERENCE = "/inference.GRPCInferenceService/"
+
+# Calls anyone may make, token or not (a name ending in "/" covers every method of that service).
+EXEMPT: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+# Who may call what besides admin, who may call everything; a call listed nowhere is admin's only.
+ALLOWED: dict[str, frozenset[str]] = {
+    TRIAGE + "Triage": frozenset({FLEET}),
+    TRIAGE + "TriageStream": frozenset({FLEET}),
+    TRIAGE + "Report": frozenset({FLEET}),
+    TRIAGE + "SubmitVerdicts": frozenset({REVIEWER}),
+    TRIAGE + "GetProfile": frozenset({FLEET, REVIEWER}),
+    TRIAGE + "Stats": frozenset({FLEET, REVIEWER}),
+    INFERENCE: frozenset({FLEET}),
+}
+
+
+class AuthError(Exception):
+    """A call the tokens do not allow; ``code`` is the gRPC status it ends with."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unauthenticated(AuthError):
+    """No token, a malformed header, or a token the server does not know."""
+
+
+class PermissionDenied(AuthError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def _matches(method: str, names: Iterable[str]) -> str | None:
+    for name in names:
+        if method == name or (name.endswith("/") and method.startswith(name)):
+            return name
+    return None
+
+
+def roles_for(method: str) -> frozenset[str] | None:
+    """The roles allowed to call ``method`` (a full gRPC name, ``/package.Service/Method``); None
+    when it is exempt (no token needed)."""
+    if _matches(method, EXEMPT):
+        return None
+    name = _matches(method, ALLOWED)
+    return (ALLOWED[name] if name is not None else frozenset()) | {ADMIN}
+
+
+def bearer_token(value) -> str | None:
+    """The token of an ``authorization`` header value (``Bearer <token>``); a list of values (as
+    Flight gives) uses the first. None when absent; "" when present but not a bearer token."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
+def _digest(token: str) -> bytes:
+    # Tokens are looked up by their SHA-256, so the time a lookup takes says nothing about a token.
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Authorizer:
+    """``Authorizer(tokens)`` with ``tokens`` {token: role}. ``check(token, method)`` returns the
+    caller's role (None when the call is exempt or no tokens are configured) or raises
+    :class:`Unauthenticated` / :class:`PermissionDenied`."""
+
+    def __init__(self, tokens: Mapping[str, str]):
+        self._roles = {_digest(token): role for token, role in tokens.items()}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._roles)
+
+    def check(self, token: str | None, method: str) -> str | None:
+        if not self._roles:
+            return None
+        allowed = roles_for(method)
+        if allowed is None:
+            return None
+        if token is None:
+            raise Unauthenticated(f"{method}: expected metadata 'authorization: Bearer <token>', found none")
+        if not token:
+            raise Unauthenticated(f"{method}: expected metadata 'authorization: Bearer <token>', "
+                                  "found an authorization value of another form")
+        role = self._roles.get(_digest(token))
+        if role is None:
+            raise Unauthenticated(f"{method}: expected a token listed in serve.tokens, found an unknown one")
+        if role not in allowed:
+            wanted = [r for r in (FLEET, REVIEWER, ADMIN) if r in allowed]
+            raise PermissionDenied(f"{method}: expected a token of role {' or '.join(wanted)}, "
+                                   f"found one of role {role}")
+        return role
+
+
+def _metadata_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return bearer_token(value)
+    return None
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses, before the handler runs, every call that ``authorizer`` does not allow."""
+
+    def __init__(self, authorizer: Authorizer):
+        self.authorizer = authorizer
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not self.authorizer.enabled:
+            return handler
+        try:
+            self.authorizer.check(_metadata_token(handler_call_details.invocation_metadata),
+                                  handler_call_details.method)
+        except AuthError as exc:
+            return _refusing(handler, exc.code, str(exc))
+        return handler
+
+
+def _refusing(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind as ``handler`` that ends the call with ``code``."""
+
+    def refuse(request_or_iterator, context):
+        context.abort(code, message)
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def log_mode(tokens: Mapping[str, str]) -> None:
+    """One line at start: whether calls need a token, and how many of each role exist."""
+    if not tokens:
+        logger.warning("authentication: off (serve.tokens is empty): every call is allowed")
+        return
+    counts = {role: sum(1 for r in tokens.values() if r == role) for role in (FLEET, REVIEWER, ADMIN)}
+    logger.info("authentication: bearer tokens (%s); health and reflection exempt",
+                ", ".join(f"{n} {role}" for role, n in counts.items()))
+
+
+def server_credentials(config) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port from ``config.tls_cert`` / ``config.tls_key`` (PEM files: the
+    certificate chain and its private key); None (plain TCP) when they are not set."""
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        chain, private_key = cert.read(), key.read()
+    logger.info("TLS: gRPC port with certificate %s", config.tls_cert)
+    return grpc.ssl_server_credentials([(private_key, chain)])
