@@ -154,21 +154,13 @@ def tune_nprobe(index: KnnIndex, queries, k: int, max_error: float, *, z: float 
     def bound_at(nprobe: int) -> float:
         if nprobe not in stats:
             index.nprobe = nprobe
-            stats[nprobe] = [_error(np.asarray(knn_distance(rows, index, k, backend="ivf"), np.float64), ex, z)
+            stats[nprobe] = [knn_error(np.asarray(knn_distance(rows, index, k, backend="ivf"), np.float64), ex, z)
                              for rows, ex in zip(sets, exact)]
         return max(bound for _, bound, _ in stats[nprobe])
 
     nlist = index.nlist
     assert nlist is not None  # kind='ivf' (checked above)
-    low, high = 0, 1  # bound_at(low) > max_error (0: nothing probed), bound_at(high) to test
-    while high < nlist and bound_at(high) > max_error:
-        low, high = high, min(nlist, 2 * high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if bound_at(middle) <= max_error:
-            high = middle
-        else:
-            low = middle
+    high = smallest_nprobe(bound_at, nlist, max_error)
     index.nprobe = high
     bound = bound_at(high)
     mean, _, worst = stats[high][0]
@@ -180,7 +172,22 @@ def tune_nprobe(index: KnnIndex, queries, k: int, max_error: float, *, z: float 
             "knn_error_max": worst, "evaluations": len(stats)}
 
 
-def _error(approx: np.ndarray, exact: np.ndarray, z: float) -> tuple[float, float, float]:
+def smallest_nprobe(bound_at, nlist: int, max_error: float) -> int:
+    """The smallest nprobe in [1, nlist] with ``bound_at(nprobe) <= max_error`` (nlist if none),
+    for a bound that falls as nprobe grows: doubling from 1, then bisecting."""
+    low, high = 0, 1  # bound_at(low) > max_error (0: nothing probed), bound_at(high) to test
+    while high < nlist and bound_at(high) > max_error:
+        low, high = high, min(nlist, 2 * high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if bound_at(middle) <= max_error:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def knn_error(approx: np.ndarray, exact: np.ndarray, z: float = 2.0) -> tuple[float, float, float]:
     """(mean, mean + z * standard error, max) of the relative error of ``approx`` on the rows
     where ``exact`` is finite; zeros when there are none."""
     usable = np.isfinite(exact)
