@@ -107,6 +107,11 @@ class Service:
         )
         service.grpc_server, service.health = server, health_servicer
         service.ports["grpc"] = port
+        if config.flight_port >= 0:  # the Flight face (flight_server.py); -1: off
+            from .flight_server import start_flight_server
+
+            service.flight_server = start_flight_server(service, config, authorize=authorizer.check)
+            service.ports["flight"] = service.flight_server.port
         if service.metrics is not None:
             service.metrics.watch(service)
             if not worker:
@@ -139,9 +144,12 @@ class Service:
         self._stopped.set()
         self._set_serving(False)
         stopped = self.grpc_server.stop(grace_s) if self.grpc_server is not None else None
+        flight_stopped = self.flight_server.stop(grace_s) if self.flight_server is not None else None
         self.batcher.close(grace_s)  # decides and writes what was admitted
         if stopped is not None:
             stopped.wait(grace_s)
+        if flight_stopped is not None:
+            flight_stopped.wait(grace_s)
         if self.queue is not None:
             self.queue.close()
         if self.metrics is not None:
