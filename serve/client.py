@@ -71,31 +71,35 @@ NO_RETRY = Retry(attempts=0)
 
 
 class TriageClient:
-    """One connection to a triage server.
+    """Connections to a triage server.
 
     ``address``: ``host:port`` of the face chosen by ``transport`` (the Flight port for
     ``"flight"``, the triage.v1 port for ``"grpc"``); a ``grpc://``, ``grpc+tcp://`` or
-    ``grpc+tls://`` URL is accepted too. ``token``: sent as ``authorization: Bearer <token>``.
+    ``grpc+tls://`` URL is accepted too. Several (a list, or comma-separated), such as the Flight
+    ports of ``triage serve --workers N`` (Flight cannot share one port between processes): the
+    streams of :meth:`triage_stream` are spread over them, and a retry goes to the next. ``token``: sent as ``authorization: Bearer <token>``.
     ``tls``: None (plain TCP), True (TLS, the system's roots) or a CA certificate (PEM bytes or the
     path of a PEM file) to verify the server with. ``timeout_s``: the deadline of each unary call
     (None: none). ``batch_rows``: the largest batch sent; bigger inputs are split.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, tls: bool | bytes | str | Path | None = None,
+    def __init__(self, address: str | Sequence[str], *, token: str | None = None, tls: bool | bytes | str | Path | None = None,
                  transport: Transport = "flight", retry: Retry = Retry(), timeout_s: float | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS):
         if transport not in ("flight", "grpc"):
             raise ValueError(f"transport: expected 'flight' or 'grpc', found {transport!r}")
         if batch_rows < 1:
             raise ValueError(f"batch_rows: expected at least 1, found {batch_rows}")
-        scheme, _, hostport = address.rpartition("://")
-        if scheme == "grpc+tls" and tls is None:
+        addresses = [a.strip() for a in (address.split(",") if isinstance(address, str) else address) if a.strip()]
+        if not addresses:
+            raise ValueError(f"address: expected host:port, found {address!r}")
+        if any(a.startswith("grpc+tls://") for a in addresses) and tls is None:
             tls = True
         root = Path(tls).read_bytes() if isinstance(tls, (str, Path)) else tls if isinstance(tls, bytes) else None
         headers = [("authorization", f"Bearer {token}")] if token else []
         factory = _FlightTransport if transport == "flight" else _GrpcTransport
-        self._transport = factory(hostport, bool(tls), root, headers)
-        self.address = hostport
+        self.addresses = [a.rpartition("://")[2] for a in addresses]
+        self._transports = [factory(a, bool(tls), root, headers) for a in self.addresses]
         self.transport = transport
         self.retry = retry
         self.timeout_s = timeout_s
@@ -112,18 +116,21 @@ class TriageClient:
         """Decide predictions that users challenged: each escalates with the REPORTED reason."""
         return self._whole("report", batch)
 
-    def triage_stream(self, inputs: Iterable[Input], *, streams: int = 1, window: int = 4) -> Iterator[pa.RecordBatch]:
+    def triage_stream(self, inputs: Iterable[Input], *, streams: int | None = None,
+                      window: int = 4) -> Iterator[pa.RecordBatch]:
         """Decisions of a stream of inputs (record batches, tables, or Parquet file paths, split
         into batches of at most ``batch_rows``): one decisions batch per batch sent, in order.
         ``streams`` > 1 spreads the batches over that many concurrent exchanges (the server then
-        decides one while it stores another's escalations); ``window``: batches sent ahead of
-        their answers on each."""
+        decides one while it stores another's escalations), stream k on address k mod the
+        addresses (default: one stream per address); ``window``: batches sent ahead of their
+        answers on each."""
+        streams = len(self._transports) if streams is None else streams
         if streams < 1 or window < 1:
             raise ValueError(f"streams, window: expected at least 1, found {streams}, {window}")
         batches = self._batches(inputs)
         if streams == 1:
             return self._retrying("triage", batches, window, None)
-        return _spread(lambda part: self._retrying("triage", part, window, None), batches, streams, window)
+        return _spread(lambda part, k: self._retrying("triage", part, window, None, k), batches, streams, window)
 
     # -- verdicts, profile, stats ----------------------------------------------------------------
 
@@ -143,19 +150,20 @@ class TriageClient:
     def profile(self) -> dict[str, Any]:
         """version, members, classes, dim (0 without a bank), class_names, tiers, temperature,
         thresholds, fit_report."""
-        return self._call(lambda: self._transport.profile(self.timeout_s))
+        return self._call(lambda t: t.profile(self.timeout_s))
 
     def stats(self) -> dict[str, Any]:
         """profile_version, rows and escalated (decided by the server process since it started),
         by_reason, queue ({"tiers": {tier: depth, in_flight, ...}, "verdicts": {...}}), admitted_rows."""
-        return self._call(lambda: self._transport.stats(self.timeout_s))
+        return self._call(lambda t: t.stats(self.timeout_s))
 
     def health(self) -> str:
         """SERVING or NOT_SERVING (no token needed)."""
-        return self._call(lambda: self._transport.health(self.timeout_s))
+        return self._call(lambda t: t.health(self.timeout_s))
 
     def close(self) -> None:
-        self._transport.close()
+        for transport in self._transports:
+            transport.close()
 
     def __enter__(self) -> "TriageClient":
         return self
@@ -188,21 +196,22 @@ class TriageClient:
             else:
                 raise TypeError(f"inputs: expected record batches, tables or Parquet paths, found {type(item).__name__}")
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
         attempt = 0
         while True:
             try:
-                return fn()
+                return fn(self._transports[attempt % len(self._transports)])
             except TriageError as exc:
                 if exc.code not in self.retry.codes or attempt >= self.retry.attempts:
                     raise
                 time.sleep(self.retry.delay(attempt))
                 attempt += 1
 
-    def _retrying(self, kind: str, batches: Iterator[pa.RecordBatch], window: int,
-                  timeout_s: float | None) -> Iterator[pa.RecordBatch]:
-        """Answers of ``batches`` in order; after a retryable error the batches sent and not
-        answered go again, first, on a new exchange."""
+    def _retrying(self, kind: str, batches: Iterator[pa.RecordBatch], window: int, timeout_s: float | None,
+                  first: int = 0) -> Iterator[pa.RecordBatch]:
+        """Answers of ``batches`` in order, from address ``first`` (the next after each retry);
+        after a retryable error the batches sent and not answered go again, first, on a new
+        exchange."""
         unanswered: collections.deque[pa.RecordBatch] = collections.deque()
 
         def feed(resend: list[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -214,7 +223,8 @@ class TriageClient:
         attempt = 0
         while True:
             try:
-                for answer in self._transport.exchange(kind, feed(list(unanswered)), window, timeout_s):
+                transport = self._transports[(first + attempt) % len(self._transports)]
+                for answer in transport.exchange(kind, feed(list(unanswered)), window, timeout_s):
                     unanswered.popleft()
                     attempt = 0
                     yield answer
@@ -226,9 +236,10 @@ class TriageClient:
                 attempt += 1
 
 
-def _spread(run: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]], batches: Iterator[pa.RecordBatch],
-            streams: int, window: int) -> Iterator[pa.RecordBatch]:
-    """``run`` on ``streams`` threads, batch i on stream i % streams, answers yielded in input order."""
+def _spread(run: Callable[[Iterator[pa.RecordBatch], int], Iterator[pa.RecordBatch]],
+            batches: Iterator[pa.RecordBatch], streams: int, window: int) -> Iterator[pa.RecordBatch]:
+    """``run(part, k)`` on ``streams`` threads, batch i on stream k = i % streams, answers
+    yielded in input order."""
     done = object()
     inboxes: list[queue.Queue] = [queue.Queue(window) for _ in range(streams)]
     outboxes: list[queue.Queue] = [queue.Queue() for _ in range(streams)]
@@ -250,7 +261,7 @@ def _spread(run: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
 
     def work(k: int) -> None:
         try:
-            for answer in run(parts(inboxes[k])):
+            for answer in run(parts(inboxes[k]), k):
                 outboxes[k].put(answer)
         except BaseException as exc:  # noqa: BLE001 - raised in the consumer
             errors.append(exc)
