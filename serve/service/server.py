@@ -49,6 +49,7 @@ class Service:
         self.health = None
         self.ports: dict[str, int] = {}
         self._stopped = threading.Event()
+        self._finished = threading.Event()  # set once stop() has closed everything
 
     # -- deciding ----------------------------------------------------------------------------------
 
@@ -142,6 +143,12 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        try:
+            self._shut_down(grace_s)
+        finally:
+            self._finished.set()
+
+    def _shut_down(self, grace_s: float) -> None:
         self._set_serving(False)
         stopped = self.grpc_server.stop(grace_s) if self.grpc_server is not None else None
         flight_stopped = self.flight_server.stop(grace_s) if self.flight_server is not None else None
@@ -156,7 +163,9 @@ class Service:
             self.metrics.close()
 
     def wait(self) -> None:
-        self._stopped.wait()
+        """Until stop() has finished (a SIGTERM's admitted calls answered, the ports closed): the
+        main thread stays here, so a second signal meanwhile reaches our handler, not the default."""
+        self._finished.wait()
 
     def install_signal_handlers(self) -> None:
         def handle(signum, frame):
