@@ -111,8 +111,8 @@ class Service:
         if config.flight_port >= 0:  # the Flight face (flight_server.py); -1: off
             from .flight_server import start_flight_server
 
-            service.flight_server = start_flight_server(service, config, authorize=authorizer.check)
-            service.ports["flight"] = service.flight_server.port
+            flight_server = start_flight_server(service, config, authorize=authorizer.check)
+            service.flight_server, service.ports["flight"] = flight_server, flight_server.port  # type: ignore[assignment]
         if service.metrics is not None:
             service.metrics.watch(service)
             if not worker:
