@@ -4,18 +4,10 @@ directly (escalations), and gRPC status codes."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,32 +16,8 @@ from engine_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.queue import open_queue
 from hitl_triage.serve.service.ipc import read_batch, write_batch
+from service_fixtures import served
 from test_cli import run_cli
-
-
-@contextlib.contextmanager
-def served(profile: Path, queue_url: str | None, tmp: Path, *extra: str):
-    """`triage serve` in a subprocess; yields (grpc port, process); SIGTERM after."""
-    ready = tmp / f"ready-{time.monotonic_ns()}.json"
-    argv = [sys.executable, "-m", "hitl_triage.serve.cli", "serve", "--profile", str(profile), "--port", "0",
-            "--flight-port", "-1", "--metrics-port", "-1", "--ready-file", str(ready), *extra]
-    if queue_url:
-        argv += ["--queue", queue_url]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"triage serve did not start: {process.communicate()[0] if process.poll() is not None else 'timeout'}")
-            time.sleep(0.1)
-        yield json.loads(ready.read_text())["grpc"], process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +34,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world):
     url = f"sqlite:///{world / 'review.db'}"
-    with served(world / "profile", url, world) as (port, process):
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield triage_pb2_grpc.TriageStub(channel), channel, url, process
+    with served(world / "profile", url, world) as server:
+        channel = grpc.insecure_channel(server.grpc)
+        yield triage_pb2_grpc.TriageStub(channel), channel, url, server.process
 
 
 def fleet_batches(world: Path, size: int) -> list[pa.RecordBatch]:
@@ -151,8 +119,8 @@ def test_profile_stats_and_reflection(server, world):
 
 
 def test_a_full_admission_queue_answers_resource_exhausted(world, tmp_path):
-    with served(world / "profile", None, tmp_path, "--max-batch-rows", "64", "--max-queue-rows", "128") as (port, _):
-        stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with served(world / "profile", None, tmp_path, "--max-batch-rows", "64", "--max-queue-rows", "128") as server:
+        stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(server.grpc))
         big = fleet_batches(world, 1000)[0]
         with pytest.raises(grpc.RpcError) as refused:
             stub.Triage(triage_pb2.TriageRequest(arrow_ipc=write_batch(big)))
@@ -170,8 +138,8 @@ def test_queue_down_answers_unavailable_and_no_decisions(world, tmp_path):
     except RedisNotInstalled as exc:
         pytest.skip(str(exc))
     try:
-        with served(world / "profile", url, tmp_path) as (port, _):
-            stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with served(world / "profile", url, tmp_path) as server:
+            stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(server.grpc))
             batch = fleet_batches(world, 500)[1]
             assert stub.Triage(triage_pb2.TriageRequest(arrow_ipc=write_batch(batch))).rows == 500
             redis_cm.__exit__(None, None, None)  # the queue goes away
@@ -179,7 +147,7 @@ def test_queue_down_answers_unavailable_and_no_decisions(world, tmp_path):
             with pytest.raises(grpc.RpcError) as down:
                 stub.Triage(triage_pb2.TriageRequest(arrow_ipc=write_batch(fleet_batches(world, 500)[2])), timeout=60)
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "review queue" in down.value.details()
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            channel = grpc.insecure_channel(server.grpc)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -192,8 +160,8 @@ def test_reload_mid_stream_switches_between_batches_and_loses_no_call(world, tmp
 
     profile_dir = tmp_path / "profile"
     shutil.copytree(world / "profile", profile_dir)
-    with served(profile_dir, None, tmp_path) as (port, _):
-        stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with served(profile_dir, None, tmp_path) as server:
+        stub = triage_pb2_grpc.TriageStub(grpc.insecure_channel(server.grpc))
         batches = fleet_batches(world, 300)
 
         def requests():
