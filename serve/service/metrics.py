@@ -8,7 +8,7 @@ takes per-row values (``source`` is bounded by the fleet, and capped at :data:`M
 
 | name | type | labels | what |
 |---|---|---|---|
-| hitl_triage_rows_total | counter | source | rows decided |
+| hitl_triage_rows_total | counter | | rows decided |
 | hitl_triage_escalations_total | counter | tier, source | rows escalated |
 | hitl_triage_escalation_reasons_total | counter | reason | reason bits set in escalated rows (a row with two reasons counts in both) |
 | hitl_triage_review_queue_depth | gauge | tier | open items in the review queue |
@@ -62,7 +62,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.rows = Counter("hitl_triage_rows", "Rows decided.", ["source"], registry=r)
+        self.rows = Counter("hitl_triage_rows", "Rows decided.", registry=r)
         self.escalations = Counter("hitl_triage_escalations", "Rows escalated to review.", ["tier", "source"], registry=r)
         self.reasons = Counter("hitl_triage_escalation_reasons",
                                "Reason bits set in escalated rows (a row with two reasons counts in both).",
@@ -103,17 +103,13 @@ class Metrics:
             self.write_batches.observe(batches)
 
     def decided(self, decisions: pa.RecordBatch) -> None:
-        """Count one engine batch's rows, escalations by tier and source, and reasons."""
+        """Count one engine batch: its rows, and its escalated rows by tier and source and by
+        reason bit. Rows are not counted by source: hashing every row's source cost about 2 ms a
+        64k-row batch on the 2-core VM (5% of the engine); the escalated rows are a tenth of that."""
         n = decisions.num_rows
         if n == 0:
             return
-        names = decisions.schema.names
-        source = decisions.column("source") if "source" in names else None
-        if source is None:
-            self.rows.labels("unknown").inc(n)
-        else:
-            for value, count in self._counts(source):
-                self.rows.labels(value).inc(count)
+        self.rows.inc(n)
         escalate = decisions.column("escalate")
         escalated = int(pc.sum(escalate).as_py() or 0)
         if escalated == 0:
@@ -125,19 +121,16 @@ class Metrics:
             fired = int(per_mask[(np.arange(256) & bit) != 0].sum())
             if fired:
                 self.reasons.labels(reason).inc(fired)
-        tier = pc.filter(decisions.column("tier"), escalate)
-        table = pa.table({"tier": pc.fill_null(tier.cast(pa.string()), "unknown"),
-                          "source": (pc.fill_null(pc.filter(source, escalate).cast(pa.string()), "unknown")
-                                     if source is not None else pa.nulls(escalated, pa.string()).fill_null("unknown"))})
-        grouped = table.group_by(["tier", "source"]).aggregate([([], "count_all")])
-        for t, s, count in zip(grouped.column("tier").to_pylist(), grouped.column("source").to_pylist(),
-                               grouped.column("count_all").to_pylist()):
-            self.escalations.labels(t, self._source_label(s)).inc(count)
-
-    def _counts(self, source: pa.Array):
-        counts = pc.value_counts(pc.fill_null(source.cast(pa.string()), "unknown"))
-        for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
-            yield self._source_label(value), count
+        tiers = _codes(pc.filter(decisions.column("tier"), escalate))
+        if "source" in decisions.schema.names:
+            sources = _codes(pc.filter(decisions.column("source"), escalate))
+        else:
+            sources = (np.zeros(escalated, dtype=np.int64), ["unknown"])
+        width = len(sources[1])
+        counts = np.bincount(tiers[0] * width + sources[0], minlength=len(tiers[1]) * width)
+        for k in np.flatnonzero(counts):
+            tier, source = tiers[1][k // width], sources[1][k % width]
+            self.escalations.labels(tier, self._source_label(source)).inc(int(counts[k]))
 
     def _source_label(self, value: str) -> str:
         if value in self._sources:
@@ -197,6 +190,12 @@ class Metrics:
 
 
 # -- the HTTP endpoint -----------------------------------------------------------------------------
+
+
+def _codes(values: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """(int64 codes [n], the distinct values they index), nulls as "unknown"."""
+    encoded = pc.dictionary_encode(pc.fill_null(values.cast(pa.string()), "unknown"))
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
 
 
 def serve_metrics(host: str, port: int, registry) -> tuple[WSGIServer, int]:

@@ -130,17 +130,9 @@ def serve_workers(args, config, *, grace_s: float = 40.0) -> int:
         for i in range(n):
             command = worker_command(args, config, port=port, flight_port=flight_ports[i], ready_file=ready[i])
             workers.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
-        # Every worker SERVING, or one dead, or a signal.
-        while not all(path.exists() for path in ready):
-            dead = workers.first_dead()
-            if dead is not None:
-                print(f"triage serve: worker {dead.pid} exited with status {dead.returncode} before it was serving; "
-                      "stopping the others", file=sys.stderr, flush=True)
-                workers.stop(grace_s)
-                return 1
-            if stop.wait(POLL_S):
-                workers.stop(grace_s)
-                return 0
+        outcome = _wait(workers, stop, lambda: all(path.exists() for path in ready))
+        if outcome != "ready":
+            return _died(workers, grace_s, " before it was serving") if outcome == "dead" else _stopped(workers, grace_s)
         for s in held:
             s.close()
         held.clear()
@@ -159,19 +151,10 @@ def serve_workers(args, config, *, grace_s: float = 40.0) -> int:
             _write_json(args.ready_file, {"pid": os.getpid(), **ports})
         print(f"triage serve: {n} workers (pids {', '.join(str(p) for p in ports['workers'])}) on {config.host}:{port}"
               + (f", metrics on {config.host}:{ports['metrics']}" if "metrics" in ports else ""), flush=True)
-        while not stop.wait(POLL_S):
-            dead = workers.first_dead()
-            if dead is not None:
-                print(f"triage serve: worker {dead.pid} exited with status {dead.returncode}; stopping the server "
-                      "(workers are not restarted)", file=sys.stderr, flush=True)
-                workers.stop(grace_s)
-                return 1
+        if _wait(workers, stop, lambda: False) == "dead":
+            return _died(workers, grace_s, "")
         logger.warning("signal %d: stopping %d workers", received[0], n)
-        codes = workers.stop(grace_s)
-        if any(code != 0 for code in codes):
-            print(f"triage serve: workers exited with status {codes}", file=sys.stderr, flush=True)
-            return 1
-        return 0
+        return _stopped(workers, grace_s)
     finally:
         for s in held:
             s.close()
@@ -182,6 +165,34 @@ def serve_workers(args, config, *, grace_s: float = 40.0) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _wait(workers: _Workers, stop: threading.Event, ready) -> str:
+    """Poll until ``ready()`` ("ready"), a worker dies ("dead") or a signal came ("signal")."""
+    while not ready():
+        if workers.first_dead() is not None:
+            return "dead"
+        if stop.wait(POLL_S):
+            return "signal"
+    return "ready"
+
+
+def _died(workers: _Workers, grace_s: float, when: str) -> int:
+    dead = workers.first_dead()
+    assert dead is not None
+    print(f"triage serve: worker {dead.pid} exited with status {dead.returncode}{when}; stopping the server "
+          "(workers are not restarted)", file=sys.stderr, flush=True)
+    workers.stop(grace_s)
+    return 1
+
+
+def _stopped(workers: _Workers, grace_s: float) -> int:
+    """SIGTERM to every worker; 0 once all exited 0."""
+    codes = workers.stop(grace_s)
+    if any(code != 0 for code in codes):
+        print(f"triage serve: workers exited with status {codes}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def watch_parent(parent_pid: int, on_gone) -> None:
