@@ -8,6 +8,9 @@
 
     TriageClient("127.0.0.1:50051", transport="grpc")                # the triage.v1 port instead
 
+    with local_server("profile/", "sqlite:///review.db") as server:  # `triage serve` on free ports
+        TriageClient(server.flight).triage(table)
+
 Retries: a call that ends UNAVAILABLE (server restarting, queue briefly down, connection refused)
 or RESOURCE_EXHAUSTED (admission queue full) is sent again after an exponential backoff, a bounded
 number of times (:class:`Retry`). That is safe because the server is idempotent on prediction ids:
@@ -19,10 +22,16 @@ in order. Other errors raise :class:`TriageError` at once, with the server's one
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
+import os
 import queue
 import random
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -305,6 +314,83 @@ def _spread(run: Callable[[Iterator[pa.RecordBatch], int], Iterator[pa.RecordBat
             raise errors[0]
     finally:
         stop.set()
+
+
+@dataclasses.dataclass
+class LocalServer:
+    """A `triage serve` process started by :func:`local_server`: ``ports`` is its ready file
+    (``pid``, ``grpc``, ``flight``, ...), ``log`` the file its output goes to."""
+
+    process: subprocess.Popen
+    ports: dict[str, Any]
+    log: Path
+    host: str = "127.0.0.1"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def flight(self) -> str:
+        return f"{self.host}:{self.ports['flight']}"
+
+    @property
+    def flight_addresses(self) -> list[str]:
+        """Every worker's Flight address (``--workers N`` gives each its own port)."""
+        return [f"{self.host}:{p}" for p in self.ports.get("flight_ports", [self.ports["flight"]])]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, and the exit code once it has exited (killed, and RuntimeError, past ``timeout_s``)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise RuntimeError(f"triage serve: expected an exit within {timeout_s} s of SIGTERM, found none; "
+                                   f"killed. Output:\n{self.output()[-3000:]}") from None
+        return int(self.process.returncode)
+
+
+@contextlib.contextmanager
+def local_server(profile: str | Path, queue_url: str | None = None, *, args: Sequence[str] = (),
+                 directory: str | Path | None = None, env: dict[str, str] | None = None,
+                 start_timeout_s: float = 180.0, stop_timeout_s: float = 60.0) -> Iterator[LocalServer]:
+    """`triage serve` in a subprocess on free loopback ports (gRPC and Flight; metrics off
+    unless ``args`` set ``--metrics-port``), yielded once SERVING, stopped with SIGTERM after.
+    ``args``: more `triage serve` flags; ``directory``: where its ready file and log go (default
+    a temporary directory); ``env``: variables added to this process's environment."""
+    with contextlib.ExitStack() as stack:
+        where = Path(directory) if directory is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triage-serve-")))
+        stamp = time.monotonic_ns()
+        ready, log = where / f"ready-{stamp}.json", where / f"serve-{stamp}.log"
+        argv = [sys.executable, "-m", "hitl_triage.serve.cli", "serve", "--profile", str(profile), "--host", "127.0.0.1",
+                "--port", "0", "--flight-port", "0", "--metrics-port", "-1", "--ready-file", str(ready)]
+        argv += (["--queue", queue_url] if queue_url else []) + list(args)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while not ready.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    why = f"exit status {process.returncode}" if process.poll() is not None else f"no ready file in {start_timeout_s} s"
+                    raise RuntimeError(f"triage serve: expected it SERVING, found {why}. Output:\n"
+                                       f"{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.05)
+            server = LocalServer(process, json.loads(ready.read_text()), log)
+            yield server
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 # -- transports --------------------------------------------------------------------------------------

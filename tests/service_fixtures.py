@@ -5,8 +5,9 @@
         server.flight, server.grpc                              # "127.0.0.1:PORT" of each face
         server.stop()                                           # SIGTERM; returns the exit code
 
-The server's output goes to a log file (never an unread pipe, which would block a chatty server);
-a server that does not come up raises with the log's tail.
+``served`` is ``hitl_triage.serve.client.local_server`` (the server's output goes to a log file,
+never an unread pipe, which would block a chatty server; one that does not come up raises with
+the log's tail) with a ``[serve]`` table written from a dict.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +22,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hitl_triage.serve.client import LocalServer, local_server
 from test_cli import run_cli
 
 START_TIMEOUT_S = 180.0  # a cold start imports torch and loads numba kernels: slow on a loaded 2-core VM
@@ -66,80 +64,19 @@ def make_world(directory: Path, *, rows: int = 6000, dim: int = 16, seed: int = 
     return World(directory, fleet, directory / "profile", decisions)
 
 
-@dataclasses.dataclass
-class Server:
-    """A running `triage serve`: its ports (the ready file), process and log."""
-
-    process: subprocess.Popen
-    ports: dict
-    log: Path
-    host: str = "127.0.0.1"
-
-    @property
-    def grpc(self) -> str:
-        return f"{self.host}:{self.ports['grpc']}"
-
-    @property
-    def flight(self) -> str:
-        return f"{self.host}:{self.ports['flight']}"
-
-    @property
-    def pid(self) -> int:
-        return self.ports["pid"]
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, then the exit code (the process is killed, and an error raised, past ``timeout_s``)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise AssertionError(f"triage serve did not stop within {timeout_s} s of SIGTERM:\n{self.output()[-3000:]}")
-        return self.process.returncode
-
-
 @contextlib.contextmanager
 def served(profile: Path, queue_url: str | None, tmp: Path, *extra: str, config: dict | None = None,
-           env: dict | None = None) -> Iterator[Server]:
+           env: dict | None = None) -> Iterator[LocalServer]:
     """`triage serve` on port 0 (gRPC and Flight; metrics off unless ``extra`` says otherwise),
     with ``config`` written as the ``[serve]`` table of a triage.toml; stopped with SIGTERM after."""
-    stamp = time.monotonic_ns()
-    ready = tmp / f"ready-{stamp}.json"
-    log = tmp / f"serve-{stamp}.log"
-    argv = [sys.executable, "-m", "hitl_triage.serve.cli", "serve", "--profile", str(profile), "--port", "0",
-            "--flight-port", "0", "--metrics-port", "-1", "--ready-file", str(ready)]
-    if queue_url:
-        argv += ["--queue", queue_url]
+    args = list(extra)
     if config:
-        toml = tmp / f"triage-{stamp}.toml"
+        toml = tmp / f"triage-{time.monotonic_ns()}.toml"
         toml.write_text(_serve_table(config))
-        argv += ["--config", str(toml)]
-    argv += list(extra)
-    with open(log, "w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = None
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"triage serve did not start ({'exit ' + str(process.returncode) if process.poll() is not None else 'timeout'}):\n{tail}")
-            time.sleep(0.1)
-        server = Server(process, json.loads(ready.read_text()), log)
+        args += ["--config", str(toml)]
+    with local_server(profile, queue_url, args=args, directory=tmp, env=env, start_timeout_s=START_TIMEOUT_S,
+                      stop_timeout_s=STOP_TIMEOUT_S) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _serve_table(values: dict) -> str:

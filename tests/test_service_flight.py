@@ -229,7 +229,7 @@ def test_tokens_limits_deadlines_and_sigterm_over_flight(world, tmp_path):
                 if i == 2:
                     s.process.send_signal(15)
         assert stopped.value.code == "UNAVAILABLE"
-        assert s.stop() == 0
+        assert s.process.wait(60) == 0  # the one SIGTERM is enough (a second could land during exit)
     assert 3 <= len(received) < len(batches(table, 500))
     got = pa.Table.from_batches(received)
     escalated = got.filter(got.column("escalate"))
