@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
+import struct
 import time
 from typing import Callable, Sequence
 
@@ -47,6 +48,7 @@ from hitl_triage.serve.proto.inference import grpc_predict_v2_pb2 as pb, grpc_pr
 from .grpc_server import abort_for
 
 MODEL = "triage"
+_LENGTH = struct.Struct("<I")  # the length before each element of a raw BYTES tensor
 PLATFORM = "hitl-triage"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -128,24 +130,29 @@ def read_bytes_tensor(buffer: bytes, count: int, name: str) -> pa.Array:
                 offsets = np.arange(count + 1, dtype=np.int32) * width
                 data = np.ascontiguousarray(records[:, 4:])
                 return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-    lengths = np.empty(count, dtype=np.int64)
-    starts = np.empty(count, dtype=np.int64)
-    view = memoryview(buffer)
+    # Each element's place depends on every length before it: one pass in Python (about 0.3 us an
+    # element), then the lengths and the bytes gathered in vectorised steps.
+    unpack = _LENGTH.unpack_from
+    heads: list[int] = []
+    append = heads.append
     position = 0
-    for i in range(count):
-        if position + 4 > size:
-            raise BatchValueError(name, f"expected {count} BYTES elements (4-byte length, then the bytes), "
-                                        f"found the bytes ending after {i}")
-        length = int.from_bytes(view[position:position + 4], "little")
-        starts[i], lengths[i] = position + 4, length
-        position += 4 + length
-        if position > size:
-            raise BatchValueError(name, f"expected element {i} to hold {length} bytes, found {size - starts[i]} left")
+    try:
+        for _ in range(count):
+            append(position)
+            position += 4 + unpack(buffer, position)[0]
+    except struct.error:
+        raise BatchValueError(name, f"expected {count} BYTES elements (each a 4-byte length, then its bytes), "
+                                    f"found the bytes ending after {len(heads) - 1}") from None
+    starts = np.asarray(heads, dtype=np.int64) + 4
+    lengths = raw[starts[:, None] - 4 + np.arange(4)].view("<u4").ravel().astype(np.int64)
+    if position > size:
+        i = int(np.argmax(starts + lengths > size))
+        raise BatchValueError(name, f"expected element {i} to hold {lengths[i]} bytes, found {size - starts[i]} left")
     if position != size:
         raise BatchValueError(name, f"expected {count} BYTES elements in {position} bytes, found {size - position} more")
     offsets = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    # byte j of element i sits at starts[i] + j: gather them in one pass
+    # byte j of element i sits at starts[i] + j
     gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     return pa.Array.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(raw[gather])])
 
@@ -156,11 +163,9 @@ def write_bytes_tensor(array: pa.Array) -> bytes:
     n = len(array)
     if n == 0:
         return b""
-    if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type):
-        offset_type = np.int64
-    else:
-        array = array.cast(pa.binary())
-        offset_type = np.int32
+    large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
+    array = array.cast(pa.large_binary() if large else pa.binary())  # zero-copy: the same buffers
+    offset_type = np.int64 if large else np.int32
     _, offsets_buffer, data_buffer = array.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[array.offset:array.offset + n + 1].astype(np.int64)
     lengths = np.diff(offsets)
@@ -233,8 +238,10 @@ def _rows_of(tensor: _Tensor, rows: int) -> None:
 
 
 def _strings(tensor: _Tensor) -> pa.Array:
+    values = tensor.values
+    assert isinstance(values, pa.Array)  # BYTES tensors are read as binary arrays
     try:
-        return tensor.values.cast(pa.large_string() if pa.types.is_large_binary(tensor.values.type) else pa.string())
+        return values.cast(pa.large_string() if pa.types.is_large_binary(values.type) else pa.string())
     except pa.ArrowInvalid as exc:
         raise BatchValueError(tensor.name, f"expected UTF-8 strings, found bytes that are not ({exc})") from exc
 
