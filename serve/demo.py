@@ -1,4 +1,6 @@
-"""`triage demo` as a library: simulate (or load) a fleet, fit a profile, triage, and score the
+"""`triage demo` as a library: simulate (or load) a fleet, fit a profile, triage it (through the
+service by default: a local `triage serve` with a SQLite review queue, the fleet streamed over
+Arrow Flight by several concurrent streams; or offline, with ``offline=True``), and score the
 escalations against the truth the simulator knows."""
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class DemoResult:
     policy: CatchRates
     confidence_only: CatchRates
     seconds: dict[str, float]
+    queue_url: str | None = None       # through the service: the review queue it filled
+    queue_stats: dict | None = None    # ... and what is in it, per tier
+    streams: int = 0                   # ... and the Flight streams the fleet came by
 
 
 def demo_config() -> TriageConfig:
@@ -56,8 +61,10 @@ def run_demo(
     simulate_progress=None,
     fit_progress=None,
     run_progress=None,
+    offline: bool = False,
+    streams: int = 4,
 ) -> DemoResult:
-    """Run the whole offline loop in ``out_dir``; ``on_stage(name)`` announces each step."""
+    """Run the whole loop in ``out_dir``; ``on_stage(name)`` announces each step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = {}
@@ -86,9 +93,16 @@ def run_demo(
     profile_dir = profile.save(out_dir / "profile")
     seconds["fit"] = time.perf_counter() - t0
 
-    announce("triaging the fleet")
     t0 = time.perf_counter()
-    result = run_offline(profile, [files.fleet], out_dir / "decisions.parquet", device=device, progress=run_progress)
+    queue_url = queue_stats = None
+    if offline:
+        announce("triaging the fleet")
+        result = run_offline(profile, [files.fleet], out_dir / "decisions.parquet", device=device, progress=run_progress)
+    else:
+        announce(f"triaging the fleet through a local triage serve, {streams} Flight streams")
+        queue_url = f"sqlite:///{(out_dir / 'review.db').resolve()}"
+        result, queue_stats = _through_service(profile_dir, queue_url, files.fleet, out_dir / "decisions.parquet",
+                                               device=device, streams=streams, progress=run_progress)
     seconds["triage"] = time.perf_counter() - t0
 
     decisions = pq.read_table(result.output, columns=["escalate", "confidence"])
@@ -103,7 +117,44 @@ def run_demo(
     return DemoResult(
         files=files, profile=profile, profile_dir=profile_dir, run=result, policy=policy,
         confidence_only=catch_rates(by_confidence, is_error, is_ood), seconds=seconds,
+        queue_url=queue_url, queue_stats=queue_stats, streams=0 if offline else streams,
     )
+
+
+def _through_service(profile_dir: Path, queue_url: str, fleet: Path, output: Path, *, device: str | None,
+                     streams: int, progress) -> tuple[RunResult, dict]:
+    """Start a local server, stream ``fleet`` to it over Flight, write the decisions in order;
+    returns what `triage run` would (the summary counts the decisions that came back) and the
+    review queue's stats, then stops the server."""
+    from hitl_triage.engine.monitoring import TriageSummary
+
+    from .client import TriageClient
+    from .service.local import local_server
+
+    total = pq.ParquetFile(fleet).metadata.num_rows
+    summary = TriageSummary()
+    tmp = output.with_name(output.name + ".partial")
+    started = time.perf_counter()
+    with local_server(profile_dir, queue_url, device=device) as server, TriageClient(server.flight) as client:
+        connected = time.perf_counter()
+        writer = None
+        done = 0
+        try:
+            for decisions in client.triage_stream([fleet], streams=streams):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, decisions.schema, compression="zstd")
+                writer.write_batch(decisions)
+                summary.update(decisions)
+                done += decisions.num_rows
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            if writer is not None:
+                writer.close()
+        summary.seconds = time.perf_counter() - connected  # end to end through the service
+        stats = client.stats()["queue"]
+    tmp.replace(output)
+    return RunResult(summary=summary, output=output, stage_seconds={}, wall_seconds=time.perf_counter() - started), stats
 
 
 def audit_strata_summary(audit_by_stratum: dict[str, int], top: int = 5) -> tuple[int, list[tuple[str, int]], int, int]:

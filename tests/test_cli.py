@@ -15,6 +15,7 @@ import re
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -196,8 +197,9 @@ def test_a_wrong_input_fails_before_writing(pipeline, tmp_path, capsys):
                            "absent.parquet")
 
 
-def test_demo_summary_matches_its_decisions_file(tmp_path, capsys):
-    assert main(["demo", "--rows", str(ROWS), "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("path", ["service", "offline"])
+def test_demo_summary_matches_its_decisions_file(path, tmp_path, capsys):
+    assert main(["demo", "--rows", str(ROWS), "--out", str(tmp_path), *(["--offline"] if path == "offline" else [])]) == 0
     table = cells(capsys.readouterr().out)
     decisions = pq.read_table(tmp_path / "decisions.parquet")
     assert decisions.num_rows == ROWS
@@ -218,6 +220,23 @@ def test_demo_summary_matches_its_decisions_file(tmp_path, capsys):
     # The demo's policy makes "legal" mandatory: POLICY rows are exactly the legal rows.
     category = column(decisions, "category")
     np.testing.assert_array_equal((mask & BITS["policy"]) > 0, category == "legal")
+    if path == "service":
+        # Through the service, every escalated row waits in the review queue, in its tier.
+        from hitl_triage.serve.queue import open_queue
+
+        url = f"sqlite:///{(tmp_path / 'review.db').resolve()}"
+        assert "review.db" in table["review queue"].replace(" ", "")  # rich folds long cells
+        shown = {name: number(count) for name, count in re.findall(r"(\w+) ([\d,]+)", table["review queue"])}
+        with open_queue(url) as queue:
+            depth = {tier: entry["depth"] for tier, entry in queue.stats()["tiers"].items() if entry["depth"]}
+        assert depth == by_tier == shown
+        # And the service decided as the engine does in process.
+        from hitl_triage.engine.engine import TriageEngine
+
+        fleet = pq.read_table(tmp_path / "fleet.parquet")
+        in_process = pa.Table.from_batches([TriageEngine(profile, device="cpu").triage(fleet)])
+        for name in ("reason_mask", "tier", "priority", "confidence", "ood_score", "audit_weight"):
+            assert decisions.column(name).equals(in_process.column(name)), name
 
 
 def test_fit_reads_a_config_file_and_flags_override_its_mode(pipeline, tmp_path, capsys):

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="working directory (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--offline", action="store_true",
+                        help="triage in this process, as `triage run` does, instead of through a local `triage serve`")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent Flight streams to the local server (default 4)")
     parser.set_defaults(handler=run, stopped="the working directory keeps what was finished")
 
 
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     positive_int(args.rows, "--rows")
     positive_int(args.sources, "--sources")
+    positive_int(args.streams, "--streams")
     if args.out is not None:
         output_dir(args.out, "--out")
         try:  # the simulator's Parquet writer takes paths as UTF-8
@@ -48,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_demo(
             out, rows=args.rows, data=args.data, seed=args.seed, sources=args.sources, device=args.device,
             simulate_progress=bars.rows("simulate fleet", args.rows) if args.data == "simulated" else None,
-            fit_progress=bars.stages("fit profile"), run_progress=bars.rows("triage", args.rows),
+            fit_progress=bars.stages("fit profile"),
+            run_progress=bars.rows("triage" if args.offline else "triage via Flight", args.rows),
+            offline=args.offline, streams=args.streams,
         )
     wall = time.perf_counter() - started
     print_demo(result, wall)
@@ -67,9 +73,13 @@ def print_demo(result, wall: float) -> None:
     pct = report.fmt_rate
     table = Table(show_header=False, title="What the review team receives", title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
-    table.add_row("throughput", f"{s.rows_per_second / 1e6:.2f} M predictions/s in the engine; "
-                  f"{s.rows / result.seconds['triage'] / 1e6:.2f} M/s end to end (read, triage, write)")
+    table.add_column(overflow="fold")  # long paths fold instead of ending in an ellipsis
+    if result.queue_url is None:
+        table.add_row("throughput", f"{s.rows_per_second / 1e6:.2f} M predictions/s in the engine; "
+                      f"{s.rows / result.seconds['triage'] / 1e6:.2f} M/s end to end (read, triage, write)")
+    else:
+        table.add_row("throughput", f"{s.rows_per_second / 1e6:.2f} M predictions/s through the service "
+                      f"({result.streams} Flight streams, escalations stored before each answer)")
     table.add_row("escalated", f"{s.escalated:,} of {s.rows:,} predictions ({pct(p.budget)} review budget)")
     table.add_row("caught", f"{pct(p.error_recall)} of the {p.errors:,} wrong predictions on known inputs, "
                   f"{pct(p.ood_recall)} of the {p.ood:,} out-of-distribution inputs")
@@ -87,8 +97,13 @@ def print_demo(result, wall: float) -> None:
     if s.invalid or s.no_embedding:
         table.add_row("invalid", f"{s.invalid:,} rows with unusable logits and {s.no_embedding:,} without a "
                       "usable embedding were escalated")
+    if result.queue_url is not None and result.queue_stats:
+        tiers = result.queue_stats.get("tiers", {})
+        table.add_row("review queue", " | ".join(f"{tier} {t['depth']:,}" for tier, t in tiers.items() if t["depth"])
+                      + f" waiting, in {result.queue_url} (see `triage queue stats {result.queue_url}`)")
     table.add_row("profile", f"{result.profile_dir} (version {result.profile.version}, T={result.profile.temperature:.3f})")
     table.add_row("decisions", str(result.run.output))
     table.add_row("wall time", f"{wall:.1f} s (data {result.seconds['data']:.1f} s, fit {result.seconds['fit']:.1f} s, "
-                  f"triage {result.seconds['triage']:.1f} s)")
+                  f"triage {result.seconds['triage']:.1f} s" + ("" if result.queue_url is None else
+                  ", server start and stop included") + ")")
     report.console.print(table)
