@@ -12,7 +12,7 @@ serialized bytes, parsed and sent there by tritonclient's message classes and st
 ``contents`` and deliberately malformed requests travel through Triton's definitions too).
 
 The server: ``triage serve`` in a subprocess on port 0 with a small fitted profile (M = 5,
-C = 10, a bank of D = 16), an SQLite queue. Oracles: ``triage run`` on the same rows (string
+C = 10, a bank of D = 16) and an SQLite queue, from ``service_fixtures`` as the other faces' tests. Oracles: ``triage run`` on the same rows (string
 ids) and the triage.v1 ``Triage`` call on the same rows (int64 ids); grpc.health.v1 and server
 reflection for "still SERVING" and the listed services. The conversions themselves (raw BYTES
 both ways, [B, C] logits for M = 1, FP16, typed contents) are also checked in process, without
@@ -25,29 +25,25 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from engine_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from hitl_triage.serve.proto.inference import grpc_predict_v2_pb2 as pb
 from hitl_triage.serve.service import inference
 from hitl_triage.serve.service.ipc import read_batch, write_batch
-from test_cli import run_cli
+from service_fixtures import make_world, served
 
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 INSTALL_TIMEOUT_S = 600
-START_TIMEOUT_S = 180
 ROWS = 240  # rows of the fleet file sent through the protocol
-M, C, D = 5, 10, 16
+M, C, D = 5, 10, 16  # the simulated fleet's members, classes and embedding width (make_world's defaults)
 
 # -- the client's environment and its driver -------------------------------------------------------
 
@@ -213,41 +209,17 @@ class Error:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(directory, fleet rows, triage run's decisions of them, the server's address, a client)."""
-    d = tmp_path_factory.mktemp("inference")
-    fleet = d / "fleet.parquet"
-    assert run_cli("simulate", "--rows", ROWS, "--out", fleet, "--calibration-rows", 3000, "--bank-rows", 600,
-                   "--dim", D, "--members", M, "--classes", C, "--sources", 3, "--seed", 5)[0] == 0
-    assert run_cli("fit", "--calibration", d / "fleet.calibration.parquet", "--bank", d / "fleet.bank.parquet",
-                   "--out", d / "profile", "--budget", 0.2)[0] == 0
-    assert run_cli("run", "--profile", d / "profile", fleet, "--out", d / "decisions.parquet")[0] == 0
+    made = make_world(tmp_path_factory.mktemp("inference"), rows=ROWS)
+    fleet = made.table()
+    logits, embedding = fleet.schema.field("logits").type, fleet.schema.field("embedding").type
+    assert (logits.list_size, logits.value_type.list_size, embedding.list_size) == (M, C, D)
     python = tritonclient_python()
-    ready = d / "ready.json"
-    log = open(d / "serve.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hitl_triage.serve.cli import main; sys.exit(main(sys.argv[1:]))",
-         "serve", "--profile", str(d / "profile"), "--queue", f"sqlite:///{d / 'review.db'}", "--port", "0",
-         "--flight-port", "-1", "--metrics-port", "-1", "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    client = None
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"triage serve did not become ready: {(d / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        address = f"127.0.0.1:{json.loads(ready.read_text())['grpc']}"
-        client = TritonClient(python, address, d)
-        yield d, pq.read_table(fleet), pq.read_table(d / "decisions.parquet"), address, client
-    finally:
-        if client is not None:
-            client.close()
-        server.send_signal(signal.SIGTERM)
+    with served(made.profile, made.queue_url, made.dir, "--flight-port", "-1", env={"OMP_NUM_THREADS": "1"}) as server:
+        client = TritonClient(python, server.grpc, made.dir)
         try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            yield made.dir, fleet, made.offline(), server.grpc, client
+        finally:
+            client.close()
 
 
 def tensors_of(rows: pa.Table, *, ids: str = "BYTES") -> dict[str, tuple[str, np.ndarray]]:
@@ -317,7 +289,7 @@ def test_health_and_metadata(world):
 
 
 def test_infer_raw_with_bytes_ids_matches_triage_run(world):
-    d, fleet, decisions, _, client = world
+    _, fleet, decisions, _, client = world
     answer, got = client.infer(tensors_of(fleet))
     assert answer["model_name"] == "triage"
     assert answer["model_version"] == decisions.column("profile_version")[0].as_py()
