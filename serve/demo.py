@@ -128,14 +128,14 @@ def _through_service(profile_dir: Path, queue_url: str, fleet: Path, output: Pat
     review queue's stats, then stops the server."""
     from hitl_triage.engine.monitoring import TriageSummary
 
-    from .client import TriageClient
-    from .service.local import local_server
+    from .client import TriageClient, local_server
 
     total = pq.ParquetFile(fleet).metadata.num_rows
     summary = TriageSummary()
     tmp = output.with_name(output.name + ".partial")
     started = time.perf_counter()
-    with local_server(profile_dir, queue_url, device=device) as server, TriageClient(server.flight) as client:
+    args = ("--device", device) if device else ()
+    with local_server(profile_dir, queue_url, args=args) as server, TriageClient(server.flight) as client:
         connected = time.perf_counter()
         writer = None
         done = 0
