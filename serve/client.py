@@ -198,7 +198,10 @@ class TriageClient:
             elif isinstance(item, pa.Table):
                 if item.num_rows == 0:
                     yield pa.RecordBatch.from_pylist([], schema=item.schema)
-                yield from item.combine_chunks().to_batches(max_chunksize=self.batch_rows)
+                needed = -(-item.num_rows // self.batch_rows)
+                if any(column.num_chunks > needed for column in item.columns):  # small chunks: join them (a copy)
+                    item = item.combine_chunks()
+                yield from item.to_batches(max_chunksize=self.batch_rows)
             elif isinstance(item, pa.RecordBatch):
                 for start in range(0, max(item.num_rows, 1), self.batch_rows):
                     yield item.slice(start, self.batch_rows)
