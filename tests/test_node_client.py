@@ -31,7 +31,7 @@ import pyarrow as pa
 import pytest
 
 from engine_fixtures import contract_table, known_ensemble, one_torch_thread  # noqa: F401  (autouse)
-from test_service_ops import TOKENS, Server, write_config, profile_dir  # noqa: F401  (profile_dir: a fixture)
+from test_service_ops import TOKENS, profile_dir, serving  # noqa: F401  (profile_dir: a fixture)
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 PROTO = Path(__file__).resolve().parent.parent / "serve" / "proto" / "triage" / "v1" / "triage.proto"
@@ -109,25 +109,24 @@ def test_node_client_gets_the_python_clients_decisions(profile_dir, tmp_path):  
 
     home = node_modules()
     fleet_token = next(t for t, r in TOKENS.items() if r == "fleet")
-    config = write_config(tmp_path / "triage.toml", {}, TOKENS)
     batches = [rows(n, seed) for seed, n in enumerate(SIZES)]
-    with Server(profile_dir, tmp_path, "--config", str(config), "--flight-port", "0") as server:
+    with serving(profile_dir, None, tmp_path, "--flight-port", "0", config={"tokens": TOKENS}) as server:
         inputs = tmp_path / "node-input.json"
         inputs.write_text(json.dumps({"token": fleet_token, "batches": [b for _, b in batches]}))
         output = tmp_path / "node-output.json"
-        done = subprocess.run(["node", str(home / "triage_client.mjs"), server.address, str(PROTO), str(inputs),
+        done = subprocess.run(["node", str(home / "triage_client.mjs"), server.grpc, str(PROTO), str(inputs),
                                str(output)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"node failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         node = json.loads(output.read_text())
-        with TriageClient(server.address, token=fleet_token, transport="grpc") as grpc_client, \
-                TriageClient(f"127.0.0.1:{server.info['flight']}", token=fleet_token) as flight_client:
+        with TriageClient(server.grpc, token=fleet_token, transport="grpc") as grpc_client, \
+                TriageClient(f"127.0.0.1:{server.ports['flight']}", token=fleet_token) as flight_client:
             python = [grpc_client.triage(table) for table, _ in batches]
             flight = [flight_client.triage(table) for table, _ in batches]
     wrong = []
     for k, (answer, expected, over_flight) in enumerate(zip(node["unary"], python, flight)):
         assert "error" not in answer, answer
         assert (answer["rows"], answer["escalated"]) == (expected.num_rows, sum(expected.column("escalate").to_pylist()))
-        assert answer["trailing"]["x-triage-worker-pid"] == str(server.info["pid"])
+        assert answer["trailing"]["x-triage-worker-pid"] == str(server.ports["pid"])
         wrong += compare(answer, expected, f"batch {k} (Triage)")
         wrong += compare(answer, over_flight, f"batch {k} (Triage against Flight)")
     wrong += compare(node["stream"][0], python[0], "batch 0 (TriageStream)")

@@ -32,7 +32,7 @@ from engine_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.queue import open_queue
 from hitl_triage.serve.service.ipc import read_batch
-from test_service_ops import Server, predictions, profile_dir, request, scrape  # noqa: F401  (profile_dir: a fixture)
+from test_service_ops import channel_to, fresh_queue, predictions, profile_dir, request, scrape, serving  # noqa: F401  (profile_dir: a fixture)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -124,32 +124,33 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def world(profile_dir, tmp_path_factory):  # noqa: F811
-    """(server, prometheus, the decisions answered, triage rows sent, report rows sent)."""
+    """(server, its queue's url, prometheus, the decisions answered, triage rows sent, report rows sent)."""
     d = tmp_path_factory.mktemp("metrics")
     prometheus_binary()  # or skip, saying why, before a server is started
-    with Server(profile_dir, d, "--metrics-port", "0") as server:
-        prometheus = Prometheus(d, [f"127.0.0.1:{server.info['metrics']}"], ALERTS)
+    queue_url = fresh_queue(d)
+    with serving(profile_dir, queue_url, d, "--metrics-port", "0") as server:
+        prometheus = Prometheus(d, [f"127.0.0.1:{server.ports['metrics']}"], ALERTS)
         try:
-            channel = server.channel()
+            channel = channel_to(server)
             stub = triage_pb2_grpc.TriageStub(channel)
             decided = [read_batch(stub.Triage(request(predictions(n, prefix=f"m{i}", seed=i)), timeout=60).arrow_ipc)
                        for i, n in enumerate((1000, 2500, 333, 4096))]
             reported = read_batch(stub.Report(request(predictions(50, prefix="rep", seed=99)), timeout=60).arrow_ipc)
             with pytest.raises(grpc.RpcError):
                 stub.Triage(triage_pb2.TriageRequest(arrow_ipc=b"not arrow"), timeout=60)
-            yield server, prometheus, pa.Table.from_batches(decided + [reported]), 1000 + 2500 + 333 + 4096, 50
+            yield server, queue_url, prometheus, pa.Table.from_batches(decided + [reported]), 1000 + 2500 + 333 + 4096, 50
         finally:
             prometheus.close()
 
 
 def test_prometheus_counts_the_rows_sent(world):
-    server, prometheus, decisions, rows, reported = world
+    server, queue_url, prometheus, decisions, rows, reported = world
     got = prometheus.until("sum(hitl_triage_rows_total)", {(): float(rows + reported)})
     assert got == {(): float(rows + reported)}, f"Prometheus says {got}, {rows + reported} rows were sent"
 
 
 def test_escalations_by_tier_source_and_reason_match_the_decisions(world):
-    server, prometheus, decisions, rows, reported = world
+    server, queue_url, prometheus, decisions, rows, reported = world
     total_rows = float(rows + reported)
     prometheus.until("sum(hitl_triage_rows_total)", {(): total_rows})
     escalated = decisions.filter(decisions.column("escalate"))
@@ -164,8 +165,8 @@ def test_escalations_by_tier_source_and_reason_match_the_decisions(world):
 
 
 def test_queue_depth_refused_calls_and_histograms(world):
-    server, prometheus, decisions, rows, reported = world
-    with open_queue(server.queue_url) as queue:
+    server, queue_url, prometheus, decisions, rows, reported = world
+    with open_queue(queue_url) as queue:
         depth = {(tier,): float(entry["depth"]) for tier, entry in queue.stats()["tiers"].items()}
     assert sum(depth.values()) == pc_sum(decisions.column("escalate"))
     assert prometheus.until("max by (tier) (hitl_triage_review_queue_depth)", depth) == depth
@@ -191,9 +192,9 @@ def metric_names(text: str) -> set[str]:
 
 
 def test_dashboard_and_alert_rules_run_on_prometheus_and_name_exported_metrics(world):
-    server, prometheus, decisions, rows, reported = world
+    server, queue_url, prometheus, decisions, rows, reported = world
     prometheus.until("sum(hitl_triage_rows_total)", {(): float(rows + reported)})
-    exported = {name for name, _ in scrape(server.info["metrics"])}
+    exported = {name for name, _ in scrape(server.ports["metrics"])}
     dashboard = json.loads(DASHBOARD.read_text())
     targets = [(panel["title"], t["expr"]) for panel in dashboard["panels"] for t in panel["targets"]]
     assert len(targets) >= 10

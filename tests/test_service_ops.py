@@ -1,8 +1,8 @@
 """Operating `triage serve` (issue 22, item 4): token roles, TLS, the message-size limit,
 `--workers N` on one port, graceful SIGTERM.
 
-Every server is `triage serve` started here in a subprocess on port 0 (tokens and TLS from a
-TOML `[serve]` table), with a small fitted profile (M = 3, C = 4, no bank) and an SQLite review
+Every server is `triage serve` started here in a subprocess on port 0 (service_fixtures.served;
+tokens and TLS from a TOML `[serve]` table), with a small fitted profile (M = 3, C = 4, no bank) and an SQLite review
 queue; calls go over loopback with grpcio. Oracles: the role table as the issue states it
 (restated here, not imported), the status codes and what their messages must say,
 grpc.health.v1 (SERVING after every refusal; NOT_SERVING once SIGTERM arrives, seen on a Watch
@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import json
 import os
 import queue as queues
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -40,9 +38,9 @@ from hitl_triage.engine.profile import Profile
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.queue import open_queue
 from hitl_triage.serve.service.ipc import read_batch, write_batch
+from service_fixtures import served
 
 M, C = 3, 4
-START_TIMEOUT_S = 180
 TOKENS = {"fleet-secret": "fleet", "reviewer-secret": "reviewer", "admin-secret": "admin"}
 PID_KEY = "x-triage-worker-pid"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -78,71 +76,29 @@ def bearer(token: str | None) -> list[tuple[str, str]] | None:
     return None if token is None else [("authorization", f"Bearer {token}")]
 
 
-class Server:
-    """`triage serve` in a subprocess with a ready file; ``info`` is what the ready file holds
-    (pid and ports), ``log()`` what it printed. Stopped (SIGTERM, then SIGKILL) on exit."""
+def fresh_queue(workdir: Path) -> str:
+    return f"sqlite:///{workdir / f'review-{time.monotonic_ns()}.db'}"
 
-    def __init__(self, profile: Path, workdir: Path, *args: str, queue: bool = True):
-        workdir.mkdir(parents=True, exist_ok=True)
-        stamp = time.monotonic_ns()
-        self.ready = workdir / f"ready-{stamp}.json"
-        self.log_path = workdir / f"serve-{stamp}.log"
-        self.queue_url = f"sqlite:///{workdir / f'review-{stamp}.db'}" if queue else None
-        argv = [sys.executable, "-m", "hitl_triage.serve.cli", "serve", "--profile", str(profile), "--port", "0",
-                "--flight-port", "-1", "--metrics-port", "-1", "--ready-file", str(self.ready), "--device", "cpu",
-                *(["--queue", self.queue_url] if self.queue_url else []), *args]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"triage serve did not become ready (exit {self.process.returncode}): {self.log()[-3000:]}")
-            time.sleep(0.1)
-        self.info = json.loads(self.ready.read_text())
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.info['grpc']}"
+@contextlib.contextmanager
+def serving(profile: Path, queue_url: str | None, workdir: Path, *args: str, config: dict | None = None):
+    """service_fixtures.served as these tests run it: on the CPU with one torch thread, Flight off
+    unless ``args`` turn it on (``--flight-port 0``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with served(profile, queue_url, workdir, "--flight-port", "-1", "--device", "cpu", *args, config=config,
+                env={"OMP_NUM_THREADS": "1"}) as server:
+        yield server
 
-    def channel(self, credentials: grpc.ChannelCredentials | None = None, *, own_connection: bool = False) -> grpc.Channel:
-        """A channel to the gRPC port (``own_connection``: a TCP connection of its own, not one
-        shared with the process's other channels, so that SO_REUSEPORT may pick another worker)."""
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        if own_connection:
-            options.append(("grpc.use_local_subchannel_pool", 1))
-        if credentials is not None:
-            return grpc.secure_channel(self.address, credentials, options=options)
-        return grpc.insecure_channel(self.address, options=options)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 90) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"triage serve still running {timeout} s after signal {signum}: {self.log()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def channel_to(server, credentials: grpc.ChannelCredentials | None = None, *, own_connection: bool = False) -> grpc.Channel:
+    """A channel to the server's gRPC port (``own_connection``: a TCP connection of its own, not
+    one shared with the process's other channels, so that SO_REUSEPORT may pick another worker)."""
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    if credentials is not None:
+        return grpc.secure_channel(server.grpc, credentials, options=options)
+    return grpc.insecure_channel(server.grpc, options=options)
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:
@@ -197,14 +153,6 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def write_config(path: Path, serve: dict, tokens: dict[str, str] | None = None) -> Path:
-    lines = ["[serve]"] + [f"{k} = {json.dumps(v)}" for k, v in serve.items()]
-    if tokens:
-        lines += ["", "[serve.tokens]"] + [f"{json.dumps(t)} = {json.dumps(r)}" for t, r in tokens.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # -- tokens, TLS and the message size: one server with all three ------------------------------------
 
 
@@ -214,8 +162,8 @@ def secure(profile_dir, tmp_path_factory):
     metrics on (to count the refusals)."""
     d = tmp_path_factory.mktemp("secure")
     cert, key = self_signed_certificate(d)
-    config = write_config(d / "triage.toml", {"max_message_mb": 1, "tls_cert": str(cert), "tls_key": str(key)}, TOKENS)
-    with Server(profile_dir, d, "--config", str(config), "--metrics-port", "0") as server:
+    config = {"max_message_mb": 1, "tls_cert": str(cert), "tls_key": str(key), "tokens": TOKENS}
+    with serving(profile_dir, fresh_queue(d), d, "--metrics-port", "0", config=config) as server:
         yield server, grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
 
 
@@ -260,7 +208,7 @@ def call_as(channel: grpc.Channel, method: str, metadata) -> grpc.StatusCode:
 
 def test_roles_allow_what_the_issue_says_and_refuse_the_rest_with_a_message(secure):
     server, tls = secure
-    channel = server.channel(tls)
+    channel = channel_to(server, tls)
     by_role = {role: token for token, role in TOKENS.items()}
     callers = {None: None, "unknown token": bearer("no-such-token"), "not a bearer": [("authorization", "Basic Zm9v")],
                **{role: bearer(token) for role, token in by_role.items()}}
@@ -290,7 +238,7 @@ def test_roles_allow_what_the_issue_says_and_refuse_the_rest_with_a_message(secu
     # Every refusal is counted by its code.
     refused = {"UNAUTHENTICATED": 3 * len(MAY_CALL),
                "PERMISSION_DENIED": sum(3 - len(allowed) for allowed in MAY_CALL.values())}
-    samples = scrape(server.info["metrics"])
+    samples = scrape(server.ports["metrics"])
     for code, count in refused.items():
         assert total(samples, "hitl_triage_rejected_calls_total", code=code) == count, code
 
@@ -298,9 +246,9 @@ def test_roles_allow_what_the_issue_says_and_refuse_the_rest_with_a_message(secu
 def test_tls_is_required_when_certificates_are_given(secure):
     server, tls = secure
     with pytest.raises(grpc.RpcError) as plain:
-        health_status(server.channel())
+        health_status(channel_to(server))
     assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert health_status(server.channel(tls)) == SERVING
+    assert health_status(channel_to(server, tls)) == SERVING
 
 
 def float16_int_id_predictions(n: int) -> pa.RecordBatch:
@@ -313,7 +261,7 @@ def float16_int_id_predictions(n: int) -> pa.RecordBatch:
 
 def test_messages_past_max_message_mb_get_resource_exhausted_either_way(secure):
     server, tls = secure
-    channel = server.channel(tls)
+    channel = channel_to(server, tls)
     stub = triage_pb2_grpc.TriageStub(channel)
     fleet = bearer("fleet-secret")
     # In: a request of more than 1 MB is refused before any row is decided, by grpc's own check.
@@ -343,8 +291,9 @@ def test_messages_past_max_message_mb_get_resource_exhausted_either_way(secure):
 def test_sigterm_during_a_stream_finishes_admitted_calls_and_loses_nothing_acknowledged(profile_dir, tmp_path):
     """Batches of 2,000 rows fill an engine batch at once; the unary call has another schema, so
     it waits in the batcher (max_delay 5 s) and is still admitted when SIGTERM comes."""
-    with Server(profile_dir, tmp_path, "--max-batch-rows", "2000", "--max-delay-ms", "5000") as server:
-        channel = server.channel()
+    queue_url = fresh_queue(tmp_path)
+    with serving(profile_dir, queue_url, tmp_path, "--max-batch-rows", "2000", "--max-delay-ms", "5000") as server:
+        channel = channel_to(server)
         stub = triage_pb2_grpc.TriageStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
@@ -375,12 +324,12 @@ def test_sigterm_during_a_stream_finishes_admitted_calls_and_loses_nothing_ackno
         # is the status a client retries elsewhere.
         assert late.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), late.value
         outbox.put(None)
-        assert server.stop() == 0, server.log()[-3000:]  # a second SIGTERM while it drains changes nothing
+        assert server.stop() == 0, server.output()[-3000:]  # a second SIGTERM while it drains changes nothing
     # Every escalation of every acknowledged batch is in the queue, and nothing else.
     decided = pa.Table.from_batches([b.select(["id", "escalate", "tier"]) for b in acknowledged])
     escalated = decided.filter(decided.column("escalate"))
     assert escalated.num_rows > 0
-    with open_queue(server.queue_url) as queue:
+    with open_queue(queue_url) as queue:
         missing = [i for i, tier in zip(escalated.column("id").to_pylist(), escalated.column("tier").to_pylist())
                    if queue.tier_of(i) != tier]
         stored = sum(t["depth"] + t["in_flight"] + t["done"] + t["dead"] for t in queue.stats()["tiers"].values())
@@ -399,14 +348,14 @@ def admitted_at_least(stub, rows: int, timeout: float = 30.0) -> None:
 # -- --workers N -----------------------------------------------------------------------------------
 
 
-def worker_pids_answering(server: Server, clients: int, rows: int) -> list[str]:
+def worker_pids_answering(server, clients: int, rows: int) -> list[str]:
     """``clients`` callers, each on a connection of its own, one Triage call each (at once, from
     threads): the worker pid each answer names."""
     pids: list[str] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        with server.channel(own_connection=True) as channel:
+        with channel_to(server, own_connection=True) as channel:
             response, call = triage_pb2_grpc.TriageStub(channel).Triage.with_call(
                 request(predictions(rows, prefix=f"w{i}", seed=i)), timeout=60)
             assert response.rows == rows
@@ -434,23 +383,23 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
 
 
 def test_workers_share_the_port_add_up_their_metrics_and_stop_on_sigterm(profile_dir, tmp_path):
-    with Server(profile_dir, tmp_path, "--workers", "2", "--metrics-port", "0") as server:
-        workers = server.info["workers"]
-        assert len(set(workers)) == 2 and server.info["pid"] not in workers
+    with serving(profile_dir, fresh_queue(tmp_path), tmp_path, "--workers", "2", "--metrics-port", "0") as server:
+        workers = server.ports["workers"]
+        assert len(set(workers)) == 2 and server.ports["pid"] not in workers
         pids = worker_pids_answering(server, clients=16, rows=200)
         assert set(pids) == {str(p) for p in workers}, f"answered by {sorted(set(pids))}, workers {workers}"
         # One scrape of the parent counts the rows of both workers.
-        assert total(scrape(server.info["metrics"]), "hitl_triage_rows_total") == 16 * 200
-        assert health_status(server.channel()) == SERVING
-        assert server.stop() == 0, server.log()[-3000:]
+        assert total(scrape(server.ports["metrics"]), "hitl_triage_rows_total") == 16 * 200
+        assert health_status(channel_to(server)) == SERVING
+        assert server.stop() == 0, server.output()[-3000:]
     assert all(gone(pid) for pid in workers), f"workers {workers} outlived the parent"
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+    assert "Traceback" not in server.output(), server.output()[-3000:]
 
 
 def test_a_dead_worker_ends_the_server_with_a_message(profile_dir, tmp_path):
-    with Server(profile_dir, tmp_path, "--workers", "2") as server:
-        victim, other = server.info["workers"]
+    with serving(profile_dir, None, tmp_path, "--workers", "2") as server:
+        victim, other = server.ports["workers"]
         os.kill(victim, signal.SIGKILL)
         assert server.process.wait(60) == 1
         assert gone(other), "the other worker outlived the server"
-    assert f"worker {victim} exited with status -9" in server.log() and "not restarted" in server.log(), server.log()
+    assert f"worker {victim} exited with status -9" in server.output() and "not restarted" in server.output(), server.output()
