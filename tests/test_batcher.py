@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hitl_triage.serve.service.batcher import Batcher, Expired, Overloaded
+from hitl_triage.serve.service.batcher import Batcher, Closed, Expired, Overloaded
 from hitl_triage.serve.service.writer import QueueUnavailable, QueueWriter
 
 
@@ -169,5 +169,5 @@ def test_close_answers_what_was_admitted():
     batcher.close(timeout=10)
     assert all(f.done() and f.exception() is None for f in futures)
     assert len(queue.stored) == 100
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(Closed, match="shutting down"):
         batcher.submit(request(0, 1))

@@ -320,9 +320,8 @@ def test_sigterm_during_a_stream_finishes_admitted_calls_and_loses_nothing_ackno
         outbox.put(request(predictions(2000, prefix="late", seed=4)))
         with pytest.raises(grpc.RpcError) as late:
             next(stream)
-        # INTERNAL is today's mapping of "the batcher is closed" (grpc_server.abort_for); UNAVAILABLE
-        # is the status a client retries elsewhere.
-        assert late.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), late.value
+        # UNAVAILABLE: the status a client retries on another replica.
+        assert late.value.code() == grpc.StatusCode.UNAVAILABLE, late.value
         outbox.put(None)
         assert server.stop() == 0, server.output()[-3000:]  # a second SIGTERM while it drains changes nothing
     # Every escalation of every acknowledged batch is in the queue, and nothing else.

@@ -29,6 +29,10 @@ class Overloaded(RuntimeError):
     """The admission queue is full (the client should back off and retry)."""
 
 
+class Closed(RuntimeError):
+    """The server is shutting down: the call should go to another replica."""
+
+
 class Expired(RuntimeError):
     """The caller's deadline passed (or it cancelled) before its batch ran."""
 
@@ -88,7 +92,7 @@ class Batcher:
             return future
         with self._lock:
             if self._closed:
-                raise RuntimeError("the batcher is closed (the server is shutting down)")
+                raise Closed("the server is shutting down and takes no new calls; retry on another replica")
             if self._admitted_rows + rows > self.max_queue_rows:
                 raise Overloaded(
                     f"admission queue: expected room for {rows:,} rows, found {self._admitted_rows:,} of "
@@ -126,7 +130,9 @@ class Batcher:
                 if left <= 0:
                     break
                 self._lock.wait(left)
-            taken, rows, keep = [], 0, collections.deque()
+            taken: list[_Slice] = []
+            rows = 0
+            keep: collections.deque[_Slice] = collections.deque()
             while self._waiting:
                 s = self._waiting.popleft()
                 if _alike(s, first) and rows + s.length <= self.max_batch_rows:

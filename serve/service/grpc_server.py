@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from hitl_triage.engine.decode import BatchError
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 
-from .batcher import Expired, Overloaded
+from .batcher import Closed, Expired, Overloaded
 from .ipc import read_batch, write_batch
 from .writer import QueueUnavailable
 
@@ -35,7 +35,7 @@ def abort_for(context: grpc.ServicerContext, exc: BaseException):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, Expired):
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED if "deadline" in str(exc) else grpc.StatusCode.CANCELLED, str(exc))
-    if isinstance(exc, QueueUnavailable):
+    if isinstance(exc, (QueueUnavailable, Closed)):
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, (BatchError, QueueError, ValueError, TypeError)):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -113,10 +113,11 @@ class TriageServicer(triage_pb2_grpc.TriageServicer):
 
 
 def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, threads: int = 32,
-                      interceptors=(), credentials=None, extra_servicers=()) -> tuple[grpc.Server, int, health.HealthServicer]:
+                      interceptors=(), credentials=None, extra_servicers=()
+                      ) -> tuple[grpc.Server, int, health.HealthServicer, list[str]]:
     """A started-to-be gRPC server with triage.v1, health and reflection (and ``extra_servicers``:
     callables ``add(server)`` returning their service names) bound to host:port; returns the
-    server, the bound port and the health servicer."""
+    server, the bound port, the health servicer and the names of the services it serves."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -137,4 +138,4 @@ def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, 
         raise OSError(f"serve.port: expected to bind {address}, found it taken or not allowed")
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, bound, health_servicer
+    return server, bound, health_servicer, names

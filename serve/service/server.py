@@ -47,6 +47,7 @@ class Service:
         self.grpc_server = None
         self.flight_server = None
         self.health = None
+        self.health_names: tuple[str, ...] = ("triage.v1.Triage",)  # every service the gRPC port serves
         self.ports: dict[str, int] = {}
         self._stopped = threading.Event()
         self._finished = threading.Event()  # set once stop() has closed everything
@@ -101,12 +102,13 @@ class Service:
         authorizer = auth.Authorizer(config.tokens)
         auth.log_mode(config.tokens)
         interceptors = [ops_metrics.CallInterceptor(service.metrics)] + ([auth.AuthInterceptor(authorizer)] if authorizer.enabled else [])
-        server, port, health_servicer = build_grpc_server(
+        server, port, health_servicer, served_names = build_grpc_server(
             service, host=config.host, port=config.port, max_message_bytes=config.max_message_mb << 20,
             interceptors=interceptors, credentials=auth.server_credentials(config),
             extra_servicers=(add_inference_servicer(service),),  # the Open Inference Protocol, same port
         )
         service.grpc_server, service.health = server, health_servicer
+        service.health_names = tuple(served_names)
         service.ports["grpc"] = port
         if config.flight_port >= 0:  # the Flight face (flight_server.py); -1: off
             from .flight_server import start_flight_server
@@ -127,7 +129,7 @@ class Service:
 
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         if self.health is not None:
-            for name in ("", "triage.v1.Triage"):
+            for name in ("", *self.health_names):
                 self.health.set(name, status)
 
     def _watch_profile(self) -> None:
