@@ -171,3 +171,23 @@ def test_close_answers_what_was_admitted():
     assert len(queue.stored) == 100
     with pytest.raises(Closed, match="shutting down"):
         batcher.submit(request(0, 1))
+
+
+def test_two_callers_with_the_same_ids_are_decided_apart():
+    """A retry or re-send arriving with the original: the engine refuses repeated ids in one
+    batch, so the batcher decides each caller's request on its own (the queue keeps each once)."""
+    from hitl_triage.engine.decode import DuplicateIdError
+
+    def decide(batch, reported):
+        ids = batch.column("id").to_pylist()
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError("expected unique ids, found repeats", count=1, first=ids[0])
+        return Recorder()(batch, reported)
+
+    batcher = make(decide, max_delay_s=0.2)
+    first, second = batcher.submit(request(0, 10)), batcher.submit(request(0, 10))
+    assert first.result(5).column("y").to_pylist() == second.result(5).column("y").to_pylist() == [2 * i for i in range(10)]
+    alone = batcher.submit(pa.RecordBatch.from_pydict({"id": ["a", "a"], "x": pa.array([1, 2], pa.int64())}))
+    with pytest.raises(DuplicateIdError):
+        alone.result(5)  # one caller's own repeats are still refused
+    batcher.close()

@@ -93,8 +93,6 @@ def test_resent_batches_and_two_replicas_leave_each_item_once(server, world, tmp
             assert queue.tier_of(item_id) == tier
 
 
-@pytest.mark.xfail(strict=True, reason="batcher.py coalesces two callers' requests into one engine batch, and the "
-                   "engine refuses a batch whose ids repeat (DuplicateIdError), so both callers fail; reported")
 def test_two_clients_sending_the_same_rows_at_once_to_one_server(server, world):
     table = renamed(world.table().slice(0, 1400), "together-")
     errors: list[BaseException] = []

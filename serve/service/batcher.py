@@ -24,6 +24,8 @@ from typing import Callable
 
 import pyarrow as pa
 
+from hitl_triage.engine.decode import DuplicateIdError
+
 
 class Overloaded(RuntimeError):
     """The admission queue is full (the client should back off and retry)."""
@@ -156,18 +158,34 @@ class Batcher:
             live = [s for s in taken if self._still_wanted(s)]
             if not live:
                 continue
-            started = time.monotonic()
-            try:
-                batch = _combine([s.request.batch.slice(s.offset, s.length) for s in live])
-                decisions = self._decide(batch, live[0].request.reported)
-            except BaseException as exc:  # noqa: BLE001 - the callers get the error, the server goes on
-                for s in live:
-                    self._fail(s.request, exc)
-                    self._release(s.length)
-                continue
-            if self._observe is not None:
-                self._observe("batch", (batch.num_rows, started - min(s.request.arrived for s in live)))
-            self._writer.write(decisions, batch, lambda error, d=decisions, l=live: self._answer(l, d, error))
+            self._decide_and_write(live)
+
+    def _decide_and_write(self, live: list[_Slice]) -> None:
+        started = time.monotonic()
+        try:
+            batch = _combine([s.request.batch.slice(s.offset, s.length) for s in live])
+            decisions = self._decide(batch, live[0].request.reported)
+        except DuplicateIdError as exc:
+            requests = list(dict.fromkeys(id(s.request) for s in live))
+            if len(requests) > 1:
+                # Two callers sent the same ids at once (a retry, a re-send): each is a valid call
+                # on its own, so decide each apart (the queue keeps each item once).
+                for key in requests:
+                    self._decide_and_write([s for s in live if id(s.request) == key])
+                return
+            self._fail_all(live, exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - the callers get the error, the server goes on
+            self._fail_all(live, exc)
+            return
+        if self._observe is not None:
+            self._observe("batch", (batch.num_rows, started - min(s.request.arrived for s in live)))
+        self._writer.write(decisions, batch, lambda error, d=decisions, l=live: self._answer(l, d, error))
+
+    def _fail_all(self, live: list[_Slice], exc: BaseException) -> None:
+        for s in live:
+            self._fail(s.request, exc)
+            self._release(s.length)
 
     def _still_wanted(self, s: _Slice) -> bool:
         request = s.request
