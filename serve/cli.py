@@ -18,7 +18,7 @@ import threading
 # Before torch, numba or FAISS start their OpenMP pools (see hitl_triage.kernels for why).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COMMANDS = ("simulate", "fit", "run", "serve", "send", "queue", "demo")
+COMMANDS = ("simulate", "fit", "run", "serve", "send", "queue", "feedback", "export", "gate", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
