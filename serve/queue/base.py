@@ -321,7 +321,8 @@ class ReviewQueue(abc.ABC):
     @abc.abstractmethod
     def verdicts(self, since: float | None = None) -> pa.Table:
         """Stored verdicts (those stored after ``since``, seconds since the epoch, when given),
-        oldest first, with their items' decision columns and ``stored_at``."""
+        oldest first, with their items' decision columns, ``stored_at``, and the items' ``logits``
+        and ``embedding`` where they kept them (:func:`.payload.verdict_table`)."""
 
     def tier_of(self, item_id: str) -> str | None:
         """The tier that holds the item now, None for an unknown id."""

@@ -14,6 +14,9 @@ from .items import blind, hide_predictions
 EXPORT_COLUMNS = ("reason_mask", "priority", "predicted_class", "confidence", "margin", "mutual_info",
                   "vote_agreement", "ood_score", "audit_weight", "audit_stratum", "profile_version", "source",
                   "category", "classes", "enqueued_at")
+# The item's inputs the verdict export carries too, where the item has them (the logits always,
+# the embedding when the queue keeps it): what a refit and a training pipeline read.
+EXPORT_INPUTS = ("logits", "embedding")
 
 
 class PayloadReader:
@@ -81,7 +84,8 @@ def history_line(tier: str, reviewer: str, action: str, label: int) -> str:
 
 def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
     """The verdict export from ``(id, label, reviewer, tier, action, ts, stored_at, batch, row)``
-    rows: the verdict columns of the design, ``stored_at``, and the item's decision columns."""
+    rows: the verdict columns of the design, ``stored_at``, the item's decision columns, and its
+    ``logits`` and ``embedding`` where it kept them."""
     columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(9)]
     ids, labels, reviewers, tiers, actions, ts, stored_at = columns[:7]
     table = pa.table({
@@ -96,7 +100,7 @@ def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
     items = payload.rows([(r[7], r[8]) for r in rows])
     if "tier" in items.schema.names:
         table = table.append_column("decision_tier", items.column("tier"))
-    for name in EXPORT_COLUMNS:
+    for name in EXPORT_COLUMNS + EXPORT_INPUTS:
         if name in items.schema.names:
             table = table.append_column(name, items.column(name))
     return table
