@@ -84,8 +84,8 @@ def history_line(tier: str, reviewer: str, action: str, label: int) -> str:
 
 def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
     """The verdict export from ``(id, label, reviewer, tier, action, ts, stored_at, batch, row)``
-    rows: the verdict columns of the design, ``stored_at``, the item's decision columns, and its
-    ``logits`` and ``embedding`` where it kept them."""
+    rows: the verdict columns of the design, ``stored_at``, the item's decision columns, its
+    ``logits`` and ``embedding`` where it kept them, then the fleet's extra columns."""
     columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(9)]
     ids, labels, reviewers, tiers, actions, ts, stored_at = columns[:7]
     table = pa.table({
@@ -102,5 +102,10 @@ def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
         table = table.append_column("decision_tier", items.column("tier"))
     for name in EXPORT_COLUMNS + EXPORT_INPUTS:
         if name in items.schema.names:
+            table = table.append_column(name, items.column(name))
+    # The fleet's extra columns (a `uri` of the input, a `model_version`...) follow: a training
+    # pipeline needs them; one named like a verdict or decision column is left out.
+    for name in items.schema.names:
+        if name not in table.schema.names and name != "tier":
             table = table.append_column(name, items.column(name))
     return table
