@@ -4,7 +4,7 @@
     triage queue claim URL --tier T --reviewer R [-n N] [--lease S]
     triage queue verdict URL ID --action A [--label L] --reviewer R [--tier T]
     triage queue requeue URL --dead-letter
-    triage queue export URL --out VERDICTS.parquet [--since ISO-TIME]
+    triage queue export URL --out LABELS.parquet [--since ISO-TIME]   (the same file as `triage export`)
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import argparse
 import datetime as dt
 import sys
 from pathlib import Path
+
+from . import export as export_command
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,10 +68,9 @@ def register(subparsers) -> None:
     requeue.add_argument("--dead-letter", action="store_true", required=True, help="requeue the dead letter list")
     requeue.set_defaults(handler=run_requeue)
 
-    export = commands.add_parser("export", help="write the stored verdicts, with their items' decision columns, to Parquet")
+    export = commands.add_parser("export", help="write every verdict as a labelled example to Parquet (as triage export)")
     export.add_argument("url")
-    export.add_argument("--out", required=True, type=Path, metavar="VERDICTS.parquet")
-    export.add_argument("--since", default=None, metavar="ISO-TIME", help="only verdicts stored after this time")
+    export_command.add_arguments(export, queue_option=False)
     export.set_defaults(handler=run_export)
 
 
@@ -146,22 +147,7 @@ def run_requeue(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
-
-    from .. import report
-
-    since = None
-    if args.since:
-        moment = dt.datetime.fromisoformat(args.since)
-        since = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
-    with open_from_args(args.url, args.config) as queue:
-        verdicts = queue.verdicts(since=since)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    pq.write_table(verdicts, tmp)
-    tmp.replace(args.out)
-    report.console.print(f"{verdicts.num_rows:,} verdicts written to {args.out}")
-    return 0
+    return export_command.run(args)
 
 
 def _age(seconds: float) -> str:
