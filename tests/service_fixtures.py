@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -109,3 +110,17 @@ def queue_items(queue_url: str) -> int:
 
     with open_queue(queue_url) as queue:
         return sum(t["depth"] + t["in_flight"] + t["done"] + t["dead"] for t in queue.stats()["tiers"].values())
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a Prometheus text endpoint: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, labels[k]) in ls for k in labels))

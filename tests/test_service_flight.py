@@ -235,3 +235,21 @@ def test_tokens_limits_deadlines_and_sigterm_over_flight(world, tmp_path):
         for item_id, tier in zip(escalated.column("id").to_pylist(), escalated.column("tier").to_pylist()):
             assert queue.tier_of(item_id) == tier
     assert pc.sum(got.column("escalate")).as_py() == escalated.num_rows
+
+
+def test_flight_batches_and_refusals_are_counted_in_the_metrics(world, tmp_path):
+    """Each batch of an exchange is timed under face="flight"; a refused one is counted by the
+    status name it ended with, as on the gRPC port."""
+    from service_fixtures import scrape, total
+
+    parts = batches(renamed(world.table(), "metrics-"), 500)[:3]
+    with served(world.profile, world.queue_url, tmp_path, "--metrics-port", "0") as s:
+        with TriageClient(s.flight, retry=NO_RETRY) as client:
+            answers = list(client.triage_stream(parts))
+            with pytest.raises(TriageError) as bad:
+                client.triage(pa.table({"id": ["no-logits"]}))
+        samples = scrape(s.ports["metrics"])
+    assert [a.num_rows for a in answers] == [p.num_rows for p in parts]
+    assert bad.value.code == "INVALID_ARGUMENT"
+    assert total(samples, "hitl_triage_request_seconds_count", face="flight") == len(parts)
+    assert total(samples, "hitl_triage_rejected_calls_total", code="INVALID_ARGUMENT") == 1

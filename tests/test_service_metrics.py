@@ -32,7 +32,8 @@ from engine_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.queue import open_queue
 from hitl_triage.serve.service.ipc import read_batch
-from test_service_ops import channel_to, fresh_queue, predictions, profile_dir, request, scrape, serving  # noqa: F401  (profile_dir: a fixture)
+from service_fixtures import scrape
+from test_service_ops import channel_to, fresh_queue, predictions, profile_dir, request, serving  # noqa: F401  (profile_dir: a fixture)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"

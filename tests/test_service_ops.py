@@ -24,7 +24,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -38,7 +37,7 @@ from hitl_triage.engine.profile import Profile
 from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.queue import open_queue
 from hitl_triage.serve.service.ipc import read_batch, write_batch
-from service_fixtures import served
+from service_fixtures import scrape, served, total
 
 M, C = 3, 4
 TOKENS = {"fleet-secret": "fleet", "reviewer-secret": "reviewer", "admin-secret": "admin"}
@@ -105,20 +104,6 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The samples of a Prometheus text endpoint: (name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    return sum(v for (n, ls), v in samples.items() if n == name and all((k, labels[k]) in ls for k in labels))
-
-
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     """A certificate for localhost and 127.0.0.1, valid a day, and its key (PEM files): made with
     the ``cryptography`` package where it is installed, else with ``openssl``."""
@@ -177,8 +162,11 @@ MAY_CALL = {
     "GetProfile": {"fleet", "reviewer", "admin"},
     "Stats": {"fleet", "reviewer", "admin"},
     "ReloadProfile": {"admin"},
-    "inference.ServerLive": {"fleet", "admin"},
+    "inference.ServerMetadata": {"fleet", "admin"},
 }
+# Health probes answer anyone: grpc.health.v1, reflection, and the inference protocol's liveness
+# and readiness (Kubernetes and KServe probe them without credentials).
+EXEMPT_CALLS = ("inference.ServerLive", "inference.ServerReady", "inference.ModelReady")
 
 
 def call_as(channel: grpc.Channel, method: str, metadata) -> grpc.StatusCode:
@@ -196,8 +184,14 @@ def call_as(channel: grpc.Channel, method: str, metadata) -> grpc.StatusCode:
         "GetProfile": lambda: stub.GetProfile(triage_pb2.GetProfileRequest(), metadata=metadata, timeout=30),
         "Stats": lambda: stub.Stats(triage_pb2.StatsRequest(), metadata=metadata, timeout=30),
         "ReloadProfile": lambda: stub.ReloadProfile(triage_pb2.ReloadRequest(), metadata=metadata, timeout=30),
+        "inference.ServerMetadata": lambda: oip_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
+            oip.ServerMetadataRequest(), metadata=metadata, timeout=30),
         "inference.ServerLive": lambda: oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(
             oip.ServerLiveRequest(), metadata=metadata, timeout=30),
+        "inference.ServerReady": lambda: oip_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+            oip.ServerReadyRequest(), metadata=metadata, timeout=30),
+        "inference.ModelReady": lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+            oip.ModelReadyRequest(name="triage"), metadata=metadata, timeout=30),
     }
     try:
         calls[method]()
@@ -228,6 +222,9 @@ def test_roles_allow_what_the_issue_says_and_refuse_the_rest_with_a_message(secu
             if not ok:
                 wrong.append(f"{method} as {caller}: {code.name} {details!r}")
     assert not wrong, "\n".join(wrong)
+    for method in EXEMPT_CALLS:  # no token, or a token that is not known: answered all the same
+        for metadata in (None, bearer("no-such-token")):
+            assert call_as(channel, method, metadata) == (grpc.StatusCode.OK, ""), method
     # Health and reflection answer without a token; the refusals left the server SERVING.
     assert health_status(channel) == SERVING
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
 
 
@@ -61,4 +64,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"triage serve: profile {service.engines.profile.version}; "
               + ", ".join(f"{face} on {config.host}:{port}" for face, port in service.ports.items()), flush=True)
     service.wait()
-    return 0
+    # Everything admitted is answered and stored and the queue is closed. Exit now rather than
+    # through interpreter shutdown, which waits on Flight's C++ threads: a client that still holds
+    # an idle exchange open would keep the process alive past its stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -7,7 +7,9 @@ A client sends ``authorization: Bearer <token>``; ``serve.tokens`` maps each tok
 - ``reviewer``: SubmitVerdicts, GetProfile, Stats.
 - ``admin``: everything, ReloadProfile included.
 
-``grpc.health.v1`` and server reflection answer without a token. A call without a token, or with
+``grpc.health.v1``, server reflection and the inference protocol's health probes (ServerLive,
+ServerReady, ModelReady: what Kubernetes and KServe probe without credentials) answer without a
+token. A call without a token, or with
 one the server does not know, ends UNAUTHENTICATED; a known token whose role does not cover the
 call ends PERMISSION_DENIED; both messages say what was expected. No tokens configured: no
 authentication (the server logs it at start).
@@ -42,6 +44,9 @@ EXEMPT: tuple[str, ...] = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
+    INFERENCE + "ServerLive",
+    INFERENCE + "ServerReady",
+    INFERENCE + "ModelReady",
 )
 
 # Who may call what besides admin, who may call everything; a call listed nowhere is admin's only.

@@ -186,7 +186,15 @@ class FlightTriageServer(flight.FlightServerBase):
         try:
             self.authorize(token, METHODS[what])
         except Exception as exc:  # noqa: BLE001 - any refusal becomes its status
-            raise _refusal(exc) from None
+            raise self._counted(_refusal(exc)) from None
+
+    def _counted(self, error: flight.FlightError) -> flight.FlightError:
+        """``error``, counted among the rejected calls by its status name (the extra info every
+        error of this face carries)."""
+        if self.service.metrics is not None:
+            info = error.extra_info or b""
+            self.service.metrics.call(None, 0.0, info.decode("ascii", "replace") or type(error).__name__)
+        return error
 
     def _refuse_if_stopping(self) -> None:
         if self._stopping.is_set():
@@ -221,16 +229,19 @@ class FlightTriageServer(flight.FlightServerBase):
             batch = chunk.data
             if batch is None:  # metadata only: nothing to decide
                 continue
-            self._refuse_if_stopping()
-            self._check_size(batch)
+            arrived = time.monotonic()
             try:
+                self._refuse_if_stopping()
+                self._check_size(batch)
                 out = self._answer(kind, batch, _Alive(context))
             except Exception as exc:  # noqa: BLE001 - mapped to a Flight error
-                raise flight_error(exc, stopping=self._stopping.is_set()) from None
+                raise self._counted(flight_error(exc, stopping=self._stopping.is_set())) from None
             if not started:
                 writer.begin(out.schema)
                 started = True
             writer.write_batch(out)
+            if self.service.metrics is not None:  # an exchange is long-lived: each batch is timed
+                self.service.metrics.call("flight", time.monotonic() - arrived, None)
 
     def _answer(self, kind: str, batch: pa.RecordBatch, alive: Callable[[], bool]) -> pa.RecordBatch:
         if kind == "verdicts":

@@ -15,7 +15,7 @@ takes per-row values (``source`` is bounded by the fleet, and capped at :data:`M
 | hitl_triage_review_queue_oldest_age_seconds | gauge | tier | age of the oldest open item |
 | hitl_triage_admitted_rows | gauge | | rows admitted by the batcher, not yet answered |
 | hitl_triage_rejected_calls_total | counter | code | calls ended with a status other than OK |
-| hitl_triage_request_seconds | histogram | face | call duration (triage.v1, inference, flight) |
+| hitl_triage_request_seconds | histogram | face | call duration (triage.v1, inference); flight: each batch of an exchange |
 | hitl_triage_batcher_queue_seconds | histogram | | time a batch's oldest request waited in the batcher |
 | hitl_triage_batch_rows | histogram | | rows per engine batch |
 | hitl_triage_queue_writes_total | counter | outcome | review-queue writes (ok, failed) |
