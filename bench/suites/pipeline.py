@@ -6,16 +6,25 @@ Steps: the fleet simulator writes the fleet, calibration and bank files (not tim
 ``serve.offline.run_offline`` runs three times: once with ``time_stages=True`` (stages one after
 another, so seconds per stage add up: read, decode, signals, knn, audit, policy, output, write),
 once as ``triage run`` runs by default (reading, triage and writing overlapped), for the
-end-to-end rows/s, and once the same way with the k-NN distance left approximate (the engine's
-k-NN scoring before issue 19, and its IVF scan without the pre-filter head, patched in for this
-row only), so that the cost of exact anomaly decisions is a ratio of one run. One row per stage with its seconds and share of the staged run's
-stage total; the overlapped rows carry the share of rows re-scored exactly and, for the
-approximate run, the ANOMALY bits that differ from the exact decisions.
+end-to-end rows/s, and once the same way as ``triage run`` ran before issue 19 (patched in for
+that row only: the k-NN distance left approximate, no row re-scored, the IVF scan without the
+pre-filter head issue 19 added, and nprobe as `triage fit` tuned it then, on the calibration rows
+without the hard rows), so that the cost of exact anomaly decisions is a ratio of one run; the two
+overlapped runs alternate, best of several each. The profile (and so the anomaly threshold) is
+today's for both: before issue 19 the threshold was chosen on approximate distances, which moves
+which rows escalate, not what a row costs.
+
+One row per stage with its seconds and share of the staged run's stage total; the overlapped
+rows carry the share of rows re-scored exactly and, for the approximate run, the share of its
+throughput the exact run keeps (``throughput_kept``, issue 19's target: at least 0.8) and the
+ANOMALY bits that differ from the exact decisions. The machine's load average is noted around
+each case (the bench machine is shared; ratios within one run are the comparable figures).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +53,8 @@ def run(ctx) -> None:
     sizes_list = _sizes(ctx.quick)
     if ctx.quick:
         ctx.note(f"quick mode: {sizes_list[0][0]:,} rows instead of 1,000,000 and no 1M bank (run --full for the issue's size)")
+    if os.environ.get(BANKS_ENV):
+        ctx.note(f"{BANKS_ENV}={os.environ[BANKS_ENV]}: banks {', '.join(f'{b:,}' for _, b in sizes_list)} only")
     config = TriageConfig()  # the defaults a user gets from `triage fit`
     task = ctx.task(SUITE, total=5 * len(sizes_list))  # simulate, fit, then one per row kind
     for rows, bank_rows in sizes_list:
@@ -71,6 +82,11 @@ def _run_case(ctx, task, rows, bank_rows, config, Profile, FleetConfig, simulate
                  + f", k={profile.k}, T={profile.temperature:.3g}, anomaly threshold {profile.thresholds.ood:.4f}")
         ctx.advance(task)
 
+        before_nprobe = _nprobe_before_issue_19(profile, pq.read_table(files.calibration, columns=["id", "embedding"]))
+        if before_nprobe is not None:
+            ctx.note(f"bank {bank_rows:,}: the approximate row probes {before_nprobe} lists, as `triage fit` tuned "
+                     f"nprobe before issue 19 (calibration rows only; with the hard rows: {bank.nprobe})")
+        load_before = os.getloadavg()
         sizes = {"rows": rows, "M": 5, "C": 10, "D": 128, "bank": bank_rows, "file_MB": round(size_mb)}
         case = f"triage run, bank {bank_rows:,}"
         # The staged run once; the two overlapped runs alternate, best of `repeats` each, so that
@@ -83,7 +99,7 @@ def _run_case(ctx, task, rows, bank_rows, config, Profile, FleetConfig, simulate
             ctx.progress.update(task, description=f"{SUITE}: bank {bank_rows:,}, triage run, {label}")
             out = tmp / f"decisions-{int(staged)}{int(approximate)}.parquet"
             try:
-                with (_approximate_knn() if approximate else contextlib.nullcontext()):
+                with (_approximate_knn(profile.bank, before_nprobe) if approximate else contextlib.nullcontext()):
                     result = run_offline(profile, [files.fleet], out, device="cpu", time_stages=staged)
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 runs.setdefault((staged, approximate), []).append(exc)
@@ -119,6 +135,12 @@ def _run_case(ctx, task, rows, bank_rows, config, Profile, FleetConfig, simulate
                                 throughput=rows / seconds if seconds > 0 else None, unit="rows/s",
                                 quality={"share": seconds / total if total else float("nan")}))
             ctx.advance(task)
+        ctx.note(f"bank {bank_rows:,}: load average (1, 5, 15 min) {_load(load_before)} before the runs, "
+                 f"{_load(os.getloadavg())} after, on {os.cpu_count()} CPUs shared with other work")
+
+
+def _load(averages) -> str:
+    return "/".join(f"{a:.1f}" for a in averages)
 
 
 def _label(staged: bool, approximate: bool) -> str:
@@ -127,11 +149,36 @@ def _label(staged: bool, approximate: bool) -> str:
     return "overlapped, approximate k-NN (before issue 19)" if approximate else "overlapped (default)"
 
 
+def _nprobe_before_issue_19(profile, calibration) -> int | None:
+    """The nprobe `triage fit` chose before issue 19 for the profile's IVF bank: tuned on the same
+    calibration rows as today (those outside the threshold holdout, the split of engine.fit) but
+    without the hard rows issue 19 added; None for a flat bank."""
+    from hitl_triage.engine.bank import bank_vectors, tune_nprobe
+    from hitl_triage.engine.fit import SPLIT_SEED
+    from hitl_triage.kernels import audit_uniform
+
+    bank = profile.bank
+    if bank is None or bank.kind != "ivf":
+        return None
+    holdout = profile.config.calibration.holdout
+    if holdout > 0:
+        import pyarrow as pa
+
+        ids = calibration.column("id").combine_chunks()
+        calibration = calibration.filter(pa.array(np.asarray(audit_uniform(ids, SPLIT_SEED)) >= holdout))
+    tuned = bank.nprobe
+    try:
+        return tune_nprobe(bank, bank_vectors(calibration), profile.k, profile.config.bank.max_knn_error,
+                           hard_share=0.0)["nprobe"]
+    finally:
+        bank.nprobe = tuned
+
+
 @contextlib.contextmanager
-def _approximate_knn():
+def _approximate_knn(bank, nprobe: int | None):
     """The engine's k-NN scoring as it was before issue 19: the backend's distance as it comes,
-    no row re-scored, and the IVF scan without the pre-filter head that came with the issue
-    (patched into the engine and the index for one run)."""
+    no row re-scored, the IVF scan without the pre-filter head that came with the issue, and
+    nprobe as it was tuned then (patched into the engine and the index for one run)."""
     import torch
 
     from hitl_triage.engine import engine as engine_module
@@ -154,11 +201,16 @@ def _approximate_knn():
 
     engine_module.ood_scores = approximate_scores
     KnnIndex.prefilter = no_head  # type: ignore[method-assign]
+    tuned = bank.nprobe
+    if nprobe is not None:
+        bank.nprobe = nprobe
     try:
         yield
     finally:
         engine_module.ood_scores = exact_scores
         KnnIndex.prefilter = with_head  # type: ignore[method-assign]
+        if nprobe is not None:
+            bank.nprobe = tuned
 
 
 def _anomaly_bits_differ(pq, exact_path, approximate_path) -> int:
@@ -169,6 +221,22 @@ def _anomaly_bits_differ(pq, exact_path, approximate_path) -> int:
     return int(np.count_nonzero((a & anomaly) != (b & anomaly)))
 
 
+BANKS_ENV = "HITL_TRIAGE_BENCH_PIPELINE_BANKS"
+
+
 def _sizes(quick: bool) -> list[tuple[int, int]]:
-    """(rows of the Parquet file, bank rows) per case."""
-    return [(50_000, 100_000)] if quick else [(1_000_000, 100_000), (200_000, 1_000_000)]
+    """(rows of the Parquet file, bank rows) per case; only the banks named in
+    ``HITL_TRIAGE_BENCH_PIPELINE_BANKS`` (comma-separated) when it is set, e.g. the 1M bank alone
+    in full mode."""
+    sizes = [(50_000, 100_000)] if quick else [(1_000_000, 100_000), (200_000, 1_000_000)]
+    wanted = os.environ.get(BANKS_ENV, "").strip()
+    if not wanted:
+        return sizes
+    try:
+        banks = {int(b.replace("_", "")) for b in wanted.split(",") if b.strip()}
+    except ValueError:
+        raise ValueError(f"{BANKS_ENV}: expected comma-separated bank sizes, found {wanted!r}") from None
+    kept = [s for s in sizes if s[1] in banks]
+    if not kept:
+        raise ValueError(f"{BANKS_ENV}: expected bank sizes among {[b for _, b in sizes]} in this mode, found {wanted!r}")
+    return kept
