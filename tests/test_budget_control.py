@@ -166,3 +166,59 @@ def test_from_profile_needs_budget_mode_and_options_are_checked(rng):
         control(Thresholds(confidence=0.4), budget=0.1, split=(1, 0, 0), window_rows=3)
     with pytest.raises(ValueError, match="decisions: expected a 'valid' column"):
         c.observe(decisions(rng.random(10)).drop_columns(["valid"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The service's hook: steps between batches, each decision names its step, Stats and metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(tmp_path):
+    import dataclasses
+
+    from hitl_triage.engine.engine import TriageEngine
+    from hitl_triage.serve.proto.triage.v1 import triage_pb2
+    from hitl_triage.serve.service.config import ServeConfig
+    from hitl_triage.serve.service.engines import EngineHolder
+    from hitl_triage.serve.service.grpc_server import TriageServicer
+    from hitl_triage.serve.service.metrics import Metrics
+    from hitl_triage.serve.service.server import Service
+
+    from engine_fixtures import fleet_tables
+
+    fleet, _, calibration, bank = fleet_tables(6000, calibration_rows=3000, bank_rows=1000)
+    config = TriageConfig()
+    config.thresholds.mode, config.thresholds.budget = "budget", 0.15
+    profile = Profile.fit(calibration, bank=bank, config=config)
+    profile.save(tmp_path / "profile")
+    serve = ServeConfig.from_toml(None, budget_control={"enabled": True, "window_rows": 1024, "sample_every": 2,
+                                                        "step_rows": 1500})
+    service = Service(EngineHolder(tmp_path / "profile", device="cpu"), None, serve)
+    try:
+        decided = []
+        for start in range(0, fleet.num_rows, 1000):
+            batch = fleet.slice(start, 1000).combine_chunks().to_batches()[0]
+            decided.append((batch, service.decide(batch)))
+        history = {s.step: s.thresholds for s in service.budget.control.history()}
+        steps = [int(d.column("budget_step")[0].as_py()) for _, d in decided]
+        # window full after 2048 rows, then a step every 1500: batches 0-2 at step 0, 3-4 at 1, ...
+        assert steps == [0, 0, 0, 1, 1, 2]
+        assert history[0] == profile.thresholds and history[1] != history[0]
+        base = Profile.load(tmp_path / "profile")
+        for batch, decisions in decided:
+            step = int(decisions.column("budget_step")[0].as_py())
+            again = TriageEngine(dataclasses.replace(base, thresholds=history[step]), device="cpu").triage(batch)
+            assert decisions.drop_columns(["budget_step"]).equals(again), step  # the step names its thresholds
+        state = service.stats()["budget"]
+        assert state["enabled"] and state["step"] == 2 and state["profile_version"] == profile.version
+        assert state["thresholds"]["confidence"] == service.budget.control.thresholds.confidence
+        answer = TriageServicer(service).Stats(triage_pb2.StatsRequest(), None)
+        assert answer.budget.enabled and answer.budget.step == 2 and answer.budget.budget == 0.15
+        assert answer.budget.thresholds.ood == state["thresholds"]["ood"]
+        metrics = Metrics()
+        metrics.refresh(service)
+        assert metrics.registry.get_sample_value("hitl_triage_budget_step") == 2
+        assert metrics.registry.get_sample_value("hitl_triage_budget_threshold", {"trigger": "mutual_info"}) == \
+            pytest.approx(state["thresholds"]["mutual_info"])
+    finally:
+        service.batcher.close()

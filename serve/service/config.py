@@ -17,6 +17,26 @@ ROLES = ("fleet", "reviewer", "admin")
 
 
 @dataclasses.dataclass
+class BudgetControlOptions:
+    """``[serve.budget_control]``: online budget control (engine/budget_control.py), off by default
+    (the profile's thresholds are the ones its fit chose and reported). ``enabled`` needs a
+    budget-mode profile; the window holds every ``sample_every``-th decided row, the last
+    ``window_rows`` of them; a step re-chooses the thresholds once ``step_rows`` rows have been
+    decided since the last one (between two batches)."""
+
+    enabled: bool = False
+    window_rows: int = 16_384
+    sample_every: int = 4
+    step_rows: int = 65_536
+
+    def check(self) -> None:
+        for name, low in (("window_rows", 16), ("sample_every", 1), ("step_rows", 1)):
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"serve.budget_control.{name}: expected at least {low}, found {value}")
+
+
+@dataclasses.dataclass
 class ServeConfig:
     """``host``: the address every port binds; ``port``: gRPC (triage.v1, the Open Inference
     Protocol, health, reflection; 0 = any free port); ``flight_port``: Arrow Flight (0 = any free
@@ -28,6 +48,7 @@ class ServeConfig:
     ports (SO_REUSEPORT). ``tokens``: token -> role (fleet: triage and report; reviewer: verdicts;
     admin: everything, reload included); empty = no authentication. ``tls_cert`` / ``tls_key``:
     PEM files; both or neither. (Rows users report go to the profile's ``tiers.reported``.)
+    ``budget_control``: :class:`BudgetControlOptions`.
     """
 
     host: str = "127.0.0.1"
@@ -42,8 +63,10 @@ class ServeConfig:
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
+    budget_control: BudgetControlOptions = dataclasses.field(default_factory=BudgetControlOptions)
 
     def check(self) -> "ServeConfig":
+        self.budget_control.check()
         for name in ("port", "flight_port", "metrics_port"):
             value = getattr(self, name)
             if not (-1 <= value <= 65535):

@@ -101,7 +101,7 @@ class TriageServicer(triage_pb2_grpc.TriageServicer):
         return triage_pb2.StatsResponse(
             profile_version=s["profile_version"], rows=s["rows"], escalated=s["escalated"], by_reason=s["by_reason"],
             queue=[triage_pb2.TierStats(tier=tier, **entry) for tier, entry in s["queue"].get("tiers", {}).items()],
-            verdicts=s["queue"].get("verdicts", {}), admitted_rows=s["admitted_rows"],
+            verdicts=s["queue"].get("verdicts", {}), admitted_rows=s["admitted_rows"], budget=_budget(s["budget"]),
         )
 
     def ReloadProfile(self, request, context):
@@ -110,6 +110,15 @@ class TriageServicer(triage_pb2_grpc.TriageServicer):
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             abort_for(context, exc)
         return triage_pb2.ReloadResponse(previous_version=previous, version=version)
+
+
+def _budget(state: dict) -> triage_pb2.BudgetControl:
+    if not state.get("enabled") or "step" not in state:
+        return triage_pb2.BudgetControl(enabled=False)
+    return triage_pb2.BudgetControl(
+        enabled=True, step=state["step"], budget=state["budget"], thresholds=triage_pb2.Thresholds(**state["thresholds"]),
+        rows_seen=state["rows_seen"], window_rows=state["window_rows"], window_rate=state["window_rate"],
+        profile_version=state["profile_version"])
 
 
 def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, threads: int = 32,

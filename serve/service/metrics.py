@@ -20,6 +20,9 @@ takes per-row values (``source`` is bounded by the fleet, and capped at :data:`M
 | hitl_triage_batch_rows | histogram | | rows per engine batch |
 | hitl_triage_queue_writes_total | counter | outcome | review-queue writes (ok, failed) |
 | hitl_triage_queue_write_batches | histogram | | engine batches stored per write (group commit) |
+| hitl_triage_budget_step | gauge | | online budget control's step (0: the profile's thresholds; absent when off) |
+| hitl_triage_budget_threshold | gauge | trigger | the threshold in force (confidence, mutual_info, ood) |
+| hitl_triage_budget_window_escalation_ratio | gauge | | share of the tracker's window the last step escalates |
 
 The gauges are refreshed from ``queue.stats()`` every :data:`REFRESH_S` seconds by a thread.
 """
@@ -84,6 +87,13 @@ class Metrics:
         self.writes = Counter("hitl_triage_queue_writes", "Review-queue writes.", ["outcome"], registry=r)
         self.write_batches = Histogram("hitl_triage_queue_write_batches", "Engine batches stored per queue write.",
                                        buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.budget_step = Gauge("hitl_triage_budget_step", "Online budget control's step (0: the profile's thresholds).",
+                                 registry=r, multiprocess_mode="mostrecent")
+        self.budget_threshold = Gauge("hitl_triage_budget_threshold", "Threshold in force under online budget control.",
+                                      ["trigger"], registry=r, multiprocess_mode="mostrecent")
+        self.budget_window = Gauge("hitl_triage_budget_window_escalation_ratio",
+                                   "Share of the budget tracker's window that the last step's thresholds escalate.",
+                                   registry=r, multiprocess_mode="mostrecent")
         self._sources: set[str] = set()
         self._stop = threading.Event()
         self._http: WSGIServer | None = None
@@ -155,6 +165,12 @@ class Metrics:
 
     def refresh(self, service) -> None:
         self.admitted.set(service.batcher.admitted_rows)
+        budget = service.budget.state() if getattr(service, "budget", None) is not None else {}
+        if "step" in budget:
+            self.budget_step.set(budget["step"])
+            for trigger in ("confidence", "mutual_info", "ood"):
+                self.budget_threshold.labels(trigger).set(budget["thresholds"][trigger])
+            self.budget_window.set(budget["window_rate"])
         if service.queue is None:
             return
         for tier, entry in service.queue.stats().get("tiers", {}).items():

@@ -22,6 +22,7 @@ import pyarrow as pa
 from hitl_triage.engine.monitoring import TriageSummary
 
 from .batcher import Batcher
+from .budget import BudgetHook
 from .config import ServeConfig
 from .engines import EngineHolder
 from .writer import QueueWriter
@@ -40,6 +41,9 @@ class Service:
         self.metrics = metrics  # metrics.Metrics, or None: metrics off
         self.summary = TriageSummary()
         self._summary_lock = threading.Lock()
+        self.budget = BudgetHook(config.budget_control) if config.budget_control.enabled else None
+        if self.budget is not None:
+            self.budget.prepare(engines.engine)  # a profile it cannot hold is refused now, not per batch
         observe = metrics.observe if metrics is not None else None
         self.writer = QueueWriter(queue, observe=observe)
         self.batcher = Batcher(self._decide_batch, self.writer, max_batch_rows=config.max_batch_rows,
@@ -55,10 +59,13 @@ class Service:
     # -- deciding ----------------------------------------------------------------------------------
 
     def _decide_batch(self, batch: pa.RecordBatch, reported: bool) -> pa.RecordBatch:
+        engine = self.engines.engine if self.budget is None else self.budget.prepare(self.engines.engine)
         if reported:
-            decisions = self.engines.engine.triage(batch, reported=True)
+            decisions = engine.triage(batch, reported=True)
         else:
-            decisions = self.engines.engine.triage(batch)
+            decisions = engine.triage(batch)
+        if self.budget is not None:
+            decisions = self.budget.observe(decisions, reported=reported)
         with self._summary_lock:
             self.summary.update(decisions)
         if self.metrics is not None:
@@ -81,6 +88,7 @@ class Service:
             "profile_version": self.engines.profile.version, "rows": rows, "escalated": escalated,
             "by_reason": by_reason, "queue": self.queue.stats() if self.queue is not None else {},
             "admitted_rows": self.batcher.admitted_rows,
+            "budget": self.budget.state() if self.budget is not None else {"enabled": False},
         }
 
     # -- life cycle --------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., done: _Optional[int] = ..., dead: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("profile_version", "rows", "escalated", "by_reason", "queue", "verdicts", "admitted_rows")
+    __slots__ = ("profile_version", "rows", "escalated", "by_reason", "queue", "verdicts", "admitted_rows", "budget")
     class ByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class StatsResponse(_message.Message):
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     profile_version: str
     rows: int
     escalated: int
@@ -130,7 +131,28 @@ class StatsResponse(_message.Message):
     queue: _containers.RepeatedCompositeFieldContainer[TierStats]
     verdicts: _containers.ScalarMap[str, int]
     admitted_rows: int
-    def __init__(self, profile_version: _Optional[str] = ..., rows: _Optional[int] = ..., escalated: _Optional[int] = ..., by_reason: _Optional[_Mapping[str, int]] = ..., queue: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., admitted_rows: _Optional[int] = ...) -> None: ...
+    budget: BudgetControl
+    def __init__(self, profile_version: _Optional[str] = ..., rows: _Optional[int] = ..., escalated: _Optional[int] = ..., by_reason: _Optional[_Mapping[str, int]] = ..., queue: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., admitted_rows: _Optional[int] = ..., budget: _Optional[_Union[BudgetControl, _Mapping]] = ...) -> None: ...
+
+class BudgetControl(_message.Message):
+    __slots__ = ("enabled", "step", "budget", "thresholds", "rows_seen", "window_rows", "window_rate", "profile_version")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    step: int
+    budget: float
+    thresholds: Thresholds
+    rows_seen: int
+    window_rows: int
+    window_rate: float
+    profile_version: str
+    def __init__(self, enabled: _Optional[bool] = ..., step: _Optional[int] = ..., budget: _Optional[float] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., rows_seen: _Optional[int] = ..., window_rows: _Optional[int] = ..., window_rate: _Optional[float] = ..., profile_version: _Optional[str] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ("path",)
