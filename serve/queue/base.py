@@ -59,7 +59,12 @@ class QueueOptions:
     ``overlap``: per tier, the share of items served to two distinct reviewers;
     ``max_deliveries``: leases an item may have expire before it is dead-lettered;
     ``keep_embedding``: store the embedding in the item (off: items stay small);
-    ``blind_audit``: serve audit samples with no other reason without the model's prediction.
+    ``blind_audit``: serve audit samples with no other reason without the model's prediction;
+    ``blind_share``: the share of all other items served so too (drawn by a hash of the id), so
+    that override rates can be compared between blind and shown items (:mod:`.gold`);
+    ``gold_share``: the share of each tier's items that are gold items (known answers from the
+    calibration data, :mod:`.gold`), once the queue has a ``gold`` pool; ``gold_pool``: a
+    labelled Parquet file (a calibration file) that a server draws them from.
     """
 
     tiers: list[str] = dataclasses.field(default_factory=lambda: list(TIER_NAMES))
@@ -68,6 +73,9 @@ class QueueOptions:
     max_deliveries: int = 5
     keep_embedding: bool = False
     blind_audit: bool = True
+    blind_share: float = 0.0
+    gold_share: float = 0.0
+    gold_pool: str = ""
 
     @classmethod
     def from_dict(cls, table: dict, **defaults) -> "QueueOptions":
@@ -87,6 +95,10 @@ class QueueOptions:
                 raise QueueError(f"queue.overlap: expected tiers among {self.tiers}, found {tier!r}")
             if not 0.0 <= float(share) <= 1.0:
                 raise QueueError(f"queue.overlap.{tier}: expected a share in [0, 1], found {share!r}")
+        for name in ("blind_share", "gold_share"):
+            share = getattr(self, name)
+            if not (isinstance(share, (int, float)) and 0.0 <= float(share) < 1.0):
+                raise QueueError(f"queue.{name}: expected a share in [0, 1), found {share!r}")
         if not (isinstance(self.max_deliveries, int) and self.max_deliveries >= 1):
             raise QueueError(f"queue.max_deliveries: expected an integer >= 1, found {self.max_deliveries!r}")
         return self
@@ -291,6 +303,16 @@ class ReviewQueue(abc.ABC):
     """See the module docstring. Every method is safe to call from several processes at once."""
 
     options: QueueOptions
+    gold = None
+    """A :class:`.gold.GoldPool` to draw gold items from (with ``options.gold_share`` > 0)."""
+
+    def _with_gold(self, batches) -> tuple[list, dict[str, int]]:
+        """``batches`` and the gold items that go with them, and the gold items' labels."""
+        batches = list(batches)
+        if self.gold is None or self.options.gold_share <= 0:
+            return batches, {}
+        extra, labels = self.gold.mix(batches, self.options.gold_share)
+        return batches + extra, labels
 
     @abc.abstractmethod
     def enqueue(self, decisions, predictions) -> int:

@@ -73,12 +73,18 @@ def review_items(decisions: pa.RecordBatch | pa.Table, predictions: pa.RecordBat
     return pa.table(columns)
 
 
-def blind(items: pa.Table, blind_audit: bool) -> np.ndarray:
-    """bool [n]: the items served blind (audit samples with no other reason, when configured)."""
-    if not blind_audit or items.num_rows == 0:
+def blind(items: pa.Table, blind_audit: bool, blind_share: float = 0.0) -> np.ndarray:
+    """bool [n]: the items served blind (audit samples with no other reason, when configured,
+    and the share ``blind_share`` of the others drawn by :func:`.gold.blind_draw`)."""
+    from .gold import blind_draw
+
+    if items.num_rows == 0:
         return np.zeros(items.num_rows, dtype=bool)
-    mask = items.column("reason_mask").to_numpy()
-    return mask == int(Reason.AUDIT)
+    hidden = blind_draw(items.column("id").combine_chunks() if isinstance(items.column("id"), pa.ChunkedArray)
+                        else items.column("id"), blind_share)
+    if blind_audit:
+        hidden |= items.column("reason_mask").to_numpy(zero_copy_only=False) == int(Reason.AUDIT)
+    return hidden
 
 
 def hide_predictions(items: pa.Table, hidden: np.ndarray) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from .base import VERDICT_SCHEMA
@@ -64,14 +65,14 @@ class PayloadReader:
 
 
 def claimed_items(payload: PayloadReader, refs: Sequence[tuple[int, int]], tier: str, deliveries: Sequence[int],
-                  until: float, history: Sequence[list[str]], blind_audit: bool) -> pa.Table:
+                  until: float, history: Sequence[list[str]], blind_audit: bool, blind_share: float = 0.0) -> pa.Table:
     """What ``claim`` returns for the items at ``refs``: the item columns with ``tier`` the tier
     they were claimed at (an item keeps its decision-time tier in its blob), the prediction
     hidden on blind items, ``deliveries``, ``lease_until`` (seconds since the epoch) and
     ``history`` (the item's earlier verdicts, oldest first, as "tier/reviewer: action [label]")."""
     items = payload.rows(refs)
     items = items.set_column(items.schema.get_field_index("tier"), "tier", pa.array([tier] * len(refs), pa.string()))
-    items = hide_predictions(items, blind(items, blind_audit))
+    items = hide_predictions(items, blind(items, blind_audit, blind_share))
     return items.append_column("deliveries", pa.array(deliveries, pa.int32())) \
                 .append_column("lease_until", pa.array([until] * len(refs), pa.float64())) \
                 .append_column("history", pa.array(history, pa.list_(pa.string())))
@@ -82,10 +83,13 @@ def history_line(tier: str, reviewer: str, action: str, label: int) -> str:
     return f"{tier}/{reviewer}: {action}" + (f" {label}" if label >= 0 else "")
 
 
-def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
+def verdict_table(rows: Sequence[tuple], payload: PayloadReader, options=None,
+                  gold: dict[str, int] | None = None) -> pa.Table:
     """The verdict export from ``(id, label, reviewer, tier, action, ts, stored_at, batch, row)``
     rows: the verdict columns of the design, ``stored_at``, the item's decision columns, its
-    ``logits`` and ``embedding`` where it kept them, then the fleet's extra columns."""
+    ``logits`` and ``embedding`` where it kept them, then the fleet's extra columns; with the
+    queue's ``options``, ``blind`` (the item was served without the prediction) and
+    ``gold_label`` (the known answer of a gold item, null for the others; ``gold``: id -> label)."""
     columns = [list(c) for c in zip(*rows)] if rows else [[] for _ in range(9)]
     ids, labels, reviewers, tiers, actions, ts, stored_at = columns[:7]
     table = pa.table({
@@ -108,4 +112,8 @@ def verdict_table(rows: Sequence[tuple], payload: PayloadReader) -> pa.Table:
     for name in items.schema.names:
         if name not in table.schema.names and name != "tier":
             table = table.append_column(name, items.column(name))
+    if options is not None:
+        hidden = blind(items, options.blind_audit, options.blind_share) if rows else np.zeros(0, bool)
+        table = table.append_column("blind", pa.array(hidden, pa.bool_()))
+        table = table.append_column("gold_label", pa.array([(gold or {}).get(i) for i in ids], pa.int32()))
     return table

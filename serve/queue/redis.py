@@ -25,6 +25,7 @@ zero-padded to 16 digits, so that members with equal scores sort in arrival orde
 - ``v:S``: hash (tier, reviewer) -> verdict; ``vlog``: sorted set of every verdict by stored_at;
   ``vcount``: hash action -> verdicts;
 - ``b:<batch>``: an enqueued batch's items as one Arrow IPC blob, written once;
+- ``gold``: hash id -> label of the gold items (:mod:`.gold`);
 - ``seq``, ``batch``, ``vseq``: counters; ``tiers``: set of the tiers that ever held an item.
 
 Atomic steps: an enqueue (of one batch or several), a claim (expire leases, redeliver or
@@ -382,6 +383,7 @@ class RedisQueue(ReviewQueue):
         return self.enqueue_many([(decisions, predictions)])
 
     def enqueue_many(self, batches) -> int:
+        batches, gold = self._with_gold(batches)
         now = self._now()
         args: list[Any] = []
         for decisions, predictions in batches:
@@ -390,6 +392,8 @@ class RedisQueue(ReviewQueue):
                 args += _enqueue_args(p)
         if not args:
             return 0
+        if gold:  # the answers first: one without its item (a failed enqueue) is never read
+            self._redis.hset(self._key("gold"), mapping=gold)
         return int(self._enqueue(args=[self.prefix, len(args) // 7, *args]))
 
     # -- claim -------------------------------------------------------------------------------------
@@ -402,7 +406,7 @@ class RedisQueue(ReviewQueue):
                              [int(d) for _, _, d, _ in picked], float(until),
                              [[history_line(v.tier, v.reviewer, v.action, v.label) for v in _verdicts(records)]
                               for _, _, _, records in picked],
-                             self.options.blind_audit)
+                             self.options.blind_audit, self.options.blind_share)
 
     # -- verdicts ----------------------------------------------------------------------------------
 
@@ -484,7 +488,8 @@ class RedisQueue(ReviewQueue):
             item_id, label, reviewer, tier, action, ts, batch, row = json.loads(member[16:])
             ts = stored_at if ts is None else ts  # a verdict sent without a time took the time it was stored
             rows.append((item_id, label, reviewer, tier, action, ts, stored_at, batch, row))
-        return verdict_table(rows, self._payload)
+        gold = {k.decode(): int(v) for k, v in cast("dict[bytes, bytes]", self._redis.hgetall(self._key("gold"))).items()}
+        return verdict_table(rows, self._payload, self.options, gold)
 
     def tier_of(self, item_id: str) -> str | None:
         record = self._redis.hget(self._key("items"), item_id)

@@ -116,10 +116,11 @@ def truth_labels(*tables: pa.Table | Mapping[str, int]) -> dict[str, int]:
 
 
 def work_queue(queue, reviewers: Sequence[SimReviewer], truth: Mapping[str, int], *, batch: int = 64,
-               lease: float = 300.0, max_rounds: int = 100_000) -> dict[str, int]:
+               lease: float = 300.0, max_rounds: int = 100_000, ts: float | None = None) -> dict[str, int]:
     """Let ``reviewers`` work ``queue`` until no reviewer finds an item it may claim: each in turn
     claims up to ``batch`` items of its tier, answers and submits them. Returns the queue's
-    summed ``submit`` counts plus ``claimed``. Items moved to a tier nobody works stay there."""
+    summed ``submit`` counts plus ``claimed``. Items moved to a tier nobody works stay there.
+    ``ts``: the time every verdict carries (seconds since the epoch; None: the time it is stored)."""
     totals = {"claimed": 0, "stored": 0, "duplicates": 0, "done": 0, "moved": 0}
     top = queue.options.tiers[-1]
     for _ in range(max_rounds):
@@ -131,6 +132,8 @@ def work_queue(queue, reviewers: Sequence[SimReviewer], truth: Mapping[str, int]
             progress = True
             totals["claimed"] += items.num_rows
             answers = reviewer.answer(items, truth, top_tier=reviewer.tier == top)
+            if ts is not None:
+                answers = [{**a, "ts": float(ts)} for a in answers]
             shown = [a for a in answers if a["action"] is not None]
             if shown:
                 _add(totals, queue.submit(shown))
