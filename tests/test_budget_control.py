@@ -220,5 +220,21 @@ def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(tm
         assert metrics.registry.get_sample_value("hitl_triage_budget_step") == 2
         assert metrics.registry.get_sample_value("hitl_triage_budget_threshold", {"trigger": "mutual_info"}) == \
             pytest.approx(state["thresholds"]["mutual_info"])
+        # A reload starts again at step 0; a profile budget control cannot hold (target-risk mode)
+        # is served at its own thresholds, its batches still naming step 0.
+        import copy
+
+        risk = copy.deepcopy(base.config)
+        risk.thresholds.mode = "target_risk"
+        dataclasses.replace(base, config=risk, version="", generation=2).save(tmp_path / "risk")
+        service.engines.reload(tmp_path / "risk")
+        batch = fleet.slice(0, 500).combine_chunks().to_batches()[0]
+        decisions = service.decide(batch)
+        assert set(decisions.column("budget_step").to_pylist()) == {0}
+        assert service.stats()["budget"] == {"enabled": False}
+        assert not TriageServicer(service).Stats(triage_pb2.StatsRequest(), None).budget.enabled
+        service.engines.reload(tmp_path / "profile")
+        service.decide(batch)
+        assert service.stats()["budget"]["step"] == 0 and service.budget.control.rows_seen == 500
     finally:
         service.batcher.close()

@@ -62,10 +62,10 @@ class BudgetHook:
         takes them in (not reported rows) and may step for the next batch."""
         with self._lock:
             control = self.control
-            if control is None:  # a profile budget control cannot hold (logged)
-                return decisions
-            step = control.step
-            if not reported and control.observe(decisions):
+            # A profile budget control cannot hold (logged) is decided at its own thresholds: step 0,
+            # and the column stays, so that a stream's batches keep one schema.
+            step = control.step if control is not None else 0
+            if control is not None and not reported and control.observe(decisions):
                 logger.info("budget control step %d (profile %s): thresholds %s, window rate %.4f", control.step,
                             control.profile_version, control.thresholds, control.history()[-1].window_rate)
         return decisions.append_column("budget_step", pa.array(np.full(decisions.num_rows, step, np.uint32)))
