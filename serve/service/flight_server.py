@@ -42,6 +42,7 @@ import pyarrow.flight as flight
 from hitl_triage.engine.decode import BatchError
 
 from .batcher import Expired, Overloaded
+from .ipc import validated
 from .writer import QueueUnavailable
 
 logger = logging.getLogger(__name__)
@@ -225,13 +226,11 @@ class FlightTriageServer(flight.FlightServerBase):
         kind = self._kind(descriptor)
         self._check(context, kind)
         started = False
-        for chunk in reader:
-            batch = chunk.data
-            if batch is None:  # metadata only: nothing to decide
-                continue
+        for batch in self._incoming(reader):
             arrived = time.monotonic()
             try:
                 self._refuse_if_stopping()
+                validated(batch, "batch")  # offsets, lengths, UTF-8: before anything reads its values
                 self._check_size(batch)
                 out = self._answer(kind, batch, _Alive(context))
             except Exception as exc:  # noqa: BLE001 - mapped to a Flight error
@@ -242,6 +241,25 @@ class FlightTriageServer(flight.FlightServerBase):
             writer.write_batch(out)
             if self.service.metrics is not None:  # an exchange is long-lived: each batch is timed
                 self.service.metrics.call("flight", time.monotonic() - arrived, None)
+
+    def _incoming(self, reader) -> Iterator[pa.RecordBatch]:
+        """The record batches the client sends; a message Arrow cannot read ends the call
+        INVALID_ARGUMENT (the reader's words), not as an unknown error."""
+        chunks = iter(reader)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except flight.FlightError:
+                raise
+            except (pa.ArrowException, OSError) as exc:
+                detail = " ".join(str(exc).split())
+                raise self._counted(flight.FlightServerError(
+                    f"batch: expected an Arrow IPC message, found one that cannot be read ({detail})",
+                    b"INVALID_ARGUMENT")) from None
+            if chunk.data is not None:  # metadata only: nothing to decide
+                yield chunk.data
 
     def _answer(self, kind: str, batch: pa.RecordBatch, alive: Callable[[], bool]) -> pa.RecordBatch:
         if kind == "verdicts":
