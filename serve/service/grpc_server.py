@@ -22,6 +22,7 @@ from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 
 from .batcher import Closed, Expired, Overloaded
 from .ipc import read_batch, write_batch
+from .monitoring import figures_json
 from .writer import QueueUnavailable
 
 TRIAGE_SERVICE = triage_pb2.DESCRIPTOR.services_by_name["Triage"].full_name
@@ -102,6 +103,7 @@ class TriageServicer(triage_pb2_grpc.TriageServicer):
             profile_version=s["profile_version"], rows=s["rows"], escalated=s["escalated"], by_reason=s["by_reason"],
             queue=[triage_pb2.TierStats(tier=tier, **entry) for tier, entry in s["queue"].get("tiers", {}).items()],
             verdicts=s["queue"].get("verdicts", {}), admitted_rows=s["admitted_rows"], budget=_budget(s["budget"]),
+            monitoring_json=figures_json(s["monitoring"]),
         )
 
     def ReloadProfile(self, request, context):

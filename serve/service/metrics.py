@@ -23,6 +23,7 @@ takes per-row values (``source`` is bounded by the fleet, and capped at :data:`M
 | hitl_triage_budget_step | gauge | | online budget control's step (0: the profile's thresholds; absent when off) |
 | hitl_triage_budget_threshold | gauge | trigger | the threshold in force (confidence, mutual_info, ood) |
 | hitl_triage_budget_window_escalation_ratio | gauge | | share of the tracker's window the last step escalates |
+| hitl_triage_override_ratio, _audited_accuracy_ratio, _drift_psi ... | gauge | | the monitoring figures: see monitoring_metrics.py |
 
 The gauges are refreshed from ``queue.stats()`` every :data:`REFRESH_S` seconds by a thread.
 """
@@ -41,6 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .monitoring_metrics import MonitoringGauges
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class Metrics:
         self.budget_window = Gauge("hitl_triage_budget_window_escalation_ratio",
                                    "Share of the budget tracker's window that the last step's thresholds escalate.",
                                    registry=r, multiprocess_mode="mostrecent")
+        self.monitoring = MonitoringGauges(r)  # the monitoring figures' gauges (monitoring_metrics.py)
         self._sources: set[str] = set()
         self._stop = threading.Event()
         self._http: WSGIServer | None = None
@@ -171,6 +175,8 @@ class Metrics:
             for trigger in ("confidence", "mutual_info", "ood"):
                 self.budget_threshold.labels(trigger).set(budget["thresholds"][trigger])
             self.budget_window.set(budget["window_rate"])
+        if getattr(service, "monitor", None) is not None:
+            self.monitoring.set(service.monitor.figures())
         if service.queue is None:
             return
         for tier, entry in service.queue.stats().get("tiers", {}).items():

@@ -25,6 +25,7 @@ from .batcher import Batcher
 from .budget import BudgetHook
 from .config import ServeConfig
 from .engines import EngineHolder
+from .monitoring import ServiceMonitor, attach_gold
 from .writer import QueueWriter
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Service:
         self.budget = BudgetHook(config.budget_control) if config.budget_control.enabled else None
         if self.budget is not None:
             self.budget.prepare(engines.engine)  # a profile it cannot hold is refused now, not per batch
+        self.monitor = ServiceMonitor(engines.profile, queue)  # the monitoring figures (monitoring.py)
         observe = metrics.observe if metrics is not None else None
         self.writer = QueueWriter(queue, observe=observe)
         self.batcher = Batcher(self._decide_batch, self.writer, max_batch_rows=config.max_batch_rows,
@@ -70,6 +72,7 @@ class Service:
             self.summary.update(decisions)
         if self.metrics is not None:
             self.metrics.decided(decisions)
+        self.monitor.decided(decisions)
         return decisions
 
     def decide(self, batch: pa.RecordBatch, *, deadline: float | None = None, alive=lambda: True,
@@ -89,6 +92,7 @@ class Service:
             "by_reason": by_reason, "queue": self.queue.stats() if self.queue is not None else {},
             "admitted_rows": self.batcher.admitted_rows,
             "budget": self.budget.state() if self.budget is not None else {"enabled": False},
+            "monitoring": self.monitor.figures(),
         }
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -107,6 +111,7 @@ class Service:
         engines = EngineHolder(profile_dir, device=device)
         queue = open_from_args(queue_url, queue_config, tiers=engines.profile.config.tiers.order) if queue_url else None
         service = cls(engines, queue, config, metrics=ops_metrics.Metrics() if config.metrics_port >= 0 else None)
+        attach_gold(queue, engines.engine, service.monitor)  # gold items and the drift reference ([queue] gold_pool)
         authorizer = auth.Authorizer(config.tokens)
         auth.log_mode(config.tokens)
         interceptors = [ops_metrics.CallInterceptor(service.metrics)] + ([auth.AuthInterceptor(authorizer)] if authorizer.enabled else [])

@@ -101,7 +101,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., done: _Optional[int] = ..., dead: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("profile_version", "rows", "escalated", "by_reason", "queue", "verdicts", "admitted_rows", "budget")
+    __slots__ = ("profile_version", "rows", "escalated", "by_reason", "queue", "verdicts", "admitted_rows", "budget", "monitoring_json")
     class ByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class StatsResponse(_message.Message):
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_ROWS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MONITORING_JSON_FIELD_NUMBER: _ClassVar[int]
     profile_version: str
     rows: int
     escalated: int
@@ -132,7 +133,8 @@ class StatsResponse(_message.Message):
     verdicts: _containers.ScalarMap[str, int]
     admitted_rows: int
     budget: BudgetControl
-    def __init__(self, profile_version: _Optional[str] = ..., rows: _Optional[int] = ..., escalated: _Optional[int] = ..., by_reason: _Optional[_Mapping[str, int]] = ..., queue: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., admitted_rows: _Optional[int] = ..., budget: _Optional[_Union[BudgetControl, _Mapping]] = ...) -> None: ...
+    monitoring_json: str
+    def __init__(self, profile_version: _Optional[str] = ..., rows: _Optional[int] = ..., escalated: _Optional[int] = ..., by_reason: _Optional[_Mapping[str, int]] = ..., queue: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., verdicts: _Optional[_Mapping[str, int]] = ..., admitted_rows: _Optional[int] = ..., budget: _Optional[_Union[BudgetControl, _Mapping]] = ..., monitoring_json: _Optional[str] = ...) -> None: ...
 
 class BudgetControl(_message.Message):
     __slots__ = ("enabled", "step", "budget", "thresholds", "rows_seen", "window_rows", "window_rate", "profile_version")
