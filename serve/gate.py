@@ -128,14 +128,32 @@ _EXPORT_ONLY = {"label", "action", "ts", "decision_tier", "enqueued_at", "final_
 
 
 def content_hash(table: pa.Table) -> str:
-    """SHA-256 of the table's values, column by column (its name, then its values as JSON): the
-    same rows give the same hash whatever wrote them and however Arrow laid them out (the IPC
-    bytes, and a list type's child names, change in a Parquet round trip)."""
+    """SHA-256 of the table's values, column by column (its name, then its values): the same rows
+    give the same hash whatever wrote them and however Arrow laid them out (the IPC bytes, and a
+    list type's child names, change in a Parquet round trip)."""
     digest = hashlib.sha256()
     for field, column in zip(table.schema, table.columns):
         digest.update(json.dumps(field.name).encode())
-        digest.update(json.dumps(column.to_pylist(), default=str).encode())
+        _hash_values(digest, column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
     return digest.hexdigest()
+
+
+def _hash_values(digest, array: pa.Array) -> None:
+    """Feed ``array``'s values to ``digest`` in a canonical form: which entries are null, then
+    the values (numbers as little-endian bytes with nulls as 0, fixed-size lists through their
+    flattened children, anything else as JSON)."""
+    digest.update(np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=np.uint8).tobytes())
+    kind = array.type
+    if pa.types.is_fixed_size_list(kind):
+        size = kind.list_size
+        _hash_values(digest, array.values.slice(array.offset * size, len(array) * size))
+    elif pa.types.is_timestamp(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        values = array.cast(pa.int64()) if pa.types.is_timestamp(kind) else array
+        numbers = np.asarray(values.fill_null(False if pa.types.is_boolean(kind) else 0).to_numpy(zero_copy_only=False))
+        numbers = numbers.astype(np.uint8) if numbers.dtype == bool else numbers.astype(numbers.dtype.newbyteorder("<"))
+        digest.update(numbers.tobytes())
+    else:
+        digest.update(json.dumps(array.to_pylist(), default=str).encode())
 
 
 def gate_set_info(table: pa.Table) -> dict:
