@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,14 +24,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tool_cache import Unavailable, venv_with  # noqa: F401  (Unavailable: raised through venv_python)
+
 VERSION = "1.23.2"
 INSTALL_TIMEOUT_S = 1200
 START_TIMEOUT_S = 300
 TIMINGS: dict[str, float] = {}  # measured here: install_s (0 when reused), start_s
-
-
-class Unavailable(RuntimeError):
-    """Label Studio cannot be installed here (the message says why)."""
 
 
 def label_studio_python() -> Path:
@@ -55,36 +51,10 @@ def venv_python() -> Path:
         if not python.exists():
             raise RuntimeError(f"HITL_TRIAGE_LABEL_STUDIO_VENV={ready}: expected a virtual environment, found no bin/python")
         return python
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hitl-triage"
-    venv = cache / f"label-studio-{VERSION}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"label-studio-{VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time, whichever test session asks
-        if not (venv / ".installed").exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            started = time.monotonic()
-            _build(venv)
-            TIMINGS["install_s"] = time.monotonic() - started
-        else:
-            TIMINGS.setdefault("install_s", 0.0)
-    return venv / "bin" / "python"
-
-
-def _build(venv: Path) -> None:
-    steps = [[sys.executable, "-m", "venv", str(venv)],
-             [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-              f"label-studio=={VERSION}"]]
-    for step in steps:
-        try:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            shutil.rmtree(venv, ignore_errors=True)
-            raise Unavailable(f"label-studio=={VERSION} could not be installed in {INSTALL_TIMEOUT_S} s")
-        if done.returncode != 0:
-            shutil.rmtree(venv, ignore_errors=True)
-            tail = [line for line in (done.stderr or done.stdout).strip().splitlines() if not line.startswith("WARNING")][-2:]
-            raise Unavailable(f"label-studio=={VERSION} could not be installed (no network?): {' | '.join(tail)}")
-    (venv / ".installed").write_text(VERSION + "\n")
+    started = time.monotonic()
+    python = venv_with(f"label-studio-{VERSION}", f"label-studio=={VERSION}", INSTALL_TIMEOUT_S)
+    TIMINGS.setdefault("install_s", time.monotonic() - started)  # about 0 when it was there already
+    return python
 
 
 @dataclasses.dataclass

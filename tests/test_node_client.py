@@ -17,11 +17,9 @@ only where ``node`` is absent.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +30,7 @@ import pytest
 
 from engine_fixtures import contract_table, known_ensemble, one_torch_thread  # noqa: F401  (autouse)
 from test_service_ops import TOKENS, profile_dir, serving  # noqa: F401  (profile_dir: a fixture)
+from tool_cache import built_once
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 PROTO = Path(__file__).resolve().parent.parent / "serve" / "proto" / "triage" / "v1" / "triage.proto"
@@ -49,20 +48,18 @@ def node_modules() -> Path:
     npm = shutil.which("npm")
     assert npm is not None, "node is installed but npm is not: expected npm to install tests/node's packages"
     lock = (NODE_DIR / "package-lock.json").read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hitl-triage"
-    home = cache / f"node-{hashlib.sha256(lock + (NODE_DIR / 'package.json').read_bytes()).hexdigest()[:16]}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{home.name}.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # one install at a time, whichever test session asks
-        if not (home / ".installed").exists():
-            shutil.rmtree(home, ignore_errors=True)
-            home.mkdir()
-            for name in ("package.json", "package-lock.json"):
-                shutil.copy(NODE_DIR / name, home / name)
-            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=home,
-                                  capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-            assert done.returncode == 0, f"npm ci in {home} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            (home / ".installed").write_text(done.stdout[-500:])
+    name = f"node-{hashlib.sha256(lock + (NODE_DIR / 'package.json').read_bytes()).hexdigest()[:16]}"
+
+    def install(home: Path) -> str:
+        home.mkdir()
+        for file in ("package.json", "package-lock.json"):
+            shutil.copy(NODE_DIR / file, home / file)
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=home,
+                              capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        assert done.returncode == 0, f"npm ci in {home} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        return done.stdout[-500:]
+
+    home = built_once(name, install)
     shutil.copy(NODE_DIR / "triage_client.mjs", home / "triage_client.mjs")
     return home
 

@@ -21,10 +21,7 @@ a server.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +36,7 @@ from hitl_triage.serve.proto.inference import grpc_predict_v2_pb2 as pb
 from hitl_triage.serve.service import inference
 from hitl_triage.serve.service.ipc import read_batch, write_batch
 from service_fixtures import make_world, served
+from tool_cache import Unavailable, venv_with
 
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 INSTALL_TIMEOUT_S = 600
@@ -115,30 +113,11 @@ for line in sys.stdin:
 
 def tritonclient_python() -> Path:
     """The python of a virtual environment holding :data:`TRITONCLIENT`, built when missing
-    (kept under the user's cache and reused while its ``.installed`` marker is there), or a skip
-    saying why it cannot be had."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hitl-triage"
-    name = "tritonclient-" + TRITONCLIENT.split("==")[1]
-    venv = cache / name
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time, whichever test session asks
-        if not (venv / ".installed").exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            steps = [[sys.executable, "-m", "venv", str(venv)],
-                     [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", TRITONCLIENT]]
-            for step in steps:
-                try:
-                    done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    done = None
-                if done is None or done.returncode != 0:
-                    shutil.rmtree(venv, ignore_errors=True)
-                    tail = "" if done is None else " | ".join(
-                        line for line in (done.stderr or done.stdout).strip().splitlines() if not line.startswith("WARNING"))[-300:]
-                    pytest.skip(f"{TRITONCLIENT} could not be installed in a virtual environment (no network?): {tail}")
-            (venv / ".installed").write_text(TRITONCLIENT + "\n")
-    return venv / "bin" / "python"
+    (tests/tool_cache.py), or a skip saying why it cannot be had."""
+    try:
+        return venv_with("tritonclient-" + TRITONCLIENT.split("==")[1], TRITONCLIENT, INSTALL_TIMEOUT_S)
+    except Unavailable as why:
+        pytest.skip(str(why))
 
 
 class TritonClient:
