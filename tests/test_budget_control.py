@@ -173,7 +173,21 @@ def test_from_profile_needs_budget_mode_and_options_are_checked(rng):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(tmp_path):
+@pytest.fixture(scope="module")
+def budget_profile(tmp_path_factory):
+    """A budget-mode profile (b = 0.15, bank of D=16) fitted on a small simulated fleet, saved."""
+    from engine_fixtures import fleet_tables
+
+    directory = tmp_path_factory.mktemp("budget")
+    fleet, _, calibration, bank = fleet_tables(6000, calibration_rows=3000, bank_rows=1000)
+    config = TriageConfig()
+    config.thresholds.mode, config.thresholds.budget = "budget", 0.15
+    profile = Profile.fit(calibration, bank=bank, config=config)
+    profile.save(directory / "profile")
+    return directory, fleet, profile
+
+
+def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(budget_profile, tmp_path):
     import dataclasses
 
     from hitl_triage.engine.engine import TriageEngine
@@ -184,13 +198,8 @@ def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(tm
     from hitl_triage.serve.service.metrics import Metrics
     from hitl_triage.serve.service.server import Service
 
-    from engine_fixtures import fleet_tables
-
-    fleet, _, calibration, bank = fleet_tables(6000, calibration_rows=3000, bank_rows=1000)
-    config = TriageConfig()
-    config.thresholds.mode, config.thresholds.budget = "budget", 0.15
-    profile = Profile.fit(calibration, bank=bank, config=config)
-    profile.save(tmp_path / "profile")
+    directory, fleet, profile = budget_profile
+    (tmp_path / "profile").symlink_to(directory / "profile")
     serve = ServeConfig.from_toml(None, budget_control={"enabled": True, "window_rows": 1024, "sample_every": 2,
                                                         "step_rows": 1500})
     service = Service(EngineHolder(tmp_path / "profile", device="cpu"), None, serve)
@@ -238,3 +247,43 @@ def test_service_steps_between_batches_and_each_step_reproduces_its_decisions(tm
         assert service.stats()["budget"]["step"] == 0 and service.budget.control.rows_seen == 500
     finally:
         service.batcher.close()
+    with pytest.raises(ConfigError, match="thresholds.mode: expected 'budget'"):  # at the start, not per batch
+        Service(EngineHolder(tmp_path / "risk", device="cpu"), None, serve)
+
+
+def test_triage_serve_with_budget_control_shows_it_in_stats_and_metrics(budget_profile, tmp_path):
+    """A real `triage serve` with [serve.budget_control] from its triage.toml: decisions name
+    their step over triage.v1, Stats and the Prometheus endpoint show the step it reached."""
+    import time
+
+    import grpc
+
+    from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
+    from hitl_triage.serve.service.ipc import read_batch, write_batch
+
+    from service_fixtures import scrape, served
+
+    directory, fleet, profile = budget_profile
+    options = {"enabled": True, "window_rows": 512, "sample_every": 1, "step_rows": 1000}
+    with served(directory / "profile", None, tmp_path, "--flight-port", "-1", "--device", "cpu", "--metrics-port", "0",
+                config={"budget_control": options}, env={"OMP_NUM_THREADS": "1"}) as server:
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = triage_pb2_grpc.TriageStub(channel)
+            steps = []
+            for start in range(0, 4000, 1000):
+                batch = fleet.slice(start, 1000).combine_chunks().to_batches()[0]
+                decisions = read_batch(stub.Triage(triage_pb2.TriageRequest(arrow_ipc=write_batch(batch))).arrow_ipc)
+                steps.append(set(decisions.column("budget_step").to_pylist()))
+            stats = stub.Stats(triage_pb2.StatsRequest())
+        assert steps == [{0}, {1}, {2}, {3}]  # a step after every 1000 rows once 512 are in the window
+        assert stats.budget.enabled and stats.budget.step == 4 and stats.budget.rows_seen == 4000
+        assert stats.budget.profile_version == profile.version and stats.budget.window_rows == 512
+        deadline = time.monotonic() + 30
+        while True:  # the gauges are refreshed every 2 s
+            samples = scrape(server.ports["metrics"])
+            if samples.get(("hitl_triage_budget_step", ())) == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert samples[("hitl_triage_budget_step", ())] == 4
+        assert samples[("hitl_triage_budget_threshold", (("trigger", "confidence"),))] == \
+            pytest.approx(stats.budget.thresholds.confidence)
