@@ -158,7 +158,7 @@ def test_since_keeps_the_final_label_from_every_verdict(queue_url, rng):
     assert set(later.column("final_state").to_pylist()) == {"done"}  # settled by g1 and g2 together
 
 
-def test_options_other_than_the_queue_was_worked_under_are_refused_by_id(queue_url, rng, capsys):
+def test_options_other_than_the_queue_was_worked_under_are_refused_by_id(queue_url, rng, capsys, tmp_path):
     decisions, predictions = fleet_batch(rng, 60)
     with open_queue(queue_url, QueueOptions(**OPTIONS)) as queue:
         queue.enqueue(decisions, predictions)
@@ -169,3 +169,7 @@ def test_options_other_than_the_queue_was_worked_under_are_refused_by_id(queue_u
             training_examples(queue)
     code, _ = run_cli("export", "--queue", queue_url, "--out", "/dev/null")
     assert code == 2 and "--out /dev/null: expected a file to write" in capsys.readouterr().err
+    missing = tmp_path / "typo.db"  # a mistyped queue is refused, not read as "no verdicts" (nor created)
+    assert run_cli("export", "--queue", f"sqlite:///{missing}", "--out", tmp_path / "x.parquet")[0] == 2
+    assert f"expected an existing review queue, found no file at {missing}" in capsys.readouterr().err
+    assert not missing.exists()

@@ -44,6 +44,14 @@ def since_seconds(text: str | None) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
+def existing_queue(url: str, option: str = "queue url") -> str:
+    """``url``, refused when it names an SQLite file that is not there: opening it would create an
+    empty queue, and a mistyped path would read as "no verdicts"."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise ValueError(f"{option} {url}: expected an existing review queue, found no file at {url[len('sqlite:///'):]}")
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
     from hitl_triage.serve.export import training_examples, write_parquet
 
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     since = since_seconds(args.since)
     output_file(args.out, "--out")
-    with open_from_args(args.url, args.config) as queue:
+    with open_from_args(existing_queue(args.url), args.config) as queue:
         examples = training_examples(queue, since=since)
     write_parquet(examples, args.out)
     done = int(examples.column("decisive").to_numpy(zero_copy_only=False).sum()) if examples.num_rows else 0

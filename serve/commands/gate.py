@@ -77,9 +77,10 @@ def run_snapshot(args: argparse.Namespace) -> int:
     from hitl_triage.serve.gate import gate_set_info, save_gate_set, snapshot
 
     from .. import report
+    from .export import existing_queue
     from .queue import open_from_args
 
-    with open_from_args(args.snapshot_queue, args.snapshot_config) as queue:
+    with open_from_args(existing_queue(args.snapshot_queue), args.snapshot_config) as queue:
         table = snapshot(queue, args.name)
     save_gate_set(table, args.out)
     info = gate_set_info(table)
@@ -94,6 +95,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     from .. import report
     from ..checks import read_table
+    from .export import existing_queue
     from .queue import open_from_args
 
     if args.predictions is None:
@@ -104,7 +106,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.gate_set is not None:
         gate_set = load_gate_set(args.gate_set)
     else:
-        with open_from_args(args.queue, args.config) as queue:
+        with open_from_args(existing_queue(args.queue), args.config) as queue:
             gate_set = snapshot(queue, "queue-now")
     predictions = read_table(args.predictions, "--predictions")
     try:
