@@ -265,6 +265,7 @@ def calibration_metrics(
     *,
     probabilities: bool = False,
     n_bins: int = DEFAULT_BINS,
+    sample_weight=None,
 ) -> CalibrationMetrics:
     """ECE, NLL, Brier score, accuracy and reliability bins of a set of predictions.
 
@@ -276,6 +277,8 @@ def calibration_metrics(
         temperature: for logits, a positive scalar, a table [K] indexed per row by
             ``temperature_index`` (int [N], as in ``ensemble_signals``), or one T per row [N].
         n_bins: equal-width confidence bins of the ECE (15 by default).
+        sample_weight: optional non-negative float [N]: weighted metrics (an audit sample's
+            Horvitz-Thompson estimate of the traffic's ECE, NLL, Brier and accuracy).
 
     Rows whose logits (or probabilities) are not all finite are left out and counted in
     ``invalid_rows``. Definitions are in the module docstring.
@@ -313,7 +316,15 @@ def calibration_metrics(
         betas = _per_row_betas(temperature, z.shape[0])
         confidence, predicted, log_py, brier, valid = _statistics(z, y, betas)
         correct = predicted == y
-    return _metrics_from_rows(confidence[valid], correct[valid], log_py[valid], brier[valid], int((~valid).sum()), n_bins)
+    w = None
+    if sample_weight is not None:
+        w = np.asarray(_numpy(sample_weight, "sample_weight"), dtype=np.float64)
+        if w.shape != (len(y),) or not (np.isfinite(w).all() and (w >= 0).all()):
+            raise ValueError(f"sample_weight: expected finite non-negative weights of shape ({len(y)},), "
+                             f"found shape {w.shape}")
+        w = w[valid]
+    return _metrics_from_rows(confidence[valid], correct[valid], log_py[valid], brier[valid], int((~valid).sum()),
+                              n_bins, w)
 
 
 def _probability_statistics(p: np.ndarray, y: np.ndarray):
@@ -335,22 +346,29 @@ def _probability_statistics(p: np.ndarray, y: np.ndarray):
     return confidence, correct, log_py, brier, valid
 
 
-def _metrics_from_rows(confidence, correct, log_py, brier, invalid: int, n_bins: int) -> CalibrationMetrics:
+def _metrics_from_rows(confidence, correct, log_py, brier, invalid: int, n_bins: int,
+                       weights: np.ndarray | None = None) -> CalibrationMetrics:
+    """The metrics of these rows; with ``weights``, every sum and mean weighted (the bins'
+    ``count`` stays the number of rows, their means are weighted)."""
     rows = len(confidence)
+    w = np.ones(rows) if weights is None else np.asarray(weights, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bin b holds edges[b] <= confidence < edges[b + 1]; confidence 1 goes to the last bin.
     which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
     count = np.bincount(which, minlength=n_bins)
-    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
-    hit_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins)
+    mass = count if weights is None else np.bincount(which, weights=w, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=confidence * w, minlength=n_bins)
+    hit_sum = np.bincount(which, weights=correct.astype(np.float64) * w, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
-        accuracy = np.where(count > 0, hit_sum / np.maximum(count, 1), np.nan)
-    if rows:
-        ece = float(np.sum(np.abs(hit_sum - conf_sum)) / rows)
-        nll = float(-np.mean(log_py))
-        brier_mean = float(np.mean(brier))
-        acc = float(np.mean(correct))
+        mean_conf = np.where(mass > 0, conf_sum / np.where(mass > 0, mass, 1), np.nan)
+        accuracy = np.where(mass > 0, hit_sum / np.where(mass > 0, mass, 1), np.nan)
+    total = float(w.sum())
+    if rows and total > 0:
+        ece = float(np.sum(np.abs(hit_sum - conf_sum)) / total)
+        average = np.mean if weights is None else (lambda x: np.average(x, weights=w))  # unweighted: as before
+        nll = float(-average(log_py))
+        brier_mean = float(average(brier))
+        acc = float(average(correct))
     else:
         ece = nll = brier_mean = acc = math.nan
     return CalibrationMetrics(
@@ -368,18 +386,29 @@ def _metrics_from_rows(confidence, correct, log_py, brier, invalid: int, n_bins:
 
 
 class _Objective:
-    """Mean NLL of ``labels`` and its first two derivatives in u = log T, on a set of rows."""
+    """Mean NLL of ``labels`` and its first two derivatives in u = log T, on a set of rows; with
+    ``weights``, the weighted mean sum_i w_i NLL_i / sum_i w_i. Rows are grouped by weight value
+    and the kernel's sums of each group are scaled by it (one kernel, unchanged: Horvitz-Thompson
+    weights are one 1/rate per audit stratum and age weights one per feedback round, so there are
+    few distinct values)."""
 
-    def __init__(self, logits: np.ndarray, labels: np.ndarray):
-        self.logits = logits
-        self.labels = labels
-        self.rows = logits.shape[0]
+    def __init__(self, logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None):
         self.log_members = math.log(logits.shape[1])
         self.evaluations = 0
+        if weights is None:
+            self.groups = [(1.0, logits, labels)]
+            self.rows = float(logits.shape[0])
+        else:
+            values, inverse = np.unique(weights, return_inverse=True)
+            self.groups = [(float(w), np.ascontiguousarray(logits[inverse == g]), labels[inverse == g])
+                           for g, w in enumerate(values) if w > 0]
+            self.rows = float(sum(w * len(y) for w, _, y in self.groups))
 
     def __call__(self, u: float) -> tuple[float, float, float]:
         beta = math.exp(-u)
-        sums = _derivative_sums(self.logits, self.labels, beta)
+        sums = np.zeros(3)
+        for w, z, y in self.groups:
+            sums = sums + w * _derivative_sums(z, y, beta)
         self.evaluations += 1
         mean_log, r1, dr1 = sums / self.rows
         f = self.log_members - mean_log
@@ -424,7 +453,8 @@ def _newton(objective: _Objective, u0: float, lo: float, hi: float, a: float, b:
     return best_u, best_f
 
 
-def _fit_one(logits: np.ndarray, labels: np.ndarray, lo: float, hi: float, seed: int) -> tuple[float, float, bool]:
+def _fit_one(logits: np.ndarray, labels: np.ndarray, lo: float, hi: float, seed: int,
+             weights: np.ndarray | None = None) -> tuple[float, float, bool]:
     """The temperature minimising the mean NLL on these rows. Returns (T, NLL at T, at_bound).
 
     1. Coarse: the NLL on a grid of ``_GRID_POINTS`` values of log T over the bounds, on a seeded
@@ -434,10 +464,10 @@ def _fit_one(logits: np.ndarray, labels: np.ndarray, lo: float, hi: float, seed:
        subsample's optimum is already close); the lowest full-data NLL wins.
     """
     rows = logits.shape[0]
-    full = _Objective(logits, labels)
+    full = _Objective(logits, labels, weights)
     if rows > _GRID_ROWS:
         pick = np.sort(np.random.default_rng(seed).choice(rows, _GRID_ROWS, replace=False))
-        sub = _Objective(np.ascontiguousarray(logits[pick]), labels[pick])
+        sub = _Objective(np.ascontiguousarray(logits[pick]), labels[pick], None if weights is None else weights[pick])
     else:
         sub = full
     grid = np.linspace(lo, hi, _GRID_POINTS)
@@ -473,6 +503,7 @@ def fit_temperature(
     sources=None,
     min_rows_per_source: int = 1000,
     bounds: tuple[float, float] = (0.05, 20.0),
+    sample_weight=None,
 ) -> TemperatureFit:
     """Fit the temperature T of ``softmax(z / T)`` shared by the ensemble members (mean of the
     members' probabilities) that minimises the labels' negative log-likelihood, in float64.
@@ -484,6 +515,10 @@ def fit_temperature(
             codes: each source with at least ``min_rows_per_source`` usable rows gets its own T,
             the others the global one.
         bounds: (lowest, highest) temperature searched.
+        sample_weight: optional non-negative float [N]: minimise the weighted mean NLL
+            sum_i w_i NLL_i / sum_i w_i instead (feedback's Horvitz-Thompson audit weights times
+            the age weight of each row); the metrics ``before``/``after`` are weighted alike.
+            Not with ``sources``.
 
     Rows with a non-finite logit are left out (counted in ``invalid_rows``, logged).
 
@@ -502,6 +537,16 @@ def fit_temperature(
     z = _check_logits(logits)
     y = _check_labels(labels, z.shape[0], z.shape[2])
     keys = missing = None
+    w = None
+    if sample_weight is not None:
+        w = np.asarray(_numpy(sample_weight, "sample_weight"), dtype=np.float64)
+        if w.shape != (z.shape[0],):
+            raise ValueError(f"sample_weight: expected shape ({z.shape[0]},) to match the logits, found {w.shape}")
+        if not (np.isfinite(w).all() and (w >= 0).all()) or not w.sum() > 0:
+            raise ValueError("sample_weight: expected finite non-negative weights with a positive sum, found others")
+        if sources is not None:
+            raise ValueError("sample_weight: expected no sources with weights (per-source weighted fits are not "
+                             "supported), found both")
     if sources is not None:
         keys, missing = _source_array(sources, "sources")
         if keys.shape != (z.shape[0],):
@@ -514,15 +559,17 @@ def fit_temperature(
         logger.warning("temperature fit: %d of %d rows have non-finite logits and are left out", invalid, len(valid))
         conf, pred, log_py, brier = conf[valid], pred[valid], log_py[valid], brier[valid]
         z, y = np.ascontiguousarray(z[valid]), y[valid]
+        if w is not None:
+            w = w[valid]
         if keys is not None:
             assert missing is not None  # _source_array returns both
             keys, missing = keys[valid], missing[valid]
     if z.shape[0] == 0:
         raise ValueError("logits: expected at least one row with finite logits and a label, found none")
-    before = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS)
+    before = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS, w)
 
     log_lo, log_hi = math.log(lo), math.log(hi)
-    temperature, nll, at_bound = _fit_one(z, y, log_lo, log_hi, seed=0)
+    temperature, nll, at_bound = _fit_one(z, y, log_lo, log_hi, seed=0, weights=w)
     if at_bound:
         logger.warning("temperature fit: the optimum T=%.4g lies on the search bounds %s", temperature, (lo, hi))
 
@@ -553,7 +600,7 @@ def fit_temperature(
             logger.info("temperature fit: %d sources below %d rows use the global T", len(fallback), min_rows_per_source)
 
     conf, pred, log_py, brier, _ = _statistics(z, y, 1.0 / row_temperature)
-    after = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS)
+    after = _metrics_from_rows(conf, pred == y, log_py, brier, invalid, DEFAULT_BINS, w)
     return TemperatureFit(
         temperature=temperature, per_source=per_source, fallback_sources=fallback, source_rows=source_rows,
         before=before, after=after, nll=nll, bounds=(lo, hi), min_rows_per_source=int(min_rows_per_source),

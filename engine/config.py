@@ -18,9 +18,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 TIER_NAMES = ("general", "specialist", "adjudicator")
-# Tables of triage.toml that the serving layer reads (the review queue, the service); the
-# engine's configuration leaves them alone.
-SERVE_TABLES = ("queue", "serve")
+# Tables of triage.toml that the serving layer reads (the review queue, the service) or that a
+# profile does not store (feedback's, read by `triage feedback`); the engine's configuration
+# leaves them alone.
+SERVE_TABLES = ("queue", "serve", "feedback")
 
 
 class ConfigError(ValueError):
@@ -200,6 +201,65 @@ class AuditConfig:
                     raise ConfigError(
                         f"audit.overrides[{i}].match: expected columns among audit.strata {self.strata}, found {column!r}"
                     )
+
+
+@dataclasses.dataclass
+class FeedbackConfig:
+    """How a feedback round makes the next profile version (the ``[feedback]`` table; README,
+    "Feedback").
+
+    ``old_share``: the weight of every row older than this round's audit verdicts together
+    (calibration rows, earlier rounds), the new audit rows carrying the rest; ``min_share``: a row
+    weighing less than this share of an average row is dropped; ``min_audit_verdicts``: fewer new
+    audit verdicts than this keep the temperature and thresholds (the bank and the watch list still
+    grow). ``split_min`` / ``split_max``: bounds of each trigger's share (confidence,
+    disagreement, anomaly) in the split search of budget mode, on a grid of ``split_step``; the
+    default floor of 0.1 keeps every trigger escalating, so later rounds still see verdicts on
+    what it catches (a trigger at 0 would only be judged by the audit sample);
+    ``split_min_gain_se``: a split replaces the configured one only when it catches more
+    problems per reviewed item by more than this many standard errors.
+    ``watch_clear_share``: share of in-scope rows that must stay outside the watch radius;
+    ``watch_max_radius``: the radius never exceeds this (distance between unit vectors, in [0, 2]).
+    """
+
+    old_share: float = 0.25
+    min_share: float = 0.01
+    min_audit_verdicts: int = 200
+    split_min: tuple[float, float, float] = (0.1, 0.1, 0.1)
+    split_max: tuple[float, float, float] = (0.8, 0.8, 0.8)
+    split_step: float = 0.1
+    split_min_gain_se: float = 2.0
+    watch_clear_share: float = 0.999
+    watch_max_radius: float = 0.5
+
+    def check(self) -> "FeedbackConfig":
+        _in_range("feedback.old_share", self.old_share, 0.0, 0.95)
+        _in_range("feedback.min_share", self.min_share, 0.0, 1.0)
+        _in_range("feedback.min_audit_verdicts", self.min_audit_verdicts, 1, None)
+        _in_range("feedback.split_step", self.split_step, 0.01, 1.0)
+        _in_range("feedback.split_min_gain_se", self.split_min_gain_se, 0.0, None)
+        for name in ("split_min", "split_max"):
+            for i, value in enumerate(getattr(self, name)):
+                _in_range(f"feedback.{name}[{i}]", value, 0.0, 1.0)
+        if any(lo > hi for lo, hi in zip(self.split_min, self.split_max)) or sum(self.split_min) > 1 + 1e-9 \
+                or sum(self.split_max) < 1 - 1e-9:
+            raise ConfigError(f"feedback.split_min / split_max: expected bounds lo <= hi with sum(lo) <= 1 <= sum(hi), "
+                              f"found {list(self.split_min)} and {list(self.split_max)}")
+        _in_range("feedback.watch_clear_share", self.watch_clear_share, 0.5, 1.0)
+        _in_range("feedback.watch_max_radius", self.watch_max_radius, 0.0, 2.0)
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path | None) -> "FeedbackConfig":
+        """The ``[feedback]`` table of a ``triage.toml`` (defaults without a file or a table)."""
+        if path is None:
+            return cls().check()
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: expected a readable TOML file, found {exc}") from None
+        return from_dict(cls, data.get("feedback", {}), "feedback").check()
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from .decode import BatchError, decode_batch
 from .policy import CategoryTables, apply_rules
 from .profile import Profile
 from .scoring import TemperatureTable, ood_scores, rule_inputs
+from .watchlist import watch_distances
 
 DECISION_SCHEMA = pa.schema(
     [
@@ -222,6 +223,8 @@ class TriageEngine:
                 x, s, ood, self._categories, p.config.audit, members=p.members, classes=p.classes,
                 reported=reported,
             )
+            inputs.watch_distance = watch_distances(p.watch, x.embedding, p.thresholds.watch_radius,
+                                                    x.embedding_missing)
             valid = inputs.valid
             sampled_rows = torch.nonzero(inputs.audit_sampled).flatten().cpu().numpy()
             strata = audit.stratum_labels(columns, p.config.audit, sampled_rows)

@@ -1,4 +1,4 @@
-"""Escalation rules: the five reason bits, the reviewer tier and the priority of each row.
+"""Escalation rules: the reason bits, the reviewer tier and the priority of each row.
 
 All rules are elementwise tensor operations on the engine's device; categories arrive as integer
 codes into the policy's lookup tables (see :func:`category_codes`), so no per-row Python runs.
@@ -13,6 +13,8 @@ largest severity among the row's fired reasons, where
 - POLICY: the category's configured priority (default 0.5);
 - AUDIT: 0 (an audit sample is not urgent);
 - REPORTED: 0.9 (a user challenged the prediction; only rows that cannot be scored come first);
+- KNOWN_EDGE_CASE: 0.95 (the embedding lies within the watch list's radius of a case reviewers
+  marked out of scope or wrong: the fleet already paid for a review of its kind once);
 - rows that cannot be scored (non-finite or missing logits, missing embedding): 1.
 """
 
@@ -30,6 +32,7 @@ from .lookup import lookup_codes
 
 DEFAULT_POLICY_PRIORITY = 0.5
 REPORTED_PRIORITY = 0.9
+KNOWN_EDGE_CASE_PRIORITY = 0.95
 
 
 class Reason(enum.IntFlag):
@@ -41,6 +44,7 @@ class Reason(enum.IntFlag):
     ANOMALY = 8
     AUDIT = 16
     REPORTED = 32  # a prediction users challenged (the service's Report call), whatever the model said
+    KNOWN_EDGE_CASE = 64  # near a case on the profile's watch list (engine/watchlist.py), on every source
 
 
 def reason_names(mask: int) -> list[str]:
@@ -56,7 +60,9 @@ class Thresholds:
     ``per_class_confidence`` is given, and never below the row's category floor);
     ``mutual_info``: escalate when mutual information > this (inf disables);
     ``vote_floor``: escalate when vote agreement < this (0 disables);
-    ``ood``: escalate when the k-NN distance > this (inf disables, e.g. without a bank).
+    ``ood``: escalate when the k-NN distance > this (inf disables, e.g. without a bank);
+    ``watch_radius``: escalate when the distance to the nearest watched case is <= this (None:
+    no watch list; written by feedback, :mod:`hitl_triage.engine.watchlist`).
     """
 
     confidence: float
@@ -64,6 +70,7 @@ class Thresholds:
     vote_floor: float = 0.0
     ood: float = math.inf
     per_class_confidence: list[float] | None = None
+    watch_radius: float | None = None
 
 
 @dataclasses.dataclass
@@ -127,6 +134,7 @@ class RuleInputs:
     members: int
     classes: int
     reported: torch.Tensor | None = None  # bool: rows users reported; None: none
+    watch_distance: torch.Tensor | None = None  # float32: to the nearest watched case; None: no watch list
 
     def take(self, rows: torch.Tensor) -> "RuleInputs":
         """The inputs of the given rows (int64 indices or a bool mask)."""
@@ -136,6 +144,7 @@ class RuleInputs:
             vote_agreement=self.vote_agreement[rows], predicted_class=self.predicted_class[rows],
             valid=self.valid[rows], ood_score=pick(self.ood_score), category_code=pick(self.category_code),
             audit_sampled=self.audit_sampled[rows], reported=pick(self.reported),
+            watch_distance=pick(self.watch_distance),
         )
 
 
@@ -154,10 +163,13 @@ class Triggers:
     high_mi: torch.Tensor
     low_vote: torch.Tensor
     missing_embedding: torch.Tensor
+    known_edge_case: torch.Tensor
 
     def model(self) -> torch.Tensor:
-        """bool [B]: a model trigger fired (confidence, disagreement or anomaly)."""
-        return self.confidence | self.disagreement | self.anomaly
+        """bool [B]: a trigger the review budget pays for fired (confidence, disagreement, anomaly,
+        or a known edge case: a watch-list hit is an escalation of the embedding, like an anomaly,
+        so budget mode counts it and lowers the other thresholds to make room)."""
+        return self.confidence | self.disagreement | self.anomaly | self.known_edge_case
 
     def reason_mask(self) -> torch.Tensor:
         """uint8 [B] ``reason_mask`` (bits of :class:`Reason`)."""
@@ -168,6 +180,7 @@ class Triggers:
             | self.anomaly.to(torch.uint8) * int(Reason.ANOMALY)
             | self.audit.to(torch.uint8) * int(Reason.AUDIT)
             | self.reported.to(torch.uint8) * int(Reason.REPORTED)
+            | self.known_edge_case.to(torch.uint8) * int(Reason.KNOWN_EDGE_CASE)
         )
 
 
@@ -216,11 +229,17 @@ def fire_triggers(x: RuleInputs, thresholds: Thresholds, tables: CategoryTables)
         anomaly = (x.ood_score > thresholds.ood) | missing_embedding
     else:
         missing_embedding = anomaly = nothing
+
+    # KNOWN_EDGE_CASE: within the watch radius of a watched case (a NaN distance, from a missing
+    # embedding, is not "near": that row fires ANOMALY above).
+    known = nothing
+    if x.watch_distance is not None and thresholds.watch_radius is not None:
+        known = x.watch_distance <= thresholds.watch_radius
     return Triggers(
         confidence=low_confidence, disagreement=disagreement, policy=policy, anomaly=anomaly,
         audit=x.audit_sampled, reported=x.reported if x.reported is not None else nothing,
         confidence_threshold=conf_threshold, high_mi=high_mi, low_vote=low_vote,
-        missing_embedding=missing_embedding,
+        missing_embedding=missing_embedding, known_edge_case=known,
     )
 
 
@@ -239,6 +258,7 @@ def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables
         (fired.confidence, tiers.confidence),
         (fired.disagreement, tiers.disagreement),
         (fired.anomaly, tiers.anomaly),
+        (fired.known_edge_case, tiers.anomaly),  # the embedding's reviewers, as for an anomaly
         (fired.policy, tiers.policy),
         (fired.reported, tiers.reported),
         (invalid | fired.missing_embedding, tiers.invalid),
@@ -267,5 +287,6 @@ def apply_rules(x: RuleInputs, thresholds: Thresholds, tiers: TierConfig, tables
         severity = torch.where(fired.policy, torch.maximum(severity, tables.priority[x.category_code]), severity)
     if x.reported is not None:
         severity = torch.where(fired.reported, severity.clamp(min=REPORTED_PRIORITY), severity)
+    severity = torch.where(fired.known_edge_case, severity.clamp(min=KNOWN_EDGE_CASE_PRIORITY), severity)
     severity = torch.where(invalid | fired.missing_embedding, torch.ones_like(severity), severity)
     return RuleOutputs(reason_mask=mask, tier_rank=tier, priority=severity.to(torch.float32))

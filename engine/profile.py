@@ -4,6 +4,7 @@
       profile.toml   human-readable: version, model shape, temperatures, thresholds, rules,
                      audit strata and rates, fit metrics, and the configuration it came from
       bank/          the k-NN reference bank (written by ``hitl_triage.engine.bank.save_bank``)
+      watch/         the watch list, when feedback made one (``hitl_triage.engine.watchlist``)
 
 A profile's ``version`` is ``"<generation>-<hash>"``: the generation counts refits (feedback makes
 generation + 1 with ``parent`` pointing back), the hash is the first 12 hex digits of a BLAKE2b of
@@ -33,6 +34,8 @@ from .policy import Thresholds
 if TYPE_CHECKING:
     from hitl_triage.kernels.knn import KnnIndex
 
+    from .watchlist import WatchList
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -61,6 +64,7 @@ class Profile:
     class_names: list[str] = dataclasses.field(default_factory=list)
     fit_report: dict = dataclasses.field(default_factory=dict)
     bank: KnnIndex | None = None
+    watch: WatchList | None = None
     generation: int = 1
     parent: str = ""
     created: str = ""
@@ -111,7 +115,7 @@ class Profile:
 
     def to_toml_dict(self) -> dict:
         thresholds = {k: v for k, v in to_dict(self.thresholds).items() if v is not None}
-        return {
+        body = {
             "profile": {
                 "format": FORMAT,
                 "version": self.version,
@@ -131,10 +135,16 @@ class Profile:
             "fit": _toml_safe(self.fit_report),
             "config": self.config.to_dict(),
         }
+        if self.watch is not None:  # absent otherwise, so a profile without one hashes as before
+            from .watchlist import WATCH_DIR
+
+            body["watch"] = {"present": True, "rows": len(self.watch), "dim": self.watch.dim, "path": WATCH_DIR}
+        return body
 
     def content_hash(self) -> str:
-        """BLAKE2b of the profile's content (all but the [profile] identity) and the bank vectors."""
-        return _content_hash(self.to_toml_dict(), self.bank)
+        """BLAKE2b of the profile's content (all but the [profile] identity), the bank vectors and
+        the watched vectors."""
+        return _content_hash(self.to_toml_dict(), self.bank, self.watch)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``profile.toml`` (and the bank) into ``directory``; returns the directory."""
@@ -144,6 +154,8 @@ class Profile:
             from .bank import save_bank
 
             save_bank(self.bank, directory / BANK_DIR)
+        if self.watch is not None:
+            self.watch.save(directory)
         tmp = directory / (PROFILE_FILE + ".tmp")
         tmp.write_text(
             f"# hitl-triage profile {self.version}; written by `triage fit`. Safe to read; edit the\n"
@@ -189,6 +201,16 @@ class Profile:
             index = _load_bank(directory / bank["path"], mmap=mmap)
             if index.kind == "ivf" and "nprobe" in bank:
                 index.nprobe = int(bank["nprobe"])
+        watch = None
+        entry = data.get("watch", {})
+        if entry.get("present"):
+            from .watchlist import WatchList
+
+            try:
+                watch = WatchList.load(directory, int(entry["rows"]), int(entry["dim"]))
+            except (ValueError, OSError, KeyError) as exc:
+                raise ProfileError(f"profile: the watch list in {directory} cannot be read ({exc}): the profile "
+                                   "directory is truncated or damaged") from None
         profile = cls(
             members=members,
             classes=classes,
@@ -200,6 +222,7 @@ class Profile:
             class_names=list(model.get("class_names", [])),
             fit_report=data.get("fit", {}),
             bank=index,
+            watch=watch,
             generation=int(ident["generation"]),
             parent=str(ident.get("parent", "")),
             created=str(ident["created"]),
@@ -208,7 +231,7 @@ class Profile:
         )
         # The hash of the file as read (not as this code would write it again), so a newer
         # release that writes a profile differently still loads the old one unchanged.
-        expected = f"{profile.generation}-{_content_hash(data, index)}"
+        expected = f"{profile.generation}-{_content_hash(data, index, watch)}"
         if expected != profile.version:
             raise ProfileError(
                 f"profile.version: the content of {directory} hashes to {expected}, the file says "
@@ -296,13 +319,15 @@ def _check_calibration_classes(calibration) -> None:
                                        f"(a profile fitted on one class cannot tell right from wrong), found {found}")
 
 
-def _content_hash(toml_dict: dict, bank) -> str:
+def _content_hash(toml_dict: dict, bank, watch=None) -> str:
     body = {key: value for key, value in toml_dict.items() if key not in ("profile", "fit")}
     # [fit] holds metrics: they describe the fit and change no decision.
     digest = hashlib.blake2b(tomli_w.dumps(body).encode(), digest_size=16)
     if bank is not None:
         # The vectors decide every k-NN distance; the index parameters are in the body.
         digest.update(np.ascontiguousarray(bank.vectors).data)
+    if watch is not None:
+        digest.update(np.ascontiguousarray(watch.vectors).data)
     return digest.hexdigest()[:12]
 
 

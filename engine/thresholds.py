@@ -163,28 +163,39 @@ class _Ranked:
     oriented: np.ndarray
     ordered: np.ndarray
     always: np.ndarray
+    cumulative: np.ndarray  # weight of the first j + 1 rows of ``ordered`` (j + 1 without weights)
+    always_weight: float
 
     @property
     def tunable(self) -> bool:
         return self.ordered.shape[0] > 0 and self.ordered[0] > self.ordered[-1]
 
-    def threshold_for(self, fire_rows: int) -> float:
-        """Oriented threshold at which the trigger alone fires on about ``fire_rows`` rows
-        (exactly, when no scores tie): ``always`` plus those with oriented score > threshold."""
-        extra = fire_rows - int(self.always.sum())
+    def threshold_for(self, fire_weight: float) -> float:
+        """Oriented threshold at which the trigger alone fires on about ``fire_weight`` of row
+        weight (rows, without weights; exactly when no scores tie): ``always`` plus the rows with
+        oriented score > threshold, the most suspicious first while their weight fits."""
+        extra = fire_weight - self.always_weight
         if self.ordered.shape[0] == 0:
             return math.inf
-        if extra <= 0:
+        # Unit weights: cumulative = 1, 2, ..., so this is floor(extra): the unweighted rule.
+        fits = int(np.searchsorted(self.cumulative, extra + 1e-9, side="right"))
+        if fits <= 0:
             return float(self.ordered[0])
-        if extra >= self.ordered.shape[0]:
+        if fits >= self.ordered.shape[0]:
             return -math.inf
-        return float(self.ordered[extra])
+        return float(self.ordered[fits])
 
 
-def _ranked(oriented: np.ndarray, always: np.ndarray) -> _Ranked:
+def _ranked(oriented: np.ndarray, always: np.ndarray, weights: np.ndarray | None = None) -> _Ranked:
     always = always | np.isnan(oriented)
-    ordered = np.sort(oriented[~always])[::-1]
-    return _Ranked(oriented=oriented, ordered=ordered, always=always)
+    if weights is None:
+        ordered = np.sort(oriented[~always])[::-1]
+        cumulative = np.arange(1, ordered.shape[0] + 1, dtype=np.float64)
+        return _Ranked(oriented, ordered, always, cumulative, float(always.sum()))
+    order = np.argsort(-oriented[~always], kind="stable")
+    ordered = oriented[~always][order]
+    cumulative = np.cumsum(weights[~always][order])
+    return _Ranked(oriented, ordered, always, cumulative, float(weights[always].sum()))
 
 
 def _float64(t: torch.Tensor) -> np.ndarray:
@@ -211,6 +222,8 @@ def budget_thresholds(
     split=(0.5, 0.25, 0.25),
     *,
     vote_floor: float = 0.0,
+    row_weights=None,
+    watch_radius: float | None = None,
 ) -> tuple[Thresholds, dict]:
     """Thresholds under which the rule escalates about ``budget`` of the calibration rows
     through its model triggers (confidence, disagreement, anomaly), shared among them by ``split``.
@@ -224,6 +237,11 @@ def budget_thresholds(
         split: weights (confidence, disagreement, anomaly), non-negative with a positive sum.
         vote_floor: rows with vote agreement < floor fire the disagreement trigger whatever its
             threshold (the floor is a fixed policy, not fitted).
+        row_weights: optional non-negative float [N], the weight of each row in the traffic (feedback's
+            Horvitz-Thompson audit weights times age weights): every share below is then a share
+            of the total weight W instead of the N rows.
+        watch_radius: the watch list's radius (None: none); its hits count in the union, so the
+            budget makes room for them (``inputs.watch_distance`` holds the distances).
 
     Returns the thresholds and a report (``budget``, ``split``, ``shares``, ``scale``,
     ``union_rate``: the share of rows on which the rule fires a model trigger, ``rows``).
@@ -252,16 +270,22 @@ def budget_thresholds(
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"vote_floor: expected a value in [0, 1], found {vote_floor!r}")
 
+    w = None
+    if row_weights is not None:
+        w = _scores(row_weights, "row_weights", rows)
+        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError("row_weights: expected finite non-negative weights with a positive sum, found others")
+    total_weight = float(rows) if w is None else float(w.sum())
     invalid = ~inputs.valid.cpu().numpy()
     ensemble = inputs.members > 1
     # The scores each trigger ranks rows by (higher = more suspicious); float32 values held in
     # float64, so every order statistic is a float32 value and the rule compares it exactly.
-    ranked = {"confidence": _ranked(-_float64(inputs.confidence), invalid)}
+    ranked = {"confidence": _ranked(-_float64(inputs.confidence), invalid, w)}
     if ensemble:
         low_vote = _float64(inputs.vote_agreement) < floor
-        ranked["disagreement"] = _ranked(_float64(inputs.mutual_info), invalid | low_vote)
+        ranked["disagreement"] = _ranked(_float64(inputs.mutual_info), invalid | low_vote, w)
     if inputs.ood_score is not None:
-        ranked["anomaly"] = _ranked(_float64(inputs.ood_score), np.zeros(rows, dtype=bool))
+        ranked["anomaly"] = _ranked(_float64(inputs.ood_score), np.zeros(rows, dtype=bool), w)
     raw = dict(zip(TRIGGERS, weights))
     # A trigger takes part when it has scores that rank rows and a positive weight; the others
     # are off (threshold +inf) and their weight goes to the ones that take part.
@@ -282,18 +306,20 @@ def budget_thresholds(
 
     def thresholds_at(s: float) -> dict[str, float]:
         return {
-            name: r.threshold_for(math.floor(min(1.0, shares[name] * s * b) * rows + 1e-9))
+            name: r.threshold_for(min(1.0, shares[name] * s * b) * total_weight)
             for name, r in active.items()
         }
 
     def as_thresholds(oriented: dict[str, float]) -> Thresholds:
         t = {name: orientation[name] * oriented[name] if name in oriented else off[name] for name in TRIGGERS}
-        return Thresholds(confidence=t["confidence"], mutual_info=t["disagreement"], vote_floor=floor, ood=t["anomaly"])
+        return Thresholds(confidence=t["confidence"], mutual_info=t["disagreement"], vote_floor=floor, ood=t["anomaly"],
+                          watch_radius=watch_radius)
 
-    def union_rows(oriented: dict[str, float]) -> int:
-        return int(fire_triggers(inputs, as_thresholds(oriented), tables).model().sum())
+    def union_rows(oriented: dict[str, float]) -> float:
+        fired = fire_triggers(inputs, as_thresholds(oriented), tables).model()
+        return int(fired.sum()) if w is None else float(w[fired.cpu().numpy()].sum())
 
-    target = b * rows
+    target = b * total_weight
     lo = 0.0
     th_lo = thresholds_at(lo)
     u_lo = union_rows(th_lo)
@@ -328,9 +354,11 @@ def budget_thresholds(
         "split": weights,
         "shares": shares,
         "scale": float(scale),
-        "union_rate": u_chosen / rows,
+        "union_rate": u_chosen / total_weight,
         "rows": rows,
     }
+    if w is not None:
+        report["weight"] = total_weight
     return as_thresholds(chosen), report
 
 
@@ -350,7 +378,8 @@ def clopper_pearson_upper(errors, trials, level_delta: float):
     return np.where(e >= n, 1.0, bound)
 
 
-def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *, escalated=None) -> dict:
+def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *, escalated=None,
+                             row_weights=None) -> dict:
     """The lowest confidence threshold whose auto-accepted rows have risk <= alpha w.p. >= 1 - delta.
 
     Args:
@@ -360,6 +389,10 @@ def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *,
         delta: allowed probability that the guarantee fails, in (0, 1).
         escalated: optional bool [N], rows other triggers escalate anyway; they are never
             auto-accepted, so they neither count as accepted nor spend the risk.
+        row_weights: optional non-negative float [N] (feedback's Horvitz-Thompson and age weights):
+            the accepted rows' risk is then the weighted error share, and the bound is taken at
+            Kish's effective sample size n_eff = (sum w)^2 / sum w^2 with n_eff * risk errors (a
+            weighted sample is worth n_eff independent rows; unit weights give n and e exactly).
 
     Auto-accepted at threshold t: rows with confidence >= t that are not escalated (a NaN
     confidence is never accepted). Candidates are the distinct confidences of those rows. For a
@@ -404,6 +437,17 @@ def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *,
     candidates = conf_sorted[ends]
     accepted = ends + 1
     errors = wrong_cum[ends]
+    if row_weights is not None:
+        w = _scores(row_weights, "row_weights", rows)
+        if not (np.isfinite(w).all() and (w >= 0).all()):
+            raise ValueError("row_weights: expected finite non-negative weights, found others")
+        we = w[eligible][order]
+        mass, square = np.cumsum(we)[ends], np.cumsum(we * we)[ends]
+        wrong_mass = np.cumsum(we * ~ok[eligible][order])[ends]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n_eff = np.where(square > 0, mass * mass / np.where(square > 0, square, 1.0), 0.0)
+            risk = np.where(mass > 0, wrong_mass / np.where(mass > 0, mass, 1.0), 0.0)
+        accepted, errors = n_eff, n_eff * risk
     count = candidates.shape[0]
     tests = max(1, math.ceil(math.log2(count + 1)))
     delta_per_test = d / tests
@@ -437,6 +481,8 @@ def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *,
         "rows": rows, "eligible_rows": int(eligible.sum()),
         "method": "binary search over calibration confidences, Clopper-Pearson bound at delta / tests",
     }
+    coverage_of = (lambda j: float(accepted[j]) / rows) if row_weights is None else \
+        (lambda j: float(mass[j]) / float(w.sum()))
     if lo < start:
         logger.warning(
             "target risk: no confidence threshold bounds the risk of %d eligible rows by %.4g at delta %.4g; "
@@ -444,23 +490,23 @@ def selective_risk_threshold(confidence, correct, alpha: float, delta: float, *,
         )
         return {**report, "threshold": math.inf, "coverage": 0.0, "accepted_rows": 0, "errors": 0,
                 "empirical_risk": math.nan, "risk_bound": math.nan}
-    n_acc, n_err = int(accepted[lo]), int(errors[lo])
+    n_acc, n_err = (int(accepted[lo]), int(errors[lo])) if row_weights is None else (float(accepted[lo]), float(errors[lo]))
     return {
-        **report, "threshold": float(candidates[lo]), "coverage": n_acc / rows, "accepted_rows": n_acc,
-        "errors": n_err, "empirical_risk": n_err / n_acc,
+        **report, "threshold": float(candidates[lo]), "coverage": coverage_of(lo), "accepted_rows": n_acc,
+        "errors": n_err, "empirical_risk": n_err / n_acc if n_acc else math.nan,
         "risk_bound": float(clopper_pearson_upper(n_err, n_acc, delta_per_test)),
     }
 
 
 def target_risk_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, alpha: float, delta: float,
-                           *, others: Thresholds) -> tuple[Thresholds, dict]:
+                           *, others: Thresholds, row_weights=None) -> tuple[Thresholds, dict]:
     """``others`` with the confidence threshold of the target-risk mode
     (:func:`selective_risk_threshold`), and its report. The rows the rule escalates whatever the
     confidence threshold (the other triggers at ``others``, and category floors alone: the rule
     at a confidence threshold of 0) are never auto-accepted, so they do not spend the risk."""
     fired = fire_triggers(inputs, dataclasses.replace(others, confidence=0.0, per_class_confidence=None), tables)
     report = selective_risk_threshold(
-        inputs.confidence, correct, alpha, delta, escalated=fired.model().cpu().numpy(),
+        inputs.confidence, correct, alpha, delta, escalated=fired.model().cpu().numpy(), row_weights=row_weights,
     )
     return dataclasses.replace(others, confidence=report["threshold"], per_class_confidence=None), report
 
@@ -470,27 +516,47 @@ def target_risk_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, 
 # ------------------------------------------------------------------------------------------------
 
 
-def choose_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, selection: ThresholdSelection
-                      ) -> tuple[Thresholds, dict]:
+def choose_thresholds(inputs: RuleInputs, tables: CategoryTables, correct, selection: ThresholdSelection,
+                      *, row_weights=None, split=None, watch_radius: float | None = None) -> tuple[Thresholds, dict]:
     """The thresholds ``selection`` asks for on these calibration rows, and the chooser's report
     (with ``mode``). In target-risk mode the anomaly threshold lets ``ood_pass_rate`` of the rows
     with an embedding pass and the mutual-information threshold is its ``disagreement_quantile``
-    (1 turns it off); budget mode fits all three."""
+    (1 turns it off); budget mode fits all three.
+
+    Feedback's refit passes ``row_weights`` (each row's weight in the traffic: see
+    :func:`budget_thresholds`; the quantiles of target-risk mode are then weighted quantiles),
+    ``split`` (the one it re-chose, instead of ``selection.split``) and ``watch_radius``."""
     if selection.mode == "budget":
-        chosen, report = budget_thresholds(inputs, tables, selection.budget, selection.split,
-                                           vote_floor=selection.vote_floor)
+        chosen, report = budget_thresholds(inputs, tables, selection.budget, selection.split if split is None else split,
+                                           vote_floor=selection.vote_floor, row_weights=row_weights, watch_radius=watch_radius)
         return chosen, {"mode": "budget", **report}
     t_ood = math.inf
     if inputs.ood_score is not None:
         ood = _float64(inputs.ood_score)
-        t_ood = ood_threshold(ood[~np.isnan(ood)], selection.ood_pass_rate)
+        scored = ~np.isnan(ood)
+        t_ood = (ood_threshold(ood[scored], selection.ood_pass_rate) if row_weights is None else
+                 _weighted_quantile(ood[scored], _scores(row_weights, "row_weights")[scored], selection.ood_pass_rate))
     t_mi = math.inf
     if inputs.members > 1 and selection.disagreement_quantile < 1:
-        t_mi = float(np.quantile(_float64(inputs.mutual_info), selection.disagreement_quantile))
-    others = Thresholds(confidence=0.0, mutual_info=t_mi, vote_floor=selection.vote_floor, ood=t_ood)
+        mi = _float64(inputs.mutual_info)
+        t_mi = (float(np.quantile(mi, selection.disagreement_quantile)) if row_weights is None else
+                _weighted_quantile(mi, _scores(row_weights, "row_weights"), selection.disagreement_quantile))
+    others = Thresholds(confidence=0.0, mutual_info=t_mi, vote_floor=selection.vote_floor, ood=t_ood,
+                        watch_radius=watch_radius)
     chosen, report = target_risk_thresholds(inputs, tables, correct, selection.target_risk, selection.delta,
-                                            others=others)
+                                            others=others, row_weights=row_weights)
     return chosen, {"mode": "target_risk", **report}
+
+
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value v with weight(values <= v) >= q * total weight (the inverted-CDF
+    quantile of :func:`ood_threshold`, weighted; NaN values never pass); +inf when none."""
+    keep = ~np.isnan(values)
+    order = np.argsort(values[keep], kind="stable")
+    v, cumulative = values[keep][order], np.cumsum(weights[keep][order])
+    total = float(weights.sum())
+    at = int(np.searchsorted(cumulative, q * total - 1e-9 * total, side="left"))
+    return float(v[at]) if at < v.shape[0] else math.inf
 
 
 __all__ = [

@@ -19,9 +19,9 @@ import torch
 import xxhash
 
 # Reason bits as DESIGN.md lists them (restated, not imported, so a renumbering is caught).
-CONFIDENCE, DISAGREEMENT, POLICY, ANOMALY, AUDIT, REPORTED = 1, 2, 4, 8, 16, 32
+CONFIDENCE, DISAGREEMENT, POLICY, ANOMALY, AUDIT, REPORTED, KNOWN_EDGE_CASE = 1, 2, 4, 8, 16, 32, 64
 BITS = {"confidence": CONFIDENCE, "disagreement": DISAGREEMENT, "policy": POLICY, "anomaly": ANOMALY,
-        "audit": AUDIT, "reported": REPORTED}
+        "audit": AUDIT, "reported": REPORTED, "known_edge_case": KNOWN_EDGE_CASE}
 
 # The decision columns DESIGN.md promises ("Output decisions ... at least"), with their types.
 DESIGN_COLUMNS = {
