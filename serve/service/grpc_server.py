@@ -26,6 +26,18 @@ from .monitoring import figures_json
 from .writer import QueueUnavailable
 
 TRIAGE_SERVICE = triage_pb2.DESCRIPTOR.services_by_name["Triage"].full_name
+# The keepalive policy, stated rather than left to grpc's defaults: a client may ping at most
+# every 10 s while no call carries data; the third ping too soon ends its connection (GOAWAY
+# ENHANCE_YOUR_CALM "too_many_pings"), so ping floods cost the server nothing. The server pings
+# an idle connection every 60 s and drops it after 20 s without an answer (a client that died
+# without closing frees its calls and its admitted rows).
+KEEPALIVE_POLICY = (
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
 
 
 def abort_for(context: grpc.ServicerContext, exc: BaseException):
@@ -133,6 +145,7 @@ def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, 
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),
+        *KEEPALIVE_POLICY,
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          options=options, interceptors=list(interceptors))
