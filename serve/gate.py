@@ -215,7 +215,15 @@ def check(gate_set: pa.Table, predictions: pa.Table, thresholds: GateThresholds 
     info = {k: v for k, v in json.loads((gate_set.schema.metadata or {}).get(METADATA_KEY, b"{}")).items()
             if k in ("name", "hash", "rows", "created")}
     n = gate_set.num_rows
-    classes = int(max(gate_set.column("classes").to_pylist(), default=0)) if n else 0
+    if n == 0:  # nothing reviewed yet: nothing can be shown (the predictions are still checked)
+        _candidate(predictions, pa.chunked_array([], pa.string()), 0)
+        return GateResult(slices=SLICE_SCHEMA.empty_table(), passed=False, status="INSUFFICIENT",
+                          info={**info, "left_out_out_of_scope": 0})
+    for name in ("id", "final_label", "reason_mask", "audit_weight", "classes"):
+        if name not in gate_set.schema.names:
+            raise GateError(f"gate set: expected a {name!r} column (`triage gate snapshot` writes it), found columns "
+                            f"{gate_set.schema.names}")
+    classes = int(max(gate_set.column("classes").to_pylist(), default=0))
     predicted, abstain = _candidate(predictions, gate_set.column("id"), classes)
     label = np.asarray(gate_set.column("final_label").to_numpy(zero_copy_only=False), dtype=np.int64)
     out_of_scope = label < 0

@@ -158,6 +158,12 @@ def test_insufficient_slices_never_pass(reviewed):
     full = check(gate_set, candidate(ids, labels), GateThresholds(on_insufficient="fail"))
     assert "INSUFFICIENT" in full.slices.column("status").to_pylist() and full.status == "FAIL"
     assert check(gate_set, candidate(ids, labels)).status == "PASS"
+    # A queue with nothing reviewed yet: an empty gate set, which never passes.
+    with open_queue(f"sqlite:///{d / 'empty.db'}") as queue:
+        empty = snapshot(queue, "nothing-yet")
+    assert empty.num_rows == 0
+    nothing = check(empty, candidate([], []))
+    assert nothing.status == "INSUFFICIENT" and nothing.exit_code == 1 and nothing.slices.num_rows == 0
 
 
 def test_bad_input_names_the_field(reviewed, tmp_path, capsys):
