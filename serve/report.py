@@ -175,3 +175,45 @@ def print_stages(stage_seconds: dict[str, float]) -> None:
     for name, seconds in stage_seconds.items():
         table.add_row(name, f"{seconds:.2f}", fmt_rate(seconds / total))
     console.print(table)
+
+
+def print_monitoring(figures: dict) -> None:
+    """The monitoring figures a queue's verdicts give (engine/monitoring_report.py): override
+    rates by tier, blind against shown; audited accuracy; kappa; reviewers; alerts."""
+    overrides = figures.get("overrides", {}).get("by_tier_view", {})
+    if not overrides:
+        console.print("monitoring: no verdicts yet")
+        return
+    table = Table(title="Override rates (verdicts that correct the model or call it out of scope)", title_justify="left")
+    for column in ("tier / view", "verdicts", "corrected", "out of scope", "rate", "95% interval"):
+        table.add_column(column, justify="left" if column == "tier / view" else "right", no_wrap=column == "tier / view")
+    for key, o in sorted(overrides.items()):
+        table.add_row(key, f"{o['verdicts']:,}", f"{o['corrected']:,}", f"{o['out_of_scope']:,}", _rate(o["rate"]),
+                      f"{_rate(o['low'])} - {_rate(o['high'])}")
+    console.print(table)
+    audited = figures.get("accuracy", {}).get("fleet", {}).get("audited", {})
+    if audited.get("n"):
+        console.print(f"audited accuracy of auto-accepted rows: {_rate(audited['value'])} (95% interval "
+                      f"{_rate(audited['low'])} - {_rate(audited['high'])}, {audited['n']:,} audit verdicts)")
+    agreement = figures.get("agreement", {})
+    kappas = [(f"Cohen {k}", v) for k, v in agreement.get("cohen", {}).items()] + \
+             [(f"Fleiss {k}", v) for k, v in agreement.get("fleiss", {}).items()]
+    if kappas:
+        console.print("agreement: " + "; ".join(f"{name} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n {v['n']:,})"
+                                                for name, v in kappas if v["n"]))
+    reviewers = figures.get("reviewers", {})
+    if reviewers:
+        table = Table(title="Reviewers", title_justify="left")
+        for column in ("reviewer", "gold items", "gold accuracy", "first windows", "latest", "agree with final", "status"):
+            table.add_column(column, justify="left" if column in ("reviewer", "status") else "right")
+        for name, r in sorted(reviewers.items()):
+            table.add_row(name, f"{r['gold']['n']:,}", _rate(r["gold"]["value"]), _rate(r["gold_baseline"]["value"]),
+                          _rate(r["gold_recent"]["value"]), _rate(r["adjudicated"]["value"]),
+                          "[red]drifting[/red]" if r["drifting"] else "ok")
+        console.print(table)
+    for alert in figures.get("alerts", []):
+        console.print(f"[red]alert[/red] {alert['kind']}: {alert['message']}")
+
+
+def _rate(x: float) -> str:
+    return "-" if x != x else fmt_rate(x)

@@ -71,11 +71,11 @@ def report(tmp_path_factory):
     code, out = run_cli("report", "--queue", day["queue"], "--profile", day["profile"], "--out", d / "report.html",
                         "--decisions", day["decisions"], "--calibration", day["files"].calibration, "--config", toml)
     assert code == 0, out
-    return d / "report.html", day, out
+    return d / "report.html", day, out, toml
 
 
 def test_the_report_is_one_self_contained_file_with_every_plot_holding_data(report):
-    path, day, out = report
+    path, day, out, _ = report
     page = path.read_text()
     assert "<script" not in page and "<link" not in page and not re.search(r"""(src|href)=["']?https?:""", page)
     points = [int(p) for p in re.findall(r"<figure data-points='(\d+)'>", page)]
@@ -84,7 +84,7 @@ def test_the_report_is_one_self_contained_file_with_every_plot_holding_data(repo
 
 
 def test_the_report_names_the_drifting_source_and_the_drifting_reviewer(report):
-    path, day, out = report
+    path, day, out, _ = report
     page = path.read_text()
     alerts = re.findall(r"<div class='alert'><b>(\w+)</b>: ([^<]+)</div>", page)
     kinds = {(k, m.split()[1].rstrip(":")) for k, m in alerts}
@@ -104,7 +104,7 @@ def test_chromium_renders_the_report(report, tmp_path):
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     from PIL import Image
 
-    path, day, out = report
+    path, day, out, _ = report
     shot = tmp_path / "report.png"
     common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
     done = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,6400", path.as_uri()],
@@ -119,3 +119,15 @@ def test_chromium_renders_the_report(report, tmp_path):
     blue, orange = (31, 119, 180), (255, 127, 14)  # the plots' first two colours are on screen
     assert any(np.all(np.abs(np.asarray(c) - blue) < 8) for c in colors)
     assert any(np.all(np.abs(np.asarray(c) - orange) < 8) for c in colors)
+
+
+def test_queue_stats_shows_the_same_figures(report):
+    path, day, out, toml = report
+    code, text = run_cli("queue", "--config", toml, "stats", day["queue"])
+    assert code == 0
+    lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("│")}
+    assert "drifting" in lines["bob"] and all("ok" in lines[r] for r in ("ann", "sam", "jo"))
+    settled = [v for v in day["export"].to_pylist() if v["action"] != "escalate" and v["gold_label"] is None]
+    blind = sum(1 for v in settled if v["tier"] == "general" and v["blind"])
+    assert f"{blind:,}" == lines["general/blind"].split("│")[2].strip()
+    assert "alert reviewer_drift: reviewer bob" in " ".join(text.split())

@@ -81,6 +81,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
     with open_from_args(args.url, args.config) as queue:
         stats = queue.stats()
+        figures = _verdict_figures(queue)
     table = Table(title=f"review queue {args.url}")
     for column in ("tier", "depth", "in flight", "oldest", "done", "dead letter"):
         table.add_column(column, justify="left" if column == "tier" else "right")
@@ -89,7 +90,19 @@ def run_stats(args: argparse.Namespace) -> int:
                       f"{entry['done']:,}", f"{entry['dead']:,}")
     report.console.print(table)
     report.console.print("verdicts: " + ", ".join(f"{k} {v:,}" for k, v in stats["verdicts"].items()))
+    report.print_monitoring(figures)
     return 0
+
+
+def _verdict_figures(queue) -> dict:
+    """The monitoring figures of the queue's verdicts alone (no decisions: no escalation rates,
+    no label-free estimate, no drift; `triage report` adds them)."""
+    from hitl_triage.engine.monitoring_report import compute
+    from hitl_triage.engine.monitoring_stats import MonitorStats, StatsConfig
+
+    verdicts = queue.verdicts()
+    classes = max([2, *verdicts.column("classes").to_pylist()]) if "classes" in verdicts.schema.names else 2
+    return compute(MonitorStats(StatsConfig(classes=int(classes))).update_verdicts(verdicts))
 
 
 def run_claim(args: argparse.Namespace) -> int:
