@@ -72,7 +72,8 @@ class GoldPool:
     def mix(self, batches: list, share: float) -> tuple[list, dict[str, int]]:
         """The (decisions, predictions) pairs of gold items that go with ``batches`` at ``share``
         of each tier's items, and their labels."""
-        out, labels = [], {}
+        out: list[tuple[pa.Table, pa.Table]] = []
+        labels: dict[str, int] = {}
         if share <= 0:
             return out, labels
         for decisions, _ in batches:
