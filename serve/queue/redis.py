@@ -393,7 +393,7 @@ class RedisQueue(ReviewQueue):
         if not args:
             return 0
         if gold:  # the answers first: one without its item (a failed enqueue) is never read
-            self._redis.hset(self._key("gold"), mapping=cast("dict[str | int, str | int]", gold))
+            self._redis.hset(self._key("gold"), mapping=cast(Any, gold))
         return int(self._enqueue(args=[self.prefix, len(args) // 7, *args]))
 
     # -- claim -------------------------------------------------------------------------------------
