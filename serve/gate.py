@@ -6,7 +6,8 @@
     result.passed, result.slices                          # PASS / FAIL, and every slice's verdict
 
 The gate set is every reviewed item with a final answer (the decisive verdict of
-:mod:`hitl_triage.serve.export`): its final label, source, reason bits, audit weight and what it
+:mod:`hitl_triage.serve.export`; the queue's gold items, which test the reviewers, left out): its
+final label, source, reason bits, audit weight and what it
 kept of its input (logits, embedding, a ``uri``), so a candidate model can be run on it. A slice is
 (source, true class, reason): an item counts in one slice per reason bit it was escalated with,
 and every reason also has a pooled slice over all sources and classes (``*``). In the ``audit``
@@ -111,7 +112,10 @@ def snapshot(queue: ReviewQueue, name: str) -> pa.Table:
         raise GateError(f"name: expected a gate-set name without '/' (it names a file), found {name!r}")
     examples = training_examples(queue)
     if examples.num_rows:
-        examples = examples.filter(examples.column("decisive"))
+        keep = examples.column("decisive")
+        if "gold_label" in examples.schema.names:  # gold items check the reviewers; they are not the fleet's inputs
+            keep = pc.and_(keep, pc.is_null(examples.column("gold_label")))
+        examples = examples.filter(keep)
     keep = [c for c in GATE_COLUMNS if c in examples.schema.names]
     keep += [c for c in examples.schema.names if c not in keep and c not in _EXPORT_ONLY]
     table = examples.select(keep).sort_by("id") if examples.num_rows else examples.select(keep)

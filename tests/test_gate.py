@@ -18,6 +18,7 @@ from scipy import stats
 
 from hitl_triage.serve.gate import GateThresholds, check, load_gate_set, snapshot
 from hitl_triage.serve.queue import QueueOptions, open_queue
+from hitl_triage.serve.queue.gold import GoldPool
 
 from queue_fixtures import decision_batch
 from test_cli import run_cli
@@ -37,20 +38,30 @@ def reviewed(tmp_path_factory):
     decisions = decisions.set_column(decisions.schema.get_field_index("audit_weight"), "audit_weight",
                                      pa.array(weight.astype(np.float32)))
     truth = {}
-    with open_queue(url, QueueOptions()) as queue:
+    # Gold items (known answers mixed in to check the reviewers) are reviewed too, and left out.
+    gold_decisions, gold_predictions = decision_batch(rng, 200, start=900_000, escalate_share=1.0, uri=False)
+    gold_predictions = gold_predictions.append_column("label", pa.array(rng.integers(0, 4, 200).astype(np.int32)))
+    with open_queue(url, QueueOptions(gold_share=0.1)) as queue:
+        queue.gold = GoldPool(gold_decisions, gold_predictions)
         queue.enqueue(decisions, predictions)
+        rows = {r["id"]: r for r in decisions.to_pylist() if r["escalate"]}
         verdicts = []
-        for row in decisions.to_pylist():
-            if not row["escalate"]:
-                continue
-            label = int(rng.integers(4))
-            action = "confirm" if label == row["predicted_class"] else "correct"
-            verdicts.append({"id": row["id"], "reviewer": "r", "tier": row["tier"], "action": action, "label": label})
-            truth[row["id"]] = (label, row["source"], int(row["reason_mask"]), float(row["audit_weight"]))
+        for tier in ("general", "specialist"):
+            for item in queue.claim(tier, "r", n=5000).to_pylist():
+                label = int(rng.integers(4))
+                predicted = rows[item["id"]]["predicted_class"] if item["id"] in rows else item["predicted_class"]
+                action = "confirm" if label == predicted else "correct"
+                verdicts.append({"id": item["id"], "reviewer": "r", "tier": tier, "action": action, "label": label})
+                if item["id"] in rows:
+                    row = rows[item["id"]]
+                    truth[row["id"]] = (label, row["source"], int(row["reason_mask"]), float(row["audit_weight"]))
         queue.submit(verdicts)
+        assert len(verdicts) > len(rows) == len(truth)  # gold items among them
+        gold_reviewed = queue.verdicts().column("gold_label").null_count < len(verdicts)
         gate_set = snapshot(queue, "edge-test")
     path = d / "edge-test.parquet"
     assert run_cli("gate", "snapshot", "--queue", url, "--name", "edge-test", "--out", path)[0] == 0
+    assert gold_reviewed
     return d, url, gate_set, truth, path
 
 
