@@ -129,6 +129,8 @@ def _scaled(rows: pa.Table, factor: float) -> pa.Table:
 
 def _unify(rows: pa.Table) -> pa.Table:
     """Column types every part shares (the embedding of a part without one is all null)."""
+    if "embedding" not in rows.schema.names:
+        return rows
     embedding = rows.column("embedding")
     if pa.types.is_null(embedding.type):
         return rows.drop_columns(["embedding"])

@@ -123,6 +123,8 @@ def fit_radius(in_distribution: np.ndarray, clear_share: float, max_radius: floa
     n = int(np.asarray(in_distribution).shape[0])
     allowed = math.floor((1.0 - clear_share) * n + 1e-9)
     cap = np.float32(max_radius)
+    if float(cap) > max_radius:  # the largest float32 not above the cap
+        cap = np.nextafter(cap, np.float32(-np.inf), dtype=np.float32)
     if allowed >= d.shape[0]:
         return float(cap)
     # Rows strictly below d[allowed] are at most `allowed`; the float32 just below it is the radius.
