@@ -26,12 +26,12 @@ from hitl_triage.serve.sim import FleetConfig, generate_bank_batches, generate_c
 from hitl_triage.serve.sim.fleet import generate_fleet_with_truth
 from hitl_triage.serve.sim.reviewers import SimReviewer, truth_labels, work_queue
 
-FLEET = FleetConfig(rows=60_000, sources=4, seed=5, members=5, classes=6, dim=16, class_dim=8, nuisance_dim=6,
+FLEET = FleetConfig(rows=50_000, sources=4, seed=5, members=5, classes=6, dim=16, class_dim=8, nuisance_dim=6,
                     calibration_rows=4_000, bank_rows=3_000, overconfidence=2.5, ood_share=0.03,
                     drift_strength=1.0, review_share=0.0)
 BEFORE_UPDATE = 1.2  # the overconfidence of the model the profile was fitted for
 BUDGET = 0.10
-AUDIT_RATE = 0.05
+AUDIT_RATE = 0.06
 
 
 def table(batches) -> pa.Table:

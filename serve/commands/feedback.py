@@ -71,7 +71,7 @@ class _Writer:
     """What ``save_whole`` needs of a profile: ``save(directory)`` and ``path``, here writing the
     whole version (profile, refit rows, diff) so that it appears whole or not at all."""
 
-    def __init__(self, result):
+    def __init__(self, result) -> None:
         self.result = result
         self.path: Path | None = None
 
