@@ -48,6 +48,8 @@ def fleet_batch(rng, rows: int):
     predictions = predictions.append_column(
         "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embedding.reshape(-1)), 5))
     predictions = predictions.append_column("model_version", pa.array([f"m-{i % 2}" for i in range(rows)]))
+    # decided by a server under online budget control: the step names the thresholds
+    decisions = decisions.append_column("budget_step", pa.array(rng.integers(0, 3, rows).astype(np.uint32)))
     return decisions, predictions
 
 
@@ -117,7 +119,7 @@ def test_every_verdict_becomes_an_example_with_provenance_and_final_label(queue_
     for row in rows:
         d, p = decided[row["id"]], predicted[row["id"]]
         for name in ("source", "profile_version", "audit_weight", "reason_mask", "predicted_class", "priority",
-                     "confidence", "audit_stratum"):
+                     "confidence", "audit_stratum", "budget_step"):
             assert row[name] == d[name], name
         assert row["decision_tier"] == d["tier"]
         assert row["model_version"] == p["model_version"] and row["uri"] == p["uri"]

@@ -24,6 +24,7 @@ CONTRACT_COLUMNS = ("id", "logits", "embedding", "source", "category", "label")
 DECISION_COLUMNS = (
     "tier", "reason_mask", "priority", "predicted_class", "confidence", "margin", "mutual_info",
     "vote_agreement", "ood_score", "audit_weight", "audit_stratum", "profile_version", "source", "category",
+    "budget_step",  # the service's online budget control step, where it is on (its thresholds decided the row)
 )
 # Columns hidden from the reviewer of a blind item (an audit sample served without the model's
 # opinion, so the verdict is not anchored on it).
