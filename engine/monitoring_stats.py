@@ -98,7 +98,8 @@ class StatsConfig:
 
 def decision_sums(decisions: pa.RecordBatch | pa.Table, config: StatsConfig, now: float) -> Sums:
     """The sums of one decision batch (the engine's output columns), all in the window of ``now``
-    (seconds)."""
+    (seconds). On the hot path of a server: a few bincounts over codes, one dictionary encoding
+    of ``source`` and of ``category``, then one dict entry per non-zero count."""
     out = Sums()
     n = decisions.num_rows
     if n == 0:
@@ -113,56 +114,75 @@ def decision_sums(decisions: pa.RecordBatch | pa.Table, config: StatsConfig, now
     valid = _numpy(decisions.column("valid"), bool) if "valid" in names else np.ones(n, bool)
     conf = _numpy(decisions.column("confidence"), np.float64)
     predicted = _numpy(decisions.column("predicted_class"), np.int64)
+    finite = np.isfinite(conf)
+    conf_ok = np.where(finite, conf, 0.0)
     # auto-accepted: valid and nothing but the audit draw fired (the audit is a check on them)
     auto = valid & ((mask & ~AUDIT) == 0)
-    conf_ok = np.where(np.isfinite(conf), conf, 0.0)
 
-    def per_source(kind: str, weights=None) -> None:
-        counts = np.bincount(src, weights=weights, minlength=s_count)
-        for k in np.flatnonzero(counts):
-            out[(kind, w, sources[k])] += float(counts[k])
+    def put(keys, counts: np.ndarray) -> None:  # the keys of one kind are distinct: no sums needed
+        nz = np.flatnonzero(counts)
+        out.update(zip((keys(int(k)) for k in nz), counts[nz].tolist()))
 
-    per_source("rows")
-    per_source("escalated", escalate.astype(np.float64))
-    per_source("auto", auto.astype(np.float64))
-    per_source("auto_conf", np.where(auto, conf_ok, 0.0))
+    per_source = np.stack([np.bincount(src, minlength=s_count).astype(np.float64),
+                           np.bincount(src, weights=escalate, minlength=s_count),
+                           np.bincount(src, weights=auto, minlength=s_count),
+                           np.bincount(src, weights=np.where(auto, conf_ok, 0.0), minlength=s_count)])
+    for kind, counts in zip(("rows", "escalated", "auto", "auto_conf"), per_source):
+        put(lambda k, kind=kind: (kind, w, sources[k]), counts)
     per_mask = np.bincount(src * 256 + (mask & 255), minlength=s_count * 256).reshape(s_count, 256)
     for bit, name in REASON_NAMES.items():
-        fired = per_mask[:, (np.arange(256) & bit) != 0].sum(axis=1)
-        for k in np.flatnonzero(fired):
-            out[("reason", w, sources[k], name)] += float(fired[k])
+        put(lambda k, name=name: ("reason", w, sources[k], name), per_mask[:, _HAS_BIT[bit]].sum(axis=1))
     if escalate.any():
         tier, tiers = _codes(pc.filter(decisions.column("tier"), pa.array(escalate)), int(escalate.sum()))
-        counts = np.bincount(src[escalate] * len(tiers) + tier, minlength=s_count * len(tiers))
-        for k in np.flatnonzero(counts):
-            out[("tier", w, sources[k // len(tiers)], tiers[k % len(tiers)])] += float(counts[k])
+        t = len(tiers)
+        put(lambda k: ("tier", w, sources[k // t], tiers[k % t]), np.bincount(src[escalate] * t + tier, minlength=s_count * t))
     ok = valid & (predicted >= 0) & (predicted < config.classes)
-    for feature, bins in zip(DRIFT_FEATURES, feature_bins(decisions, config)):
+    if not ok.all():
+        src, cat, predicted, conf_ok, finite = src[ok], cat[ok], predicted[ok], conf_ok[ok], finite[ok]
+        ood = _numpy(decisions.column("ood_score"), np.float64)[ok]
+    else:
+        ood = _numpy(decisions.column("ood_score"), np.float64)
+    for feature, bins in zip(DRIFT_FEATURES, _bins(conf_ok, predicted, ood, config)):
         b = config.bins(feature)
-        counts = np.bincount(src[ok] * b + bins[ok], minlength=s_count * b)
-        for k in np.flatnonzero(counts):
-            out[("hist", w, sources[k // b], feature, int(k % b))] += float(counts[k])
+        put(lambda k, feature=feature, b=b: ("hist", w, sources[k // b], feature, k % b),
+            np.bincount(src * b + bins, minlength=s_count * b))
     c, cs = config.classes, len(categories)
-    key = (src[ok] * c + predicted[ok]) * cs + cat[ok]
-    rows = np.bincount(key, minlength=s_count * c * cs)
-    errors = np.bincount(key, weights=1.0 - conf_ok[ok], minlength=s_count * c * cs)
-    for k in np.flatnonzero(rows):
-        s, rest = divmod(int(k), c * cs)
-        p, g = divmod(rest, cs)
-        out[("slice", w, sources[s], p, categories[g], "rows")] += float(rows[k])
-        out[("slice", w, sources[s], p, categories[g], "errors")] += float(errors[k])
+    key = (src * c + predicted) * cs + cat
+    size = s_count * c * cs
+
+    def slice_key(k: int, field: str) -> tuple:
+        s, rest = divmod(k, c * cs)
+        return ("slice", w, sources[s], rest // cs, categories[rest % cs], field)
+
+    rows = np.bincount(key, minlength=size).astype(np.float64)
+    put(lambda k: slice_key(k, "rows"), rows)
+    errors = np.bincount(key, weights=1.0 - conf_ok, minlength=size)
+    nz = np.flatnonzero(rows)  # a slice with rows has an errors entry, even a zero one
+    out.update(zip((slice_key(int(k), "errors") for k in nz), errors[nz].tolist()))
     return out
 
 
-def feature_bins(decisions, config: StatsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bin indices (int64 [n]) of confidence, predicted class and OOD score."""
-    conf = _numpy(decisions.column("confidence"), np.float64)
-    cb = np.clip((np.nan_to_num(conf, nan=0.0) * config.confidence_bins).astype(np.int64), 0, config.confidence_bins - 1)
-    predicted = np.clip(_numpy(decisions.column("predicted_class"), np.int64), 0, config.classes - 1)
-    ood = _numpy(decisions.column("ood_score"), np.float64)
+_HAS_BIT = {bit: (np.arange(256) & bit) != 0 for bit in REASON_NAMES}
+
+
+def _bins(conf: np.ndarray, predicted: np.ndarray, ood: np.ndarray, config: StatsConfig
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin indices (int64 [n]) of confidence (NaN counted as 0), predicted class and OOD score
+    (NaN: a bin of its own)."""
+    cb = np.minimum((conf * config.confidence_bins).astype(np.int64), config.confidence_bins - 1)
+    np.maximum(cb, 0, out=cb)
     edges = np.asarray(config.ood_edges) * config.ood_threshold
-    ob = np.where(np.isnan(ood), len(edges) + 1, np.searchsorted(edges, np.nan_to_num(ood, nan=0.0), side="right"))
+    ob = np.searchsorted(edges, ood, side="right")  # NaN sorts last: len(edges)
+    ob[np.isnan(ood)] = len(edges) + 1
     return cb, predicted, ob.astype(np.int64)
+
+
+def feature_bins(decisions, config: StatsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin indices (int64 [n]) of confidence, predicted class and OOD score of a decision batch."""
+    conf = _numpy(decisions.column("confidence"), np.float64)
+    predicted = np.clip(_numpy(decisions.column("predicted_class"), np.int64), 0, config.classes - 1)
+    return _bins(np.where(np.isfinite(conf), conf, 0.0), predicted, _numpy(decisions.column("ood_score"), np.float64),
+                 config)
 
 
 # -- verdicts --------------------------------------------------------------------------------------
@@ -332,7 +352,9 @@ def _codes(column, n: int) -> tuple[np.ndarray, list]:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if not pa.types.is_dictionary(column.type):
-        column = pc.dictionary_encode(pc.fill_null(column.cast(pa.string()), NO_SOURCE))
+        if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = pc.fill_null(column.cast(pa.string()), NO_SOURCE)
+        column = pc.dictionary_encode(column)
     else:
         column = pa.DictionaryArray.from_arrays(pc.fill_null(column.indices, 0), column.dictionary)
     return column.indices.to_numpy(zero_copy_only=False).astype(np.int64), column.dictionary.to_pylist()
