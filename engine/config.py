@@ -219,7 +219,9 @@ class FeedbackConfig:
     ``split_min_gain_se``: a split replaces the configured one only when it catches more
     problems per reviewed item by more than this many standard errors.
     ``watch_clear_share``: share of in-scope rows that must stay outside the watch radius;
-    ``watch_max_radius``: the radius never exceeds this (distance between unit vectors, in [0, 2]).
+    ``watch_max_radius``: the radius never exceeds this (distance between unit vectors, in [0, 2];
+    default: the profile's anomaly threshold, the distance at which the bank itself calls a row
+    unusual, or 0.5 without one).
     """
 
     old_share: float = 0.25
@@ -230,7 +232,7 @@ class FeedbackConfig:
     split_step: float = 0.1
     split_min_gain_se: float = 2.0
     watch_clear_share: float = 0.999
-    watch_max_radius: float = 0.5
+    watch_max_radius: float | None = None
 
     def check(self) -> "FeedbackConfig":
         _in_range("feedback.old_share", self.old_share, 0.0, 0.95)
@@ -246,7 +248,8 @@ class FeedbackConfig:
             raise ConfigError(f"feedback.split_min / split_max: expected bounds lo <= hi with sum(lo) <= 1 <= sum(hi), "
                               f"found {list(self.split_min)} and {list(self.split_max)}")
         _in_range("feedback.watch_clear_share", self.watch_clear_share, 0.5, 1.0)
-        _in_range("feedback.watch_max_radius", self.watch_max_radius, 0.0, 2.0)
+        if self.watch_max_radius is not None:
+            _in_range("feedback.watch_max_radius", self.watch_max_radius, 0.0, 2.0)
         return self
 
     @classmethod

@@ -171,6 +171,9 @@ def next_profile(profile: Profile, verdicts: pa.Table, *, calibration: pa.Table 
         vectors = fr.embeddings(watched_cases.column("embedding"))
         watch = watch.extended(vectors, cases) if watch is not None else WatchList(vectors, cases)
     radius = profile.thresholds.watch_radius
+    max_radius = config.watch_max_radius
+    if max_radius is None:
+        max_radius = profile.thresholds.ood if math.isfinite(profile.thresholds.ood) else 0.5
     x = _decode(rows, profile, with_embedding=bank is not None)
     if watch is not None:
         clear = in_distribution(rows, profile, watch) if x.embedding is not None else np.zeros(len(labels), bool)
@@ -179,14 +182,14 @@ def next_profile(profile: Profile, verdicts: pa.Table, *, calibration: pa.Table 
         if clear.any():
             assert x.embedding is not None
             distances = np.asarray(watch.distances(x.embedding[torch.from_numpy(np.flatnonzero(clear))]))
-            radius = fit_radius(distances, config.watch_clear_share, config.watch_max_radius)
+            radius = fit_radius(distances, config.watch_clear_share, max_radius)
         else:
             radius = radius if radius is not None else -1.0
     report["watch"] = {"old_rows": len(profile.watch) if profile.watch is not None else 0,
                        "added": watched_cases.num_rows if watch is not profile.watch else 0,
                        "new_rows": len(watch) if watch is not None else 0,
                        "radius_old": profile.thresholds.watch_radius, "radius_new": radius,
-                       "clear_share": config.watch_clear_share, "max_radius": config.watch_max_radius}
+                       "clear_share": config.watch_clear_share, "max_radius": max_radius}
 
     # -- thresholds and split ---------------------------------------------------------------------
     tables = CategoryTables.build(profile.config.policy, profile.config.tiers, "cpu")
@@ -443,8 +446,9 @@ def render_diff(report: dict) -> str:
         f"# Feedback: {report['parent']} -> {report.get('version', '(unsaved)')}", "",
         f"Verdicts: {report['verdicts']['rows']} ({report['verdicts']['items']} items, "
         f"{report['verdicts']['audit_items']} audit-sampled); by action: {report['verdicts']['by_action']}.",
-        f"Refit rows: {report['rows']} (old rows together weigh {report['rule']['old_share']:.0%}, the new audit "
-        "verdicts the rest, Horvitz-Thompson weighted).", "",
+        (f"Refit rows: {report['rows']} (old rows together weigh {report['rule']['old_share']:.0%}, the new audit "
+         "verdicts the rest, Horvitz-Thompson weighted)." if report["temperature"]["refit"] else
+         f"Rows kept from the previous version: {report['rows']} (too few new audit verdicts to refit on)."), "",
         "## Temperature", "",
         f"- {t['old']:.4g} -> {t['new']:.4g}: {t['why']}.",
     ]

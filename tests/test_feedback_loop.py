@@ -139,7 +139,9 @@ def test_in_scope_edge_cases_stop_escalating_on_every_source(loop):
 def test_rows_near_a_watched_case_escalate_on_every_source(loop):
     new = loop["result"].profile
     watch, radius = new.watch, new.thresholds.watch_radius
-    assert watch is not None and 0 < radius <= 0.5 and len(watch) == loop["result"].report["watch"]["added"]
+    # At most the old anomaly threshold (the default cap: as far as the bank's k-th neighbour vouches).
+    assert watch is not None and 0 < radius <= loop["old"].thresholds.ood
+    assert len(watch) == loop["result"].report["watch"]["added"]
     rng = np.random.default_rng(7)
     # Rows a little off watched cases (within half the radius, checked by brute force in numpy),
     # with the logits of fresh rows the new version auto-accepts: only the watch list can fire.
