@@ -23,6 +23,12 @@ def register(subparsers) -> None:
     parser.add_argument("--offline", action="store_true",
                         help="triage in this process, as `triage run` does, instead of through a local `triage serve`")
     parser.add_argument("--streams", type=int, default=4, help="concurrent Flight streams to the local server (default 4)")
+    parser.add_argument("--loop", action="store_true",
+                        help="close the loop: simulated reviewers work the queue, `triage feedback` makes the next "
+                             "version, the server reloads it and a second stretch of the fleet (--rows more) streams "
+                             "through; the summary shows before and after")
+    parser.add_argument("--reviewer-error", type=float, default=0.02,
+                        help="share of the simulated reviewers' answers that are wrong (default 0.02)")
     parser.set_defaults(handler=run, stopped="the working directory keeps what was finished")
 
 
@@ -36,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     positive_int(args.rows, "--rows")
     positive_int(args.sources, "--sources")
     positive_int(args.streams, "--streams")
+    if args.loop and args.offline:
+        raise UsageError("--loop: expected the service path (the server reloads the next version), found --offline")
+    if not 0.0 <= args.reviewer_error <= 1.0:
+        raise UsageError(f"--reviewer-error: expected a share in [0, 1], found {args.reviewer_error}")
     if args.out is not None:
         output_dir(args.out, "--out")
         try:  # the simulator's Parquet writer takes paths as UTF-8
@@ -54,11 +64,54 @@ def run(args: argparse.Namespace) -> int:
             simulate_progress=bars.rows("simulate fleet", args.rows) if args.data == "simulated" else None,
             fit_progress=bars.stages("fit profile"),
             run_progress=bars.rows("triage" if args.offline else "triage via Flight", args.rows),
-            offline=args.offline, streams=args.streams,
+            offline=args.offline, streams=args.streams, loop=args.loop, reviewer_error=args.reviewer_error,
+            on_stage=(lambda name: console.print(f"[dim]{name}[/dim]")) if args.loop else None,
         )
     wall = time.perf_counter() - started
     print_demo(result, wall)
+    if result.loop is not None:
+        print_loop(result.loop)
     return 0
+
+
+def print_loop(loop) -> None:
+    """Before and after feedback, each stretch scored against the truth."""
+    from rich.table import Table
+
+    from .. import report
+
+    pct = report.fmt_rate
+    b, a = loop.before, loop.after
+    fb = loop.feedback.report
+    table = Table(title="The loop: before and after feedback (each stretch scored against the truth)",
+                  title_justify="left")
+    table.add_column("")
+    table.add_column("first stretch")
+    table.add_column("second stretch")
+    table.add_row("profile", f"{b.version} (T={b.temperature:.3f})", f"{a.version} (T={a.temperature:.3f}): "
+                  f"{fb['temperature']['why']}")
+    table.add_row("calibration error", f"ECE {b.audit_ece:.4f} on {b.audit_rows:,} audit rows",
+                  f"ECE {a.audit_ece:.4f} on {a.audit_rows:,} audit rows")
+    table.add_row("escalation rate", f"{pct(b.escalation_rate)} (budget {pct(b.budget)})",
+                  f"{pct(a.escalation_rate)} (budget {pct(a.budget)})")
+    table.add_row("errors caught", f"{pct(b.caught.error_recall)} of {b.caught.errors:,}",
+                  f"{pct(a.caught.error_recall)} of {a.caught.errors:,}")
+    table.add_row("out of distribution caught", f"{pct(b.caught.ood_recall)} of {b.caught.ood:,}",
+                  f"{pct(a.caught.ood_recall)} of {a.caught.ood:,}")
+    table.add_row("all escalations", f"{b.caught.escalated:,} of {b.rows:,}", f"{a.caught.escalated:,} of {a.rows:,}")
+    table.add_row("reviewed", f"{loop.reviewed.get('stored', 0):,} verdicts", "")
+    split = fb.get("split")
+    if split:
+        table.add_row("split", str(split["fixed"]),
+                      f"{split['chosen']}: {split['why']}")
+    table.add_row("bank", f"{fb['bank']['old_rows']:,} rows",
+                  f"{fb['bank']['new_rows']:,} rows: {loop.bank_removed:,} escalations removed")
+    radius = fb["watch"].get("radius_new")
+    table.add_row("watch list", "none", f"{fb['watch']['new_rows']:,} cases"
+                  + (f" within {radius:.3f}" if radius is not None else "")
+                  + f": {a.known_edge_cases:,} escalations added (known edge case)")
+    table.add_row("next version", "", f"{loop.new_profile_dir} (see FEEDBACK.md there)")
+    report.console.print(table)
 
 
 def print_demo(result, wall: float) -> None:
