@@ -216,13 +216,16 @@ def _agreement(v: Sums) -> dict:
 def _reviewers(v: Sums, a: AlertConfig) -> dict:
     gold: dict[str, dict[int, Sums]] = collections.defaultdict(lambda: collections.defaultdict(Sums))
     adjudicated: dict[str, Sums] = collections.defaultdict(Sums)
+    reviewed: Sums = Sums()
     for key, value in v.items():
-        if key[0] == "gold":
+        if key[0] == "reviewed":
+            reviewed[key[2]] += value
+        elif key[0] == "gold":
             gold[key[2]][key[1]][key[3]] += value
         elif key[0] == "adjudicated":
             adjudicated[key[2]][key[3]] += value
     out = {}
-    for reviewer in sorted(set(gold) | set(adjudicated)):
+    for reviewer in sorted(set(gold) | set(adjudicated) | set(reviewed)):
         windows = sorted(gold[reviewer].items())
         total = sum((c for _, c in windows), Sums())
         if len(windows) >= a.baseline_windows + a.recent_windows:
@@ -235,6 +238,7 @@ def _reviewers(v: Sums, a: AlertConfig) -> dict:
         drifting = bool(recent["n"] >= a.min_gold and before["n"] >= a.min_gold and drop >= a.gold_min_drop and p < a.gold_p)
         adj = adjudicated[reviewer]
         out[reviewer] = {
+            "verdicts": int(reviewed[reviewer]),
             "gold": wilson(total["correct"], total["n"]).to_dict(),
             "gold_recent": wilson(recent["correct"], recent["n"]).to_dict(),
             "gold_baseline": wilson(before["correct"], before["n"]).to_dict(),

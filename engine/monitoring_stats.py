@@ -16,7 +16,8 @@ Keys (``w`` window, ``s`` source, ``t`` tier):
   ``("audit", w, s, field)`` (:data:`.monitoring_estimators.AUDIT_FIELDS`, window of the item's
   decision), ``("cohen", t1, t2, label1, label2)``, ``("fleiss", t, field)`` and
   ``("fleiss_cat", t, label)``, ``("gold", w, reviewer, "n"|"correct")``, ``("adjudicated", w,
-  reviewer, "n"|"agree")``. A label of -1 is out of scope.
+  reviewer, "n"|"agree")``, ``("reviewed", w, reviewer)`` (settled verdicts on real items). A label
+  of -1 is out of scope.
 """
 
 from __future__ import annotations
@@ -217,6 +218,7 @@ def verdict_sums(verdicts: pa.Table, config: StatsConfig) -> Sums:
             continue
         if action == "escalate":
             continue
+        out[("reviewed", w, reviewer)] += 1
         key = ("override", w, rows["tier"][i], source[i], int(rows["reason_mask"][i] or 0), bool(blind[i]))
         out[key + ("n",)] += 1
         out[key + ("corrected",)] += float(action == "correct" and label != rows["predicted_class"][i])

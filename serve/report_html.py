@@ -81,6 +81,32 @@ def _rescaled(verdicts: pa.Table, windows: int) -> pa.Table:
     return verdicts.set_column(verdicts.schema.get_field_index("ts"), "ts", pa.array(w, pa.float64()))
 
 
+def report_for_run(out: str | Path, *, queue_url: str | None, profile_dir: str | Path, decisions: Iterable[Path],
+                   calibration: Path | None = None, truth: Path | None = None, review_limit: int = 20_000,
+                   windows: int = DEFAULT_WINDOWS) -> Path:
+    """The report of one run (what ``triage demo`` ends with): with ``truth`` (a simulator's truth
+    file), simulated reviewers (:mod:`hitl_triage.serve.sim.reviewers`, 2-5% errors) first work
+    up to ``review_limit`` items of the queue, so that the verdict figures have data."""
+    from hitl_triage.engine.profile import Profile
+    from hitl_triage.serve.queue import QueueOptions, open_queue
+
+    profile = Profile.load(profile_dir)
+    if queue_url is None:
+        figures, stats = monitoring_of(None, profile, decisions=decisions, calibration=calibration, windows=windows)
+        return write_report(out, figures, stats, profile)
+    with open_queue(queue_url, QueueOptions(tiers=list(profile.config.tiers.order))) as queue:
+        if truth is not None:
+            from hitl_triage.serve.sim.reviewers import SimReviewer, truth_labels, work_queue
+
+            tiers = queue.options.tiers
+            crew = [SimReviewer(f"{tier}-{i}", tier, error_rate=0.02 + 0.01 * i, seed=i)
+                    for tier in tiers for i in range(1, 3 if tier == tiers[0] else 2)]
+            work_queue(queue, crew, truth_labels(pq.read_table(truth, columns=["id", "label"])), batch=256,
+                       limit=review_limit)
+        figures, stats = monitoring_of(queue, profile, decisions=decisions, calibration=calibration, windows=windows)
+    return write_report(out, figures, stats, profile)
+
+
 # -- the page ----------------------------------------------------------------------------------------
 
 
@@ -321,16 +347,17 @@ def _reviewers(figures: dict) -> str:
             points += len(w)
     ax.set(xlabel="window", ylabel="accuracy on gold items")
     ax.yaxis.set_major_formatter(_percent())
-    ax.legend(fontsize=8, ncol=4)
+    if points:
+        ax.legend(fontsize=8, ncol=4)
     rows = []
     for name, r in sorted(reviewers.items()):
         g = r["gold"]
         flag = "<span class='flag'>drifting</span>" if r["drifting"] else "ok"
-        rows.append([html.escape(name), f"{g['n']:,}", f"{_pct(g['value'])} [{_pct(g['low'])}, {_pct(g['high'])}]",
+        rows.append([html.escape(name), f"{r['verdicts']:,}", f"{g['n']:,}", f"{_pct(g['value'])} [{_pct(g['low'])}, {_pct(g['high'])}]",
                      _pct(r["gold_baseline"]["value"]), _pct(r["gold_recent"]["value"]),
                      f"{r['adjudicated']['n']:,}", _pct(r["adjudicated"]["value"]), flag])
     return (_svg(fig, points) if points else _empty("gold verdicts")) + _table(
-        ["reviewer", "gold items", "gold accuracy (95%)", "first windows", "latest window", "verdicts re-judged",
+        ["reviewer", "verdicts", "gold items", "gold accuracy (95%)", "first windows", "latest window", "verdicts re-judged",
          "agree with the final label", "status"], rows)
 
 

@@ -131,3 +131,23 @@ def test_queue_stats_shows_the_same_figures(report):
     blind = sum(1 for v in settled if v["tier"] == "general" and v["blind"])
     assert f"{blind:,}" == lines["general/blind"].split("│")[2].strip()
     assert "alert reviewer_drift: reviewer bob" in " ".join(text.split())
+
+
+def test_report_for_run_lets_simulated_reviewers_work_a_fresh_queue_first(report, tmp_path):
+    from hitl_triage.serve.report_html import report_for_run
+
+    path, day, out, _ = report
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    decisions, fleet = pq.read_table(day["decisions"]), pq.read_table(day["files"].fleet)
+    with open_queue(url, QueueOptions(tiers=list(day["options"].tiers))) as queue:
+        queue.enqueue(decisions, fleet)
+    written = report_for_run(tmp_path / "run.html", queue_url=url, profile_dir=day["profile"], decisions=[day["decisions"]],
+                             truth=day["files"].truth, review_limit=600)
+    with open_queue(url) as queue:
+        verdicts = queue.verdicts().num_rows
+    assert 600 <= verdicts <= 600 + 256 * 4  # the limit, give or take the last claims of a round
+    page = written.read_text()
+    points = [int(p) for p in re.findall(r"<figure data-points='(\d+)'>", page)]
+    # every plot but the reviewers' gold accuracy, which needs gold items (none in this queue)
+    assert len(points) == FIGURES - 1 and all(p > 0 for p in points), points
+    assert "no gold verdicts yet" in page

@@ -116,16 +116,20 @@ def truth_labels(*tables: pa.Table | Mapping[str, int]) -> dict[str, int]:
 
 
 def work_queue(queue, reviewers: Sequence[SimReviewer], truth: Mapping[str, int], *, batch: int = 64,
-               lease: float = 300.0, max_rounds: int = 100_000, ts: float | None = None) -> dict[str, int]:
+               lease: float = 300.0, max_rounds: int = 100_000, ts: float | None = None,
+               limit: int | None = None) -> dict[str, int]:
     """Let ``reviewers`` work ``queue`` until no reviewer finds an item it may claim: each in turn
     claims up to ``batch`` items of its tier, answers and submits them. Returns the queue's
     summed ``submit`` counts plus ``claimed``. Items moved to a tier nobody works stay there.
-    ``ts``: the time every verdict carries (seconds since the epoch; None: the time it is stored)."""
+    ``ts``: the time every verdict carries (seconds since the epoch; None: the time it is stored);
+    ``limit``: stop once about this many items were claimed (None: until the queue runs dry)."""
     totals = {"claimed": 0, "stored": 0, "duplicates": 0, "done": 0, "moved": 0}
     top = queue.options.tiers[-1]
     for _ in range(max_rounds):
         progress = False
         for reviewer in reviewers:
+            if limit is not None and totals["claimed"] >= limit:
+                return totals
             items = queue.claim(reviewer.tier, reviewer.name, n=batch, lease=lease)
             if items.num_rows == 0:
                 continue
