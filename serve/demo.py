@@ -71,7 +71,7 @@ def run_demo(
     offline: bool = False,
     streams: int = 4,
     loop: bool = False,
-    reviewer_error: float = 0.02,
+    reviewer_error: float = 0.0,
 ) -> DemoResult:
     """Run the whole loop in ``out_dir``; ``on_stage(name)`` announces each step."""
     out_dir = Path(out_dir)
@@ -101,6 +101,11 @@ def run_demo(
 
         (fleet1, truth1), stretch2 = split_stretches(files.fleet, files.truth, out_dir)
         files = dataclasses.replace(files, fleet=fleet1, truth=truth1)
+        if data == "simulated":
+            # The fleet's model was updated after its profile was fitted: the profile comes from
+            # calibration rows of the model before (less overconfident), which the loop corrects.
+            files = dataclasses.replace(files, calibration=older_model_calibration(
+                FleetConfig(rows=2 * rows, sources=sources, seed=seed), out_dir / "calibration.before-update.parquet"))
     seconds["data"] = time.perf_counter() - t0
 
     announce("fitting a profile on the calibration and bank files")
@@ -141,6 +146,21 @@ def run_demo(
         confidence_only=catch_rates(by_confidence, is_error, is_ood), seconds=seconds,
         queue_url=queue_url, queue_stats=queue_stats, streams=0 if offline else streams, loop=loop_result,
     )
+
+
+#: Overconfidence of the model the loop's profile was fitted for (the fleet runs the simulator's default, 2.5).
+BEFORE_UPDATE_OVERCONFIDENCE = 1.5
+
+
+def older_model_calibration(config: FleetConfig, path: Path) -> Path:
+    """Labelled calibration rows of the same world from the model before its update."""
+    import pyarrow as pa
+
+    from .sim import generate_calibration_batches
+
+    before = dataclasses.replace(config, overconfidence=BEFORE_UPDATE_OVERCONFIDENCE)
+    pq.write_table(pa.Table.from_batches(list(generate_calibration_batches(before))), path)
+    return path
 
 
 @dataclasses.dataclass

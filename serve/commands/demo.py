@@ -27,8 +27,9 @@ def register(subparsers) -> None:
                         help="close the loop: simulated reviewers work the queue, `triage feedback` makes the next "
                              "version, the server reloads it and a second stretch of the fleet (--rows more) streams "
                              "through; the summary shows before and after")
-    parser.add_argument("--reviewer-error", type=float, default=0.02,
-                        help="share of the simulated reviewers' answers that are wrong (default 0.02)")
+    parser.add_argument("--reviewer-error", type=float, default=0.0,
+                        help="share of the simulated reviewers' answers that are wrong (default 0: the refit trusts "
+                             "the labels, and wrong ones raise the temperature; see the README's Feedback section)")
     parser.set_defaults(handler=run, stopped="the working directory keeps what was finished")
 
 
