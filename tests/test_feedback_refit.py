@@ -248,3 +248,43 @@ def test_refusals_name_what_is_wrong(small_profile):
         FeedbackConfig(split_min=(0.5, 0.5, 0.5)).check()
     with pytest.raises(ConfigError, match="feedback.old_share"):
         FeedbackConfig(old_share=1.5).check()
+
+
+def test_both_queue_backends_give_feedback_the_same_rows_and_edge_cases(tmp_path, small_profile):
+    """The verdict export carries the logits and the kept embeddings on SQLite and on a real
+    redis-server alike, so feedback reads the same audit rows and edge cases from either."""
+    from hitl_triage.engine.feedback_rows import audit_rows, edge_cases
+    from hitl_triage.serve.queue import QueueOptions, open_queue
+    from hitl_triage.serve.sim.reviewers import SimReviewer, work_queue
+
+    from queue_fixtures import redis_server
+
+    rng = np.random.default_rng(5)
+    n = 1500
+    logits, labels, _ = known_ensemble(rng, n, members=3, classes=4)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb[:100] *= 0.02  # near the origin after a shift: far from the bank's directions
+    emb[:100] += 3.0
+    predictions = contract_table([f"p-{i}" for i in range(n)], logits, embedding=emb, source=["cam-0"] * n)
+    profile = dataclasses.replace(small_profile, config=dataclasses.replace(
+        small_profile.config, audit=dataclasses.replace(small_profile.config.audit, base_rate=0.2)), version="")
+    decisions = TriageEngine(profile, device="cpu").triage(predictions)
+    truth = {f"p-{i}": (-1 if i < 50 else int(labels[i])) for i in range(n)}
+    options = QueueOptions(keep_embedding=True, blind_audit=False)
+    exports = []
+    with redis_server(tmp_path) as redis_url:
+        for url in (f"sqlite:///{tmp_path / 'q.db'}", redis_url):
+            with open_queue(url, options) as queue:
+                queue.enqueue(decisions, predictions)
+                work_queue(queue, [SimReviewer(f"r-{t}", t) for t in options.tiers], truth)
+                exports.append(final_verdicts(queue.verdicts()).sort_by("id"))
+    sqlite_final, redis_final = exports
+    assert sqlite_final.num_rows == redis_final.num_rows > 200
+    for name in ("id", "action", "label", "logits", "embedding", "audit_weight", "reason_mask"):
+        assert sqlite_final.column(name).equals(redis_final.column(name)), name
+    a, b = audit_rows(sqlite_final, "g1"), audit_rows(redis_final, "g1")
+    assert a.num_rows > 100 and a.equals(b)
+    for x, y in zip(edge_cases(sqlite_final), edge_cases(redis_final)):
+        assert x.column("id").equals(y.column("id"))
+    watched = edge_cases(sqlite_final)[1]
+    assert watched.num_rows > 0 and set(watched.column("action").to_pylist()) <= {"out_of_scope", "correct"}
