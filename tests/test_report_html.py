@@ -110,8 +110,6 @@ def test_chromium_renders_the_report(report, tmp_path):
     done = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,6400", path.as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
-    dom = subprocess.run([*common, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<figure") == FIGURES and dom.count("<svg") >= FIGURES  # parsed as the page says
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (6400, 1280)
     colors = {tuple(c) for c in image[::7, ::7].reshape(-1, 3)}
