@@ -28,7 +28,7 @@ from hitl_triage.serve.sim.reviewers import SimReviewer, truth_labels, work_queu
 
 FLEET = FleetConfig(rows=50_000, sources=4, seed=5, members=5, classes=6, dim=16, class_dim=8, nuisance_dim=6,
                     calibration_rows=4_000, bank_rows=3_000, overconfidence=2.5, ood_share=0.03,
-                    drift_strength=1.0, review_share=0.0)
+                    drift_strength=1.0)
 BEFORE_UPDATE = 1.2  # the overconfidence of the model the profile was fitted for
 BUDGET = 0.10
 AUDIT_RATE = 0.06
