@@ -56,10 +56,19 @@ class AlertConfig:
     top_slices: int = 20
 
 
-def compute(stats: MonitorStats, alerts: AlertConfig | None = None) -> dict:
+WINDOWED = frozenset(("rows", "escalated", "auto", "auto_conf", "reason", "tier", "slice", "override", "audit"))
+"""Kinds whose figures a ``span`` limits (drift and reviewer drift compare windows themselves;
+kappa is over every pair the queue holds)."""
+
+
+def compute(stats: MonitorStats, alerts: AlertConfig | None = None, *, span: int | None = None) -> dict:
+    """The figures (see the module docstring). ``span``: rates, overrides, accuracy and slices
+    over the latest ``span`` windows only (a sliding window; None: every window kept)."""
     a = alerts or AlertConfig()
     d, v = stats.decisions, stats.verdicts
-    out: dict = {"window_s": stats.config.window_s, "windows": stats.windows()}
+    if span is not None:
+        d, v = _latest(d, stats.windows(), span), _latest(v, sorted({k[1] for k in v if k[0] in WINDOWED}), span)
+    out: dict = {"window_s": stats.config.window_s, "windows": stats.windows(), "span": span}
     out["fleet"], out["sources"] = _traffic(d)
     out["timeline"] = _timeline(d)
     out["overrides"] = _overrides(v)
@@ -70,6 +79,14 @@ def compute(stats: MonitorStats, alerts: AlertConfig | None = None) -> dict:
     out["slices"] = _slices(d, a.top_slices)
     out["alerts"] = _alerts(out, a)
     return out
+
+
+def _latest(sums: Sums, windows: list[int], span: int) -> Sums:
+    """``sums`` with the windowed kinds' entries of the latest ``span`` windows only."""
+    if span < 1:
+        raise ValueError(f"span: expected a number of windows >= 1, found {span!r}")
+    keep = set(windows[-span:])
+    return Sums({k: x for k, x in sums.items() if k[0] not in WINDOWED or k[1] in keep})
 
 
 # -- traffic -----------------------------------------------------------------------------------------

@@ -286,3 +286,20 @@ def test_merge_of_two_replicas_equals_the_union(tmp_path):
     close(compute(merged), compute(union))
     close(compute(MonitorStats.from_json(json.loads(json.dumps(merged.to_json())))), compute(union))
     assert verdict_sums(verdicts.slice(0, 0), config) == {}
+
+
+def test_a_span_limits_the_rates_to_the_latest_windows():
+    rng = np.random.default_rng(9)
+    config = StatsConfig(classes=4, window_s=1.0)
+    everything, latest = MonitorStats(config), MonitorStats(config)
+    for w in range(5):
+        decisions, _ = decision_batch(rng, 300, start=1000 * w, escalate_share=0.1 + 0.15 * w)
+        everything.update(decisions, float(w))
+        if w >= 3:
+            latest.update(decisions, float(w))
+    spanned, direct = compute(everything, span=2), compute(latest)
+    for part in ("fleet", "sources", "slices"):
+        close(spanned[part], direct[part])
+    assert compute(everything)["fleet"]["rows"] == 1500 and spanned["fleet"]["rows"] == 600
+    with pytest.raises(ValueError, match="span: expected a number of windows >= 1"):
+        compute(everything, span=0)

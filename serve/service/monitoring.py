@@ -37,10 +37,11 @@ class ServiceMonitor:
     """``decided(decisions)`` per engine batch (the hot path: a few bincounts), ``figures()``
     when someone looks."""
 
-    def __init__(self, profile, queue, *, window_s: float = 3600.0, alerts: AlertConfig | None = None):
+    def __init__(self, profile, queue, *, window_s: float = 3600.0, span: int = 24, alerts: AlertConfig | None = None):
         self.stats = MonitorStats(stats_config(profile, window_s))
         self.queue = queue
         self.alerts = alerts or AlertConfig()
+        self.span = span  # rates over the latest `span` windows (a day of hours by default)
         self._lock = threading.Lock()
         self._batches = 0
         self._cached: tuple[tuple, dict] | None = None
@@ -65,7 +66,7 @@ class ServiceMonitor:
         key = (self._batches, verdicts)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        figures = compute(self.snapshot(), self.alerts)
+        figures = compute(self.snapshot(), self.alerts, span=self.span)
         self._cached = (key, figures)
         return figures
 
