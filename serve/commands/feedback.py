@@ -67,6 +67,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def scheduled_feedback(service, every_s: float, config_path: Path | None) -> None:
+    """`triage serve`'s feedback thread ([serve] feedback_every_s): every ``every_s`` seconds, a
+    round on the verdicts stored since the serving version was made, when there are at least
+    ``[feedback] min_audit_verdicts`` audit-sampled ones; the next version goes beside the serving
+    one (``PROFILE_DIR.gN``) and the server switches to it. A failed round is logged, the server
+    keeps its version."""
+    import logging
+
+    from hitl_triage.engine.config import FeedbackConfig
+    from hitl_triage.engine.feedback import next_profile, verdicts_since
+    from hitl_triage.engine.feedback_rows import final_verdicts
+
+    from .fit import save_whole
+
+    logger = logging.getLogger(__name__)
+    config = FeedbackConfig.from_toml(config_path)
+    while not service._stopped.wait(every_s):
+        try:
+            profile = service.engines.profile
+            verdicts = service.queue.verdicts(since=verdicts_since(profile))
+            final = final_verdicts(verdicts)
+            audited = 0 if final.num_rows == 0 else int((final.column("audit_weight").to_numpy(zero_copy_only=False) > 0).sum())
+            if audited < config.min_audit_verdicts:
+                continue
+            result = next_profile(profile, verdicts, config=config)
+            out = default_out(service.engines.profile_dir, profile.generation + 1)
+            if out.exists():
+                logger.warning("scheduled feedback: %s exists; not overwriting it", out)
+                continue
+            save_whole(_Writer(result), out)
+            previous, version = service.engines.reload(out)
+            logger.info("scheduled feedback: %s -> %s (%d audit verdicts), written to %s", previous, version, audited, out)
+        except Exception:  # noqa: BLE001 - the server keeps serving its version
+            logger.exception("scheduled feedback failed; still serving %s", service.engines.profile.version)
+
+
 class _Writer:
     """What ``save_whole`` needs of a profile: ``save(directory)`` and ``path``, here writing the
     whole version (profile, refit rows, diff) so that it appears whole or not at all."""

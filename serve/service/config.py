@@ -63,6 +63,7 @@ class ServeConfig:
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
+    feedback_every_s: float = 0.0  # > 0: run `triage feedback` on the queue this often and reload (0: off)
     budget_control: BudgetControlOptions = dataclasses.field(default_factory=BudgetControlOptions)
 
     def check(self) -> "ServeConfig":
@@ -89,6 +90,11 @@ class ServeConfig:
                 raise ConfigError(f"serve.tokens: expected roles among {list(ROLES)}, found {role!r}")
             if not token:
                 raise ConfigError("serve.tokens: expected non-empty tokens, found an empty one")
+        if not (0 <= self.feedback_every_s < float("inf")):
+            raise ConfigError(f"serve.feedback_every_s: expected seconds >= 0 (0: off), found {self.feedback_every_s}")
+        if self.feedback_every_s > 0 and self.workers > 1:
+            raise ConfigError(f"serve.feedback_every_s: expected workers = 1 with scheduled feedback (each worker would "
+                              f"make its own version), found workers = {self.workers}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("serve.tls_cert / serve.tls_key: expected both PEM files or neither, found one")
         for name in ("tls_cert", "tls_key"):

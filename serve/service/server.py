@@ -135,6 +135,11 @@ class Service:
         server.start()
         service._set_serving(True)
         threading.Thread(target=service._watch_profile, name="profile-watch", daemon=True).start()
+        if config.feedback_every_s > 0 and queue is not None and not worker:  # [serve] feedback_every_s
+            from hitl_triage.serve.commands.feedback import scheduled_feedback
+
+            threading.Thread(target=scheduled_feedback, args=(service, config.feedback_every_s, queue_config),
+                             name="feedback", daemon=True).start()
         return service
 
     def _set_serving(self, serving: bool) -> None:
