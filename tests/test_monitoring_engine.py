@@ -65,6 +65,37 @@ def test_audited_accuracy_interval_covers_the_truth_in_200_repetitions():
     assert abs(np.mean(errors)) < 0.005
 
 
+def test_audited_accuracy_covers_a_simulated_days_truth_with_simulated_reviewers():
+    """The simulator's own day (OOD rows, a drifting source, calibrated ensemble confidence): the
+    rows above a confidence floor are auto-accepted, audited per source at its own rate, and an
+    accurate simulated reviewer answers each audit item from the truth; 200 audit draws."""
+    from hitl_triage.serve.sim import FleetConfig, generate_fleet_with_truth
+
+    cfg = FleetConfig(rows=40_000, sources=4, dim=16, seed=2, calibration_rows=0, bank_rows=0)
+    batch, truth = next(generate_fleet_with_truth(cfg, 40_000))
+    z = batch.column("logits").flatten().flatten().to_numpy().reshape(-1, cfg.members, cfg.classes) / 2.4
+    e = np.exp(z - z.max(-1, keepdims=True))
+    p = (e / e.sum(-1, keepdims=True)).mean(1)
+    predicted, confidence = p.argmax(1), p.max(1)
+    label = truth.column("label").to_numpy()
+    auto = confidence >= 0.6
+    source = np.array(batch.column("source").to_pylist())
+    rate = np.select([source == s for s in cfg.source_names], [0.01, 0.02, 0.05, 0.08])
+    true_accuracy = float((predicted == label)[auto].mean())
+    ids = np.array(batch.column("id").to_pylist())
+    reviewer = SimReviewer("auditor", "general")
+    covered = 0
+    for seed in range(200):
+        audited = auto & (np.random.default_rng(seed).random(len(rate)) < rate)
+        items = pa.table({"id": ids[audited], "predicted_class": pa.array(predicted[audited], pa.int32()),
+                          "classes": np.full(int(audited.sum()), cfg.classes)})
+        answers = reviewer.answer(items, dict(zip(ids[audited], label[audited].tolist())))
+        correct = np.array([a["action"] == "confirm" for a in answers], float)
+        est = audited_accuracy(sums_of(1 / rate[audited], correct, confidence[audited]))
+        covered += est.low <= true_accuracy <= est.high
+    assert covered >= 180, covered
+
+
 def test_audit_sums_reject_bad_weights():
     with pytest.raises(ValueError, match="audit_weight: expected 1 / rate >= 1"):
         audit_sums(np.array([0.5]), np.array([1.0]), np.array([0.9]))
