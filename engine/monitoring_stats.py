@@ -39,6 +39,7 @@ REASON_NAMES = {int(r): str(r.name).lower() for r in Reason}
 EDGE_CASE_REASONS = ("anomaly", "known_edge_case", "reported")
 DRIFT_FEATURES = ("confidence", "predicted_class", "ood_score")
 NO_SOURCE = "(none)"
+DECISION_COLUMNS = ("escalate", "reason_mask", "tier", "predicted_class", "confidence", "ood_score")
 
 
 class Sums(dict[Any, float]):
@@ -102,11 +103,17 @@ def decision_sums(decisions: pa.RecordBatch | pa.Table, config: StatsConfig, now
     (seconds). On the hot path of a server: a few bincounts over codes, one dictionary encoding
     of ``source`` and of ``category``, then one dict entry per non-zero count."""
     out = Sums()
+    names = decisions.schema.names
+    missing = [c for c in DECISION_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"decisions: expected the engine's decision columns {list(DECISION_COLUMNS)}, found none named "
+                         f"{missing} among {names}")
     n = decisions.num_rows
     if n == 0:
         return out
+    if not math.isfinite(now):
+        raise ValueError(f"now: expected a finite time in seconds, found {now!r}")
     w = config.window(now)
-    names = decisions.schema.names
     src, sources = _codes(decisions.column("source") if "source" in names else None, n)
     cat, categories = _codes(decisions.column("category") if "category" in names else None, n)
     s_count = len(sources)

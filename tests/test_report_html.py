@@ -149,3 +149,17 @@ def test_report_for_run_lets_simulated_reviewers_work_a_fresh_queue_first(report
     # every plot but the reviewers' gold accuracy, which needs gold items (none in this queue)
     assert len(points) == FIGURES - 1 and all(p > 0 for p in points), points
     assert "no gold verdicts yet" in page
+
+
+def test_report_refuses_missing_files_and_foreign_tables_by_name(report, tmp_path, capsys):
+    path, day, out, _ = report
+    code, _ = run_cli("report", "--queue", day["queue"], "--profile", day["profile"], "--out", tmp_path / "r.html",
+                      "--decisions", tmp_path / "absent.parquet")
+    said = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "absent.parquet: expected a Parquet file, found none" in said, said
+    pq.write_table(pa.table({"id": ["a"], "escalate": [True]}), tmp_path / "foreign.parquet")
+    code, _ = run_cli("report", "--queue", day["queue"], "--profile", day["profile"], "--out", tmp_path / "r.html",
+                      "--decisions", tmp_path / "foreign.parquet")
+    said = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "expected the engine's decision columns" in said and "'confidence'" in said, said
+    assert not (tmp_path / "r.html").exists()
