@@ -288,3 +288,38 @@ def test_both_queue_backends_give_feedback_the_same_rows_and_edge_cases(tmp_path
         assert x.column("id").equals(y.column("id"))
     watched = edge_cases(sqlite_final)[1]
     assert watched.num_rows > 0 and set(watched.column("action").to_pylist()) <= {"out_of_scope", "correct"}
+
+
+def test_a_target_risk_profile_is_refitted_in_its_own_mode(tmp_path):
+    """Target-risk mode on the weighted rows: the chosen confidence threshold's Kish-sized
+    Clopper-Pearson bound is within the target (recomputed here with scipy), and the version
+    saves and loads."""
+    from scipy.stats import beta
+
+    from hitl_triage.serve.queue import QueueOptions, open_queue
+    from hitl_triage.serve.sim.reviewers import SimReviewer, work_queue
+
+    rng = np.random.default_rng(8)
+    n = 6000
+    logits, labels, _ = known_ensemble(rng, n + 2000, members=3, classes=4, overconfidence=1.0)
+    emb = rng.normal(size=(n + 2000, 8)).astype(np.float32)
+    config = TriageConfig()
+    config.thresholds.mode, config.thresholds.target_risk = "target_risk", 0.1
+    config.audit.base_rate = 0.1
+    calibration = contract_table([f"c-{i}" for i in range(2000)], 3 * logits[n:], embedding=emb[n:], label=labels[n:])
+    profile = Profile.fit(calibration, bank=rng.normal(size=(500, 8)).astype(np.float32), config=config)
+    predictions = contract_table([f"p-{i}" for i in range(n)], logits[:n], embedding=emb[:n], source=["s"] * n)
+    decisions = TriageEngine(profile, device="cpu").triage(predictions)
+    with open_queue(f"sqlite:///{tmp_path / 'q.db'}", QueueOptions(keep_embedding=True, blind_audit=False)) as queue:
+        queue.enqueue(decisions, predictions)
+        work_queue(queue, [SimReviewer(f"r-{t}", t) for t in queue.options.tiers], {f"p-{i}": int(labels[i]) for i in range(n)})
+        verdicts = queue.verdicts()
+    result = next_profile(profile, verdicts, calibration=calibration)
+    chosen = result.report["thresholds_report"]
+    assert chosen["mode"] == "target_risk" and chosen["feasible"]
+    assert result.profile.temperature < 0.6 * profile.temperature  # the fleet's logits are a third as sharp
+    n_eff, errors = chosen["accepted_rows"], chosen["errors"]
+    bound = beta.ppf(1 - chosen["delta_per_test"], errors + 1, n_eff - errors)
+    assert bound == pytest.approx(chosen["risk_bound"], rel=1e-9) and bound <= 0.1
+    loaded = Profile.load(result.profile.save(tmp_path / "next"))
+    assert loaded.version == result.profile.version and loaded.config.thresholds.mode == "target_risk"
