@@ -48,6 +48,7 @@ from .monitoring_metrics import MonitoringGauges
 logger = logging.getLogger(__name__)
 
 REFRESH_S = 2.0
+MONITORING_REFRESH_S = 10.0  # the monitoring gauges at most this often (they read the queue's verdicts)
 MAX_SOURCES = 256          # distinct source labels per process; more are counted as "other"
 WORKER_PID_KEY = "x-triage-worker-pid"  # trailing metadata of every call: the process that answered
 REASONS = {1: "confidence", 2: "disagreement", 4: "policy", 8: "anomaly", 16: "audit", 32: "reported",
@@ -176,7 +177,7 @@ class Metrics:
                 self.budget_threshold.labels(trigger).set(budget["thresholds"][trigger])
             self.budget_window.set(budget["window_rate"])
         if getattr(service, "monitor", None) is not None:
-            self.monitoring.set(service.monitor.figures())
+            self.monitoring.set(service.monitor.figures(max_age_s=MONITORING_REFRESH_S))
         if service.queue is None:
             return
         for tier, entry in service.queue.stats().get("tiers", {}).items():

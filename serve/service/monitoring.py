@@ -45,6 +45,7 @@ class ServiceMonitor:
         self._lock = threading.Lock()
         self._batches = 0
         self._cached: tuple[tuple, dict] | None = None
+        self._computed_at = 0.0
 
     def decided(self, decisions: pa.RecordBatch, now: float | None = None) -> None:
         with self._lock:
@@ -59,15 +60,19 @@ class ServiceMonitor:
             stats.update_verdicts(self.queue.verdicts())
         return stats
 
-    def figures(self) -> dict:
+    def figures(self, *, max_age_s: float = 0.0) -> dict:
         """:func:`~hitl_triage.engine.monitoring_report.compute` of :meth:`snapshot`, cached
-        until a batch is decided or a verdict stored."""
+        until a batch is decided or a verdict stored, and, with ``max_age_s``, for that long
+        whatever happens (the metrics refresh: reading a large queue's verdicts takes a while)."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._computed_at < max_age_s:
+            return self._cached[1]
         verdicts = sum(self.queue.stats().get("verdicts", {}).values()) if self.queue is not None else 0
         key = (self._batches, verdicts)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         figures = compute(self.snapshot(), self.alerts, span=self.span)
-        self._cached = (key, figures)
+        self._cached, self._computed_at = (key, figures), now
         return figures
 
 
