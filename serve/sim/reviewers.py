@@ -24,6 +24,7 @@ queue content and order of calls.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -141,24 +142,30 @@ def work_queue(queue, reviewers: Sequence[SimReviewer], truth: Mapping[str, int]
             shown = [a for a in answers if a["action"] is not None]
             if shown:
                 _add(totals, queue.submit(shown))
-            for a in answers:
-                if a["action"] is None:
-                    _add(totals, _submit_blind(queue, a))
+            blind = [a for a in answers if a["action"] is None]
+            if blind:
+                _add(totals, _submit_blind(queue, blind))
         if not progress:
             return totals
     raise RuntimeError(f"work_queue: expected the queue to run dry within {max_rounds} rounds, found items left")
 
 
-def _submit_blind(queue, answer: dict) -> dict:
-    """A blind answer: confirm when the queue's predicted class is the label, else correct."""
+def _submit_blind(queue, answers: list[dict]) -> dict:
+    """Blind answers: each a confirm when the queue's predicted class is its label, else a
+    correct. The batch goes as confirms; a refused row (the queue names it, and stores nothing of
+    a refused call) becomes a correct and the batch goes again."""
     from hitl_triage.serve.queue import QueueError
 
-    try:
-        return queue.submit([{**answer, "action": "confirm"}])
-    except QueueError as error:
-        if "use action correct" not in str(error):
-            raise
-        return queue.submit([{**answer, "action": "correct"}])
+    batch = [{**a, "action": "confirm"} for a in answers]
+    for _ in range(len(batch) + 1):
+        try:
+            return queue.submit(batch)
+        except QueueError as error:
+            found = re.match(r"verdicts row (\d+) ", str(error))
+            if found is None or "use action correct" not in str(error) or batch[int(found[1])]["action"] != "confirm":
+                raise
+            batch[int(found[1])]["action"] = "correct"
+    raise AssertionError("unreachable: every row can turn from confirm to correct once")
 
 
 def _add(totals: dict[str, int], counts: dict) -> None:
