@@ -43,7 +43,7 @@ from .decode import decode_batch
 from .policy import CategoryTables, RuleInputs, Thresholds, fire_triggers
 from .profile import Profile
 from .scoring import TemperatureTable, ood_scores, rule_inputs
-from .thresholds import budget_thresholds, choose_thresholds, escalation_rates
+from .thresholds import budget_thresholds, choose_thresholds
 from .watchlist import WatchList, fit_radius, watch_distances
 
 DIFF_FILE = "FEEDBACK.md"
@@ -405,7 +405,7 @@ def _weighted_rates(inputs: RuleInputs, thresholds: Thresholds, tables: Category
     rate = lambda m: float(weights[m.numpy()].sum()) / total  # noqa: E731
     rates = {name: rate(getattr(fired, name)) for name in ("confidence", "disagreement", "anomaly", "known_edge_case")}
     rates["union"] = rate(fired.model())
-    rates["unweighted_rows"] = escalation_rates(inputs, thresholds, tables)["rows"]
+    rates["rows"] = int(len(weights))
     return rates
 
 

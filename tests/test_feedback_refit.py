@@ -323,3 +323,19 @@ def test_a_target_risk_profile_is_refitted_in_its_own_mode(tmp_path):
     assert bound == pytest.approx(chosen["risk_bound"], rel=1e-9) and bound <= 0.1
     loaded = Profile.load(result.profile.save(tmp_path / "next"))
     assert loaded.version == result.profile.version and loaded.config.thresholds.mode == "target_risk"
+
+
+def test_triage_feedback_refuses_bad_input_in_one_line(tmp_path, capsys, small_profile):
+    from hitl_triage.serve.cli import main
+
+    code = main(["feedback", "--profile", str(tmp_path / "absent"), "--queue", f"sqlite:///{tmp_path / 'q.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "profile.toml" in err and len(err.strip().splitlines()) == 1
+    directory = small_profile.save(tmp_path / "p")
+    code = main(["feedback", "--profile", str(directory), "--queue", "postgres://nowhere"])
+    err = capsys.readouterr().err
+    assert code == 2 and "queue url" in err
+    # An empty queue: nothing to refit on and no earlier rows is refused, and no directory appears.
+    code = main(["feedback", "--profile", str(directory), "--queue", f"sqlite:///{tmp_path / 'q.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "feedback.min_audit_verdicts" in err and not (tmp_path / "p.g2").exists()
