@@ -4,6 +4,7 @@ drawn again here, counts made by hand, and simulated reviewers' known error rate
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import numpy as np
@@ -39,7 +40,8 @@ def gold_pool(rng, rows=300) -> tuple[GoldPool, dict]:
     """A pool from labelled rows (the calibration data's part), with its labels by prediction id."""
     decisions, predictions = decision_batch(rng, rows, start=900_000, escalate_share=0.5, uri=False)
     labels = rng.integers(0, 4, rows).astype(np.int32)
-    predictions = predictions.append_column("label", pa.array(labels))
+    predictions = predictions.append_column("label", pa.array(labels)).append_column(
+        "ts_input", pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)] * rows, pa.timestamp("ms", tz="UTC")))
     return GoldPool(decisions, predictions), dict(zip(predictions.column("id").to_pylist(), labels.tolist()))
 
 
@@ -75,6 +77,8 @@ def test_gold_items_make_their_share_of_each_tier_look_like_the_rest_and_keep_th
         queue.gold = pool
         for i in range(6):
             decisions, predictions = decision_batch(rng, 500, start=1000 * i, uri=False)
+            predictions = predictions.append_column("ts_input", pa.array(
+                [dt.datetime(2025, 6, 2, i, tzinfo=dt.timezone.utc)] * 500, pa.timestamp("ms", tz="UTC")))
             queue.enqueue(decisions, predictions)
             real += len(escalated_ids(decisions))
             assert queue.enqueue(decisions, predictions) == 0  # re-sent: the same gold items, stored once
@@ -93,6 +97,8 @@ def test_gold_items_make_their_share_of_each_tier_look_like_the_rest_and_keep_th
         assert 0.1 < np.mean(gold_here) < 0.3, (tier, np.mean(gold_here))
         assert table.schema == claimed.schema  # same columns for gold and real items
     # a gold item's answer is the label of the calibration row it came from (found by its logits)
+    for row, is_gold in zip(export.to_pylist(), gold_rows):  # the time of the traffic they came with
+        assert row["ts_input"].year == 2025, (is_gold, row["ts_input"])  # the pool's rows are from 2024
     label_of_logits = {str(lg): labels[i] for i, lg in zip(pool.predictions.column("id").to_pylist(),
                                                          pool.predictions.column("logits").to_pylist())}
     for row, is_gold in zip(export.to_pylist(), gold_rows):

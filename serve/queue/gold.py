@@ -7,8 +7,10 @@ tests to detect annotator drift"), and the draw of blind items.
 
 A gold item is a calibration row as the engine decided it (its reasons, priority, prediction,
 source, category, logits), sent to the tier of the real items it goes with, under an opaque id
-(:func:`gold_id`): a claimed gold item has the same columns as any other, so a reviewer cannot
-tell them apart, and the queue keeps its label apart (``gold_label`` in the verdict export only).
+(:func:`gold_id`): a claimed gold item has the same columns as any other (the calibration row's
+extra columns, a ``uri`` of its input, with its timestamps set to the batch's), so a reviewer
+cannot tell them apart but by the id, and the queue keeps its label apart (``gold_label`` in the
+verdict export only).
 For every batch, each tier with ``n`` new escalations gets about ``n * share / (1 - share)`` gold
 items, so they make ``share`` of the tier's items; the draw hashes the batch's first id, so a
 re-sent batch brings the same gold items, which the queue stores once.
@@ -76,7 +78,7 @@ class GoldPool:
         labels: dict[str, int] = {}
         if share <= 0:
             return out, labels
-        for decisions, _ in batches:
+        for decisions, predictions in batches:
             if decisions.num_rows == 0:
                 continue
             escalate = decisions.column("escalate")
@@ -88,9 +90,19 @@ class GoldPool:
                 count = int(math.floor(expected)) + (u < expected - math.floor(expected))
                 if count:
                     d, p, got = self.draw(tier, count, key)
-                    out.append((d, p))
+                    out.append((d, _times_of(p, predictions)))
                     labels.update(got)
         return out, labels
+
+
+def _times_of(gold: pa.Table, batch) -> pa.Table:
+    """``gold`` with every timestamp column the batch also has set to the batch's first value:
+    a gold item carries the time of the traffic it is mixed into, not the calibration day's."""
+    for i, field in enumerate(gold.schema):
+        if pa.types.is_timestamp(field.type) and field.name in batch.schema.names and batch.num_rows:
+            value = batch.column(field.name)[0].cast(field.type)
+            gold = gold.set_column(i, field.name, pa.array([value.as_py()] * gold.num_rows, field.type))
+    return gold
 
 
 def gold_id(salt: str, tier: str, key: str, i: int) -> str:
