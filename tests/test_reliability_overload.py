@@ -88,6 +88,7 @@ def test_past_the_admission_queue_a_call_is_refused_at_once(server, rows):
     assert health(server.grpc) == "SERVING"
 
 
+@pytest.mark.slow
 def test_overload_keeps_memory_and_admitted_latency_bounded_and_recovers(server, rows):
     pid = server.ports["pid"]
     with grpc_channel(server.grpc) as channel:
