@@ -32,7 +32,7 @@ from .report import OK, Row, free_stem, suite_table, write_reports
 
 logger = logging.getLogger("bench")
 
-SUITES = ("signals", "knn", "calibration", "escalation", "pipeline", "queue", "service", "monitoring")
+SUITES = ("signals", "knn", "calibration", "escalation", "pipeline", "queue", "service", "monitoring", "feedback")
 REPO = Path(__file__).resolve().parent.parent
 
 
