@@ -253,3 +253,8 @@ def test_flight_batches_and_refusals_are_counted_in_the_metrics(world, tmp_path)
     assert bad.value.code == "INVALID_ARGUMENT"
     assert total(samples, "hitl_triage_request_seconds_count", face="flight") == len(parts)
     assert total(samples, "hitl_triage_rejected_calls_total", code="INVALID_ARGUMENT") == 1
+    # The profile has a k-NN bank: the rows re-scored exactly are counted (issue 19's cost, seen
+    # live; this small bank is flat, so exact already, and re-scores none).
+    rescored = sum(pc.sum(a.column("ood_rescored")).as_py() for a in answers)
+    assert ("hitl_triage_knn_rescored_rows_total", ()) in samples
+    assert total(samples, "hitl_triage_knn_rescored_rows_total") == rescored

@@ -11,6 +11,7 @@ takes per-row values (``source`` is bounded by the fleet, and capped at :data:`M
 | hitl_triage_rows_total | counter | | rows decided |
 | hitl_triage_escalations_total | counter | tier, source | rows escalated |
 | hitl_triage_escalation_reasons_total | counter | reason | reason bits set in escalated rows (a row with two reasons counts in both) |
+| hitl_triage_knn_rescored_rows_total | counter | | rows whose k-NN distance was re-scored exactly (near or above the anomaly threshold) |
 | hitl_triage_review_queue_depth | gauge | tier | open items in the review queue |
 | hitl_triage_review_queue_oldest_age_seconds | gauge | tier | age of the oldest open item |
 | hitl_triage_admitted_rows | gauge | | rows admitted by the batcher, not yet answered |
@@ -71,6 +72,9 @@ class Metrics:
         self.registry = r = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.rows = Counter("hitl_triage_rows", "Rows decided.", registry=r)
         self.escalations = Counter("hitl_triage_escalations", "Rows escalated to review.", ["tier", "source"], registry=r)
+        self.knn_rescored = Counter("hitl_triage_knn_rescored_rows",
+                                    "Rows whose k-NN distance was re-scored exactly (near or above the anomaly threshold).",
+                                    registry=r)
         self.reasons = Counter("hitl_triage_escalation_reasons",
                                "Reason bits set in escalated rows (a row with two reasons counts in both).",
                                ["reason"], registry=r)
@@ -125,6 +129,8 @@ class Metrics:
         if n == 0:
             return
         self.rows.inc(n)
+        if "ood_rescored" in decisions.schema.names:  # a profile with a k-NN bank
+            self.knn_rescored.inc(int(pc.sum(decisions.column("ood_rescored")).as_py() or 0))
         escalate = decisions.column("escalate")
         escalated = int(pc.sum(escalate).as_py() or 0)
         if escalated == 0:
