@@ -50,13 +50,14 @@ def shared_world(tmp_path_factory) -> World:
 
 @contextlib.contextmanager
 def reliable_server(world: World, tmp: Path, *extra: str, queue_url: str | None = "fresh",
-                    config: dict | None = None) -> Iterator[LocalServer]:
-    """`triage serve` of the world's profile on the CPU with one torch thread, gRPC and Flight on
-    free ports, a fresh SQLite queue in ``tmp`` unless ``queue_url`` names one (None: no queue)."""
+                    config: dict | None = None, profile: Path | None = None) -> Iterator[LocalServer]:
+    """`triage serve` of the world's profile (or ``profile``) on the CPU with one torch thread,
+    gRPC and Flight on free ports, a fresh SQLite queue in ``tmp`` unless ``queue_url`` names one
+    (None: no queue)."""
     tmp.mkdir(parents=True, exist_ok=True)
     if queue_url == "fresh":
         queue_url = f"sqlite:///{tmp / f'review-{time.monotonic_ns()}.db'}"
-    with served(world.profile, queue_url, tmp, "--device", "cpu", *extra, config=config,
+    with served(profile or world.profile, queue_url, tmp, "--device", "cpu", *extra, config=config,
                 env={"OMP_NUM_THREADS": "1"}) as server:
         server.queue_url = queue_url  # type: ignore[attr-defined]
         yield server

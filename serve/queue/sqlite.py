@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .base import (
-    ItemState, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission, check_verdict, prepare_batch,
+    ItemState, QueueError, QueueOptions, ReviewQueue, Verdict, check_claim, check_resubmission, check_verdict, prepare_batch,
     resolve, verdict_rows,
 )
 from .items import from_ipc
@@ -64,6 +64,14 @@ class SqliteQueue(ReviewQueue):
     def __init__(self, path: str | Path, options: QueueOptions | None = None, *, busy_timeout_s: float = 60.0):
         self.path = Path(path)
         self.options = (options or QueueOptions()).check()
+        try:
+            self._open(busy_timeout_s)
+        except (sqlite3.Error, OSError) as exc:  # a read-only or full filesystem, a path that is not a database
+            raise QueueError(f"queue sqlite:///{self.path}: expected a database file this process can open and "
+                             f"write, found {type(exc).__name__}: {exc}") from None
+        self._payload = PayloadReader(self._read_batch)
+
+    def _open(self, busy_timeout_s: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # autocommit mode (isolation_level=None): transactions are begun explicitly below.
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -80,7 +88,6 @@ class SqliteQueue(ReviewQueue):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-        self._payload = PayloadReader(self._read_batch)
 
     # -- transactions ------------------------------------------------------------------------------
 
