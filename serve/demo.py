@@ -49,6 +49,7 @@ class DemoResult:
     queue_stats: dict | None = None    # ... and what is in it, per tier
     streams: int = 0                   # ... and the Flight streams the fleet came by
     loop: "LoopResult | None" = None   # with loop=True: before and after feedback
+    report: Path | None = None         # the monitoring report (HTML) the demo ends with
 
 
 def demo_config() -> TriageConfig:
@@ -141,10 +142,19 @@ def run_demo(
     policy = catch_rates(escalate, is_error, is_ood)
     by_confidence = escalate_top(decisions.column("confidence").to_numpy(zero_copy_only=False), policy.budget,
                                  higher_is_riskier=False)
+    announce("writing the monitoring report" + ("" if queue_url is None else
+             ": simulated reviewers first work part of the queue, answering from the simulator's truth"))
+    t0 = time.perf_counter()
+    from .report_html import report_for_run
+
+    report_path = report_for_run(out_dir / "report.html", queue_url=queue_url, profile_dir=profile_dir,
+                                 decisions=[result.output], calibration=files.calibration, truth=files.truth)
+    seconds["report"] = time.perf_counter() - t0
     return DemoResult(
         files=files, profile=profile, profile_dir=profile_dir, run=result, policy=policy,
         confidence_only=catch_rates(by_confidence, is_error, is_ood), seconds=seconds,
         queue_url=queue_url, queue_stats=queue_stats, streams=0 if offline else streams, loop=loop_result,
+        report=report_path,
     )
 
 

@@ -285,7 +285,7 @@ def _overrides(figures: dict) -> str:
         high = np.array([e["high"] if e else np.nan for e in entries])
         points += int(np.isfinite(rate).sum())
         ax.bar(x + (i - 0.5) * 0.38, np.nan_to_num(rate), 0.38, color=color, label=f"{view} prediction",
-               yerr=np.nan_to_num([rate - low, high - rate]), capsize=3)
+               yerr=_error_bars(rate, low, high), capsize=3)
     ax.set_xticks(x, tiers)
     ax.set(ylabel="override rate (95% interval)")
     ax.yaxis.set_major_formatter(_percent())
@@ -300,6 +300,14 @@ def _overrides(figures: dict) -> str:
             + _table(["reason"] + header[1:], reason_rows))
 
 
+def _error_bars(value, low, high) -> np.ndarray:
+    """matplotlib's (2, n) error bars of an estimate and its interval. An interval clipped to
+    [0, 1] can leave a point estimate outside it (the label-free estimate corrected by the
+    audit's bias can pass 1): that side's bar is then empty, not negative."""
+    value, low, high = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (value, low, high))
+    return np.clip(np.nan_to_num(np.stack([value - low, high - value])), 0.0, None)
+
+
 def _accuracy(figures: dict) -> str:
     acc = figures.get("accuracy", {})
     entries = [("fleet", acc.get("fleet"))] + sorted(acc.get("sources", {}).items())
@@ -312,11 +320,11 @@ def _accuracy(figures: dict) -> str:
     for yi, (name, a) in zip(y, entries):
         au, cor = a["audited"], a["corrected"]
         if au["n"]:
-            ax.errorbar(au["value"], yi + 0.15, xerr=[[au["value"] - au["low"]], [au["high"] - au["value"]]], fmt="o",
+            ax.errorbar(au["value"], yi + 0.15, xerr=_error_bars(au["value"], au["low"], au["high"]), fmt="o",
                         color=COLORS[0], capsize=4, label="audited (Horvitz-Thompson, 95%)" if yi == y[0] else None)
             points += 1
         if cor["n"]:
-            ax.errorbar(cor["value"], yi - 0.15, xerr=[[cor["value"] - cor["low"]], [cor["high"] - cor["value"]]], fmt="s",
+            ax.errorbar(cor["value"], yi - 0.15, xerr=_error_bars(cor["value"], cor["low"], cor["high"]), fmt="s",
                         color=COLORS[2], capsize=4, label="label-free corrected by the audit" if yi == y[0] else None)
             points += 1
         if a["label_free"] == a["label_free"] and a["auto_accepted"]:

@@ -227,9 +227,12 @@ def test_demo_summary_matches_its_decisions_file(path, tmp_path, capsys):
         url = f"sqlite:///{(tmp_path / 'review.db').resolve()}"
         assert "review.db" in table["review queue"].replace(" ", "")  # rich folds long cells
         shown = {name: number(count) for name, count in re.findall(r"(\w+) ([\d,]+)", table["review queue"])}
+        # The report's simulated reviewers have worked part of the queue since the table was
+        # printed: every item is still there, open or reviewed.
         with open_queue(url) as queue:
-            depth = {tier: entry["depth"] for tier, entry in queue.stats()["tiers"].items() if entry["depth"]}
-        assert depth == by_tier == shown
+            held = {tier: sum(entry[k] for k in ("depth", "in_flight", "done", "dead"))
+                    for tier, entry in queue.stats()["tiers"].items()}
+        assert {tier: n for tier, n in held.items() if n} == by_tier == shown
         # And the service decided as the engine does in process.
         from hitl_triage.engine.engine import TriageEngine
 
@@ -237,6 +240,10 @@ def test_demo_summary_matches_its_decisions_file(path, tmp_path, capsys):
         in_process = pa.Table.from_batches([TriageEngine(profile, device="cpu").triage(fleet)])
         for name in ("reason_mask", "tier", "priority", "confidence", "ood_score", "audit_weight"):
             assert decisions.column(name).equals(in_process.column(name)), name
+    # It ends with the monitoring report, named in the table.
+    report = tmp_path / "report.html"
+    assert "report.html" in table["report"].replace(" ", "")
+    assert report.stat().st_size > 10_000 and "<svg" in report.read_text()
 
 
 def test_fit_reads_a_config_file_and_flags_override_its_mode(pipeline, tmp_path, capsys):

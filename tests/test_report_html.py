@@ -163,3 +163,11 @@ def test_report_refuses_missing_files_and_foreign_tables_by_name(report, tmp_pat
     said = " ".join(capsys.readouterr().err.split())
     assert code != 0 and "expected the engine's decision columns" in said and "'confidence'" in said, said
     assert not (tmp_path / "r.html").exists()
+
+
+def test_error_bars_of_an_estimate_outside_its_clipped_interval_are_empty_not_negative():
+    from hitl_triage.serve.report_html import _error_bars
+
+    # A corrected estimate of 1.02 against an interval clipped at 1, a missing one, an ordinary one.
+    bars = _error_bars([1.02, np.nan, 0.8], [0.95, np.nan, 0.7], [1.0, np.nan, 0.9])
+    np.testing.assert_allclose(bars, [[0.07, 0.0, 0.1], [0.0, 0.0, 0.1]], atol=1e-12)

@@ -157,7 +157,10 @@ def print_demo(result, wall: float) -> None:
                       + f" waiting, in {result.queue_url} (see `triage queue stats {result.queue_url}`)")
     table.add_row("profile", f"{result.profile_dir} (version {result.profile.version}, T={result.profile.temperature:.3f})")
     table.add_row("decisions", str(result.run.output))
+    if result.report is not None:
+        table.add_row("report", f"{result.report} (open it in a browser: calibration, escalations, overrides, "
+                      "audited accuracy, reviewers, drift, retraining priorities)")
     table.add_row("wall time", f"{wall:.1f} s (data {result.seconds['data']:.1f} s, fit {result.seconds['fit']:.1f} s, "
                   f"triage {result.seconds['triage']:.1f} s" + ("" if result.queue_url is None else
-                  ", server start and stop included") + ")")
+                  ", server start and stop included") + f", report {result.seconds.get('report', 0.0):.1f} s)")
     report.console.print(table)
