@@ -23,6 +23,11 @@ The gRPC port uses :class:`AuthInterceptor`; other faces call :meth:`Authorizer.
     # or raises Unauthenticated / PermissionDenied, whose ``code`` is the grpc.StatusCode
 
 ``Authorizer({})`` (no tokens) lets every call through: ``check`` returns None.
+
+A token may be bound to a reviewer and to tiers (``[serve.tokens]`` entry ``{role = "reviewer",
+reviewer = "ana", tiers = ["expert"]}``): then a verdict it submits that names another reviewer,
+or a tier not listed, is PERMISSION_DENIED (:meth:`Authorizer.check_verdicts`, asked by
+SubmitVerdicts and Flight's ``verdicts`` exchange), and nothing of that submission is stored.
 """
 
 from __future__ import annotations
@@ -30,8 +35,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from .config import TokenGrant
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +123,9 @@ class Authorizer:
     caller's role (None when the call is exempt or no tokens are configured) or raises
     :class:`Unauthenticated` / :class:`PermissionDenied`."""
 
-    def __init__(self, tokens: Mapping[str, str]):
-        self._roles = {_digest(token): role for token, role in tokens.items()}
+    def __init__(self, tokens: Mapping[str, object]):
+        self._grants = {_digest(token): _grant(entry) for token, entry in tokens.items()}
+        self._roles = {key: grant.role for key, grant in self._grants.items()}
 
     @property
     def enabled(self) -> bool:
@@ -140,6 +150,36 @@ class Authorizer:
             raise PermissionDenied(f"{method}: expected a token of role {' or '.join(wanted)}, "
                                    f"found one of role {role}")
         return role
+
+
+    def check_verdicts(self, token: str | None, verdicts) -> None:
+        """Refuse (PermissionDenied) verdicts naming a reviewer or a tier the token is not bound
+        to; tokens without a binding (and no tokens at all) may name any."""
+        if not self._grants or token is None:
+            return
+        grant = self._grants.get(_digest(token))
+        if grant is None or (not grant.reviewer and not grant.tiers):
+            return
+        names = verdicts.schema.names
+        for column, allowed in (("reviewer", [grant.reviewer] if grant.reviewer else []), ("tier", list(grant.tiers))):
+            if not allowed or column not in names:
+                continue
+            values = verdicts.column(column).to_pylist()
+            for row, value in enumerate(values):
+                if value not in allowed:
+                    raise PermissionDenied(f"verdicts: expected {column} {' or '.join(map(repr, allowed))} (the ones "
+                                           f"this token holds), found {value!r} in row {row}; nothing stored")
+
+
+def _grant(entry) -> "TokenGrant":
+    from .config import TokenGrant
+
+    return entry if isinstance(entry, TokenGrant) else TokenGrant(role=str(entry))
+
+
+def metadata_token(metadata) -> str | None:
+    """The bearer token of a gRPC call's metadata (None: none)."""
+    return _metadata_token(metadata)
 
 
 def _metadata_token(metadata) -> str | None:
@@ -180,22 +220,35 @@ def _refusing(handler, code: grpc.StatusCode, message: str):
                 response_serializer=handler.response_serializer)
 
 
-def log_mode(tokens: Mapping[str, str]) -> None:
+def log_mode(tokens: Mapping[str, object]) -> None:
     """One line at start: whether calls need a token, and how many of each role exist."""
     if not tokens:
         logger.warning("authentication: off (serve.tokens is empty): every call is allowed")
         return
-    counts = {role: sum(1 for r in tokens.values() if r == role) for role in (FLEET, REVIEWER, ADMIN)}
+    roles = [_grant(entry).role for entry in tokens.values()]
+    counts = {role: sum(1 for r in roles if r == role) for role in (FLEET, REVIEWER, ADMIN)}
     logger.info("authentication: bearer tokens (%s); health and reflection exempt",
                 ", ".join(f"{n} {role}" for role, n in counts.items()))
 
 
 def server_credentials(config) -> grpc.ServerCredentials | None:
     """TLS for the gRPC port from ``config.tls_cert`` / ``config.tls_key`` (PEM files: the
-    certificate chain and its private key); None (plain TCP) when they are not set."""
+    certificate chain and its private key); None (plain TCP) when they are not set. With
+    ``config.tls_client_ca`` every client must present a certificate that CA signed (mutual TLS)."""
     if not config.tls_cert:
         return None
     with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
         chain, private_key = cert.read(), key.read()
-    logger.info("TLS: gRPC port with certificate %s", config.tls_cert)
-    return grpc.ssl_server_credentials([(private_key, chain)])
+    client_ca = client_ca_pem(config)
+    logger.info("TLS: gRPC port with certificate %s%s", config.tls_cert,
+                f"; client certificates signed by {config.tls_client_ca} required" if client_ca else "")
+    return grpc.ssl_server_credentials([(private_key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def client_ca_pem(config) -> bytes | None:
+    """The PEM bytes of ``config.tls_client_ca`` (None: client certificates not asked for)."""
+    if not getattr(config, "tls_client_ca", ""):
+        return None
+    with open(config.tls_client_ca, "rb") as handle:
+        return handle.read()

@@ -37,6 +37,17 @@ class BudgetControlOptions:
 
 
 @dataclasses.dataclass
+class TokenGrant:
+    """A token's entry in its long form, ``{role = "reviewer", reviewer = "ana", tiers = ["expert"]}``:
+    besides the role, the one reviewer whose verdicts the token may submit and the tiers it may
+    give them at (empty: any). ``token = "role"`` is the short form: a role, nothing bound."""
+
+    role: str = ""
+    reviewer: str = ""
+    tiers: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class ServeConfig:
     """``host``: the address every port binds; ``port``: gRPC (triage.v1, the Open Inference
     Protocol, health, reflection; 0 = any free port); ``flight_port``: Arrow Flight (0 = any free
@@ -46,8 +57,11 @@ class ServeConfig:
     admitted and not yet answered, beyond which a call is refused at once (RESOURCE_EXHAUSTED);
     ``max_message_mb``: largest gRPC message either way. ``workers``: server processes on the same
     ports (SO_REUSEPORT). ``tokens``: token -> role (fleet: triage and report; reviewer: verdicts;
-    admin: everything, reload included); empty = no authentication. ``tls_cert`` / ``tls_key``:
-    PEM files; both or neither. (Rows users report go to the profile's ``tiers.reported``.)
+    admin: everything, reload included), or token -> :class:`TokenGrant` (a role bound to a
+    reviewer and tiers); empty = no authentication. ``tls_cert`` / ``tls_key``: PEM files; both or
+    neither. ``tls_client_ca``: a PEM file of the CA that signs client certificates: set, every
+    connection must present one it signed (mutual TLS, both ports). ``reflection``: serve gRPC
+    server reflection. (Rows users report go to the profile's ``tiers.reported``.)
     ``budget_control``: :class:`BudgetControlOptions`.
     """
 
@@ -60,9 +74,11 @@ class ServeConfig:
     max_queue_rows: int = 1_048_576
     max_message_mb: int = 256
     workers: int = 1
-    tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    tokens: dict[str, str | TokenGrant] = dataclasses.field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
+    tls_client_ca: str = ""
+    reflection: bool = True
     feedback_every_s: float = 0.0  # > 0: run `triage feedback` on the queue this often and reload (0: off)
     budget_control: BudgetControlOptions = dataclasses.field(default_factory=BudgetControlOptions)
 
@@ -85,7 +101,8 @@ class ServeConfig:
             raise ConfigError(f"serve.max_message_mb: expected a value in [1, 2047], found {self.max_message_mb}")
         if not (1 <= self.workers <= 256):
             raise ConfigError(f"serve.workers: expected a value in [1, 256], found {self.workers}")
-        for token, role in self.tokens.items():
+        for token, entry in self.tokens.items():
+            role = entry.role if isinstance(entry, TokenGrant) else entry
             if role not in ROLES:
                 raise ConfigError(f"serve.tokens: expected roles among {list(ROLES)}, found {role!r}")
             if not token:
@@ -97,7 +114,10 @@ class ServeConfig:
                               f"make its own version), found workers = {self.workers}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("serve.tls_cert / serve.tls_key: expected both PEM files or neither, found one")
-        for name in ("tls_cert", "tls_key"):
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("serve.tls_client_ca: expected serve.tls_cert and serve.tls_key too (mutual TLS is "
+                              "TLS first), found neither")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ConfigError(f"serve.{name}: expected a PEM file, found no file at {path}")

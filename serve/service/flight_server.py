@@ -164,9 +164,10 @@ class FlightTriageServer(flight.FlightServerBase):
     """
 
     def __init__(self, service, location: str, *, authorize: Authorize | None = None,
-                 tls_certificates: list[tuple[bytes, bytes]] | None = None, max_message_bytes: int = 256 << 20):
-        super().__init__(location, tls_certificates=tls_certificates,
-                         middleware={AUTH_MIDDLEWARE: _TokenMiddlewareFactory()})
+                 tls_certificates: list[tuple[bytes, bytes]] | None = None, max_message_bytes: int = 256 << 20,
+                 client_ca: bytes | None = None):
+        super().__init__(location, tls_certificates=tls_certificates, verify_client=client_ca is not None,
+                         root_certificates=client_ca, middleware={AUTH_MIDDLEWARE: _TokenMiddlewareFactory()})
         self.service = service
         self.authorize = authorize
         self.max_message_bytes = max_message_bytes
@@ -232,7 +233,7 @@ class FlightTriageServer(flight.FlightServerBase):
                 self._refuse_if_stopping()
                 validated(batch, "batch")  # offsets, lengths, UTF-8: before anything reads its values
                 self._check_size(batch)
-                out = self._answer(kind, batch, _Alive(context))
+                out = self._answer(kind, batch, _Alive(context), context)
             except Exception as exc:  # noqa: BLE001 - mapped to a Flight error
                 raise self._counted(flight_error(exc, stopping=self._stopping.is_set())) from None
             if not started:
@@ -261,12 +262,19 @@ class FlightTriageServer(flight.FlightServerBase):
             if chunk.data is not None:  # metadata only: nothing to decide
                 yield chunk.data
 
-    def _answer(self, kind: str, batch: pa.RecordBatch, alive: Callable[[], bool]) -> pa.RecordBatch:
+    def _answer(self, kind: str, batch: pa.RecordBatch, alive: Callable[[], bool], context=None) -> pa.RecordBatch:
         if kind == "verdicts":
             queue = self.service.queue
             if queue is None:
                 raise flight.FlightServerError(
                     "verdicts: expected a server with a review queue (--queue URL), found none", b"FAILED_PRECONDITION")
+            authorizer = getattr(self.service, "authorizer", None)
+            if authorizer is not None and context is not None:  # a token bound to a reviewer or tiers
+                middleware = context.get_middleware(AUTH_MIDDLEWARE)
+                try:
+                    authorizer.check_verdicts(middleware.token if middleware is not None else None, batch)
+                except Exception as exc:  # noqa: BLE001 - the refusal's status
+                    raise _refusal(exc) from None
             counts = queue.submit(batch) if batch.num_rows else {}
             return pa.RecordBatch.from_pylist([{k: int(counts.get(k, 0)) for k in VERDICT_COUNTS.names}],
                                               schema=VERDICT_COUNTS)
@@ -325,6 +333,8 @@ def start_flight_server(service, config, *, authorize: Authorize | None = None) 
     """The Flight face of ``service`` on ``config.host:config.flight_port`` (0: any free port),
     over TLS when ``config.tls_cert`` / ``tls_key`` are set. Arrow Flight turns SO_REUSEPORT off
     (arrow/flight/transport/grpc/grpc_server.cc), so two processes cannot share its port."""
+    from .auth import client_ca_pem
+
     tls = None
     scheme = "grpc+tcp"
     if config.tls_cert:
@@ -335,7 +345,7 @@ def start_flight_server(service, config, *, authorize: Authorize | None = None) 
     location = f"{scheme}://{host}:{config.flight_port}"
     try:
         return FlightTriageServer(service, location, authorize=authorize, tls_certificates=tls,
-                                  max_message_bytes=config.max_message_mb << 20)
+                                  max_message_bytes=config.max_message_mb << 20, client_ca=client_ca_pem(config))
     except (pa.ArrowException, OSError) as exc:
         raise OSError(f"serve.flight_port: expected to bind {config.host}:{config.flight_port}, "
                       f"found it taken or not allowed ({exc})") from exc

@@ -92,8 +92,16 @@ class TriageServicer(triage_pb2_grpc.TriageServicer):
     def SubmitVerdicts(self, request, context):
         if self.service.queue is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "verdicts: expected a server with a review queue (--queue URL), found none")
+        from .auth import AuthError, metadata_token
+
         try:
-            counts = self.service.queue.submit(read_batch(request.arrow_ipc))
+            verdicts = read_batch(request.arrow_ipc)
+            authorizer = getattr(self.service, "authorizer", None)
+            if authorizer is not None:  # a token bound to a reviewer or tiers may name only those
+                authorizer.check_verdicts(metadata_token(context.invocation_metadata()), verdicts)
+            counts = self.service.queue.submit(verdicts)
+        except AuthError as exc:
+            context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             abort_for(context, exc)
         return triage_pb2.VerdictsResponse(**counts)
@@ -136,9 +144,10 @@ def _budget(state: dict) -> triage_pb2.BudgetControl:
 
 
 def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, threads: int = 32,
-                      interceptors=(), credentials=None, extra_servicers=()
+                      interceptors=(), credentials=None, extra_servicers=(), reflection_on: bool = True
                       ) -> tuple[grpc.Server, int, health.HealthServicer, list[str]]:
-    """A started-to-be gRPC server with triage.v1, health and reflection (and ``extra_servicers``:
+    """A started-to-be gRPC server with triage.v1, health and reflection (unless not
+    ``reflection_on``: ``[serve] reflection = false``) (and ``extra_servicers``:
     callables ``add(server)`` returning their service names) bound to host:port; returns the
     server, the bound port, the health servicer and the names of the services it serves."""
     options = [
@@ -152,10 +161,11 @@ def build_grpc_server(service, *, host: str, port: int, max_message_bytes: int, 
     triage_pb2_grpc.add_TriageServicer_to_server(TriageServicer(service), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [TRIAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    names = [TRIAGE_SERVICE, health.SERVICE_NAME] + ([reflection.SERVICE_NAME] if reflection_on else [])
     for add in extra_servicers:
         names.extend(add(server))
-    reflection.enable_server_reflection(names, server)
+    if reflection_on:
+        reflection.enable_server_reflection(names, server)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if bound == 0:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -50,6 +51,7 @@ class Service:
         self.writer = QueueWriter(queue, observe=observe)
         self.batcher = Batcher(self._decide_batch, self.writer, max_batch_rows=config.max_batch_rows,
                                max_delay_s=config.max_delay_s, max_queue_rows=config.max_queue_rows, observe=observe)
+        self.authorizer: Any = None  # auth.Authorizer when tokens are set: verdicts check the token's binding
         self.grpc_server = None
         self.flight_server = None
         self.health = None
@@ -113,12 +115,14 @@ class Service:
         service = cls(engines, queue, config, metrics=ops_metrics.Metrics() if config.metrics_port >= 0 else None)
         attach_gold(queue, engines.engine, service.monitor)  # gold items and the drift reference ([queue] gold_pool)
         authorizer = auth.Authorizer(config.tokens)
+        service.authorizer = authorizer if authorizer.enabled else None  # verdicts check the token's reviewer, tiers
         auth.log_mode(config.tokens)
         interceptors = [ops_metrics.CallInterceptor(service.metrics)] + ([auth.AuthInterceptor(authorizer)] if authorizer.enabled else [])
         server, port, health_servicer, served_names = build_grpc_server(
             service, host=config.host, port=config.port, max_message_bytes=config.max_message_mb << 20,
             interceptors=interceptors, credentials=auth.server_credentials(config),
             extra_servicers=(add_inference_servicer(service),),  # the Open Inference Protocol, same port
+            reflection_on=config.reflection,
         )
         service.grpc_server, service.health = server, health_servicer
         service.health_names = tuple(served_names)
