@@ -32,7 +32,7 @@ from hitl_triage.serve.proto.triage.v1 import triage_pb2, triage_pb2_grpc
 from hitl_triage.serve.service.ipc import write_batch
 from reliability_fixtures import grpc_channel, health, reliable_server, same_decisions, shared_world, via_flight, via_grpc
 
-FUZZ_CASES = 500          # mutated streams per way in (about 8 ms each on loopback, a loaded 2-core VM)
+FUZZ_CASES = 300          # mutated streams per way in (about 10 ms each on loopback, a loaded 2-core VM)
 ROWS = 777                # a row count whose int64 is easy to find in a record batch's header
 DO_EXCHANGE = "/arrow.flight.protocol.FlightService/DoExchange"
 

