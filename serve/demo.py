@@ -142,13 +142,15 @@ def run_demo(
     policy = catch_rates(escalate, is_error, is_ood)
     by_confidence = escalate_top(decisions.column("confidence").to_numpy(zero_copy_only=False), policy.budget,
                                  higher_is_riskier=False)
-    announce("writing the monitoring report" + ("" if queue_url is None else
+    announce("writing the monitoring report" + ("" if queue_url is None or loop else
              ": simulated reviewers first work part of the queue, answering from the simulator's truth"))
     t0 = time.perf_counter()
     from .report_html import report_for_run
 
+    # With the loop, its reviewers have worked the queue already: the report shows their verdicts.
     report_path = report_for_run(out_dir / "report.html", queue_url=queue_url, profile_dir=profile_dir,
-                                 decisions=[result.output], calibration=files.calibration, truth=files.truth)
+                                 decisions=[result.output], calibration=files.calibration,
+                                 truth=None if loop else files.truth)
     seconds["report"] = time.perf_counter() - t0
     return DemoResult(
         files=files, profile=profile, profile_dir=profile_dir, run=result, policy=policy,
