@@ -62,16 +62,28 @@ def review_items(decisions: pa.RecordBatch | pa.Table, predictions: pa.RecordBat
     for name in DECISION_COLUMNS:
         if name in decisions.schema.names:
             columns[name] = decisions.column(name).take(rows)
-    logits = predictions.column("logits").take(rows)
+    logits = _taken(predictions.column("logits"), rows)
     columns["classes"] = pa.array(np.full(len(picked), _classes(logits.type), np.int32))
     columns["enqueued_at"] = pa.array(np.full(len(picked), time.time() if now is None else now, np.float64))
     columns["logits"] = logits
     if keep_embedding and "embedding" in predictions.schema.names:
-        columns["embedding"] = predictions.column("embedding").take(rows)
+        columns["embedding"] = _taken(predictions.column("embedding"), rows)
     for name in predictions.schema.names:
         if name not in CONTRACT_COLUMNS and name not in columns:
-            columns[name] = predictions.column(name).take(rows)
+            columns[name] = _taken(predictions.column(name), rows)
     return pa.table(columns)
+
+
+def _taken(column: pa.Array | pa.ChunkedArray, rows: pa.Array) -> pa.Array:
+    """``column.take(rows)`` on a column that may be a slice (the batcher's engine batches are
+    slices of the requests). pyarrow 26's take and filter of a sliced list of fixed-size lists
+    (the logits) ignore the slice's offset in the nested child: they return other rows' values,
+    and can read past the end of the buffers (a segfault of the server). A sliced nested column
+    is copied to offset 0 first (``concat_arrays``, which handles offsets right)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.offset and pa.types.is_nested(array.type):
+        array = pa.concat_arrays([array])
+    return array.take(rows)
 
 
 def blind(items: pa.Table, blind_audit: bool, blind_share: float = 0.0) -> np.ndarray:
