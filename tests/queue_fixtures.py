@@ -68,3 +68,19 @@ def redis_server(directory: Path, *, appendfsync: str = "always"):
             yield url
     except RedisNotInstalled as exc:
         pytest.skip(f"{exc}; .ci/run installs it")
+
+
+# The same test on both backends: a SQLite file, or a real redis-server (flushed per test).
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'review.db'}"
+    url = request.getfixturevalue("redis_url")
+    pytest.importorskip("redis").Redis.from_url(url).flushall()
+    return url

@@ -18,27 +18,12 @@ import pytest
 from hitl_triage.serve.export import METADATA_KEY, training_examples
 from hitl_triage.serve.queue import QueueError, QueueOptions, open_queue
 
-from queue_fixtures import decision_batch, redis_server
+from queue_fixtures import decision_batch, queue_url, redis_url  # noqa: F401  (fixtures)
 from test_cli import run_cli
 
 # Reason bits as DESIGN.md names them (restated, not imported).
 BIT_NAMES = {1: "confidence", 2: "disagreement", 4: "policy", 8: "anomaly", 16: "audit", 32: "reported"}
 OPTIONS = {"overlap": {"general": 1.0}, "keep_embedding": True}  # every general item needs two reviewers
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'review.db'}"
-    url = request.getfixturevalue("redis_url")
-    pytest.importorskip("redis").Redis.from_url(url).flushall()
-    return url
 
 
 def fleet_batch(rng, rows: int):

@@ -18,22 +18,7 @@ from hitl_triage.serve.queue import QueueError, QueueOptions, open_queue
 from hitl_triage.serve.queue.gold import BLIND_SEED, GoldPool
 from hitl_triage.serve.sim.reviewers import SimReviewer, work_queue
 
-from queue_fixtures import decision_batch, escalated_ids, redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'review.db'}"
-    url = request.getfixturevalue("redis_url")
-    pytest.importorskip("redis").Redis.from_url(url).flushall()
-    return url
+from queue_fixtures import decision_batch, escalated_ids, queue_url, redis_url  # noqa: F401  (fixtures)
 
 
 def gold_pool(rng, rows=300) -> tuple[GoldPool, dict]:

@@ -49,3 +49,22 @@ def device_roofline(ctx):
         ctx.rooflines["cuda"] = device_copy_roofline()
         ctx.console.print(f"  device memory roof: copy {ctx.rooflines['cuda'].gbps:.0f} GB/s")
     return ctx.rooflines["cuda"]
+
+
+def banks_from_env(variable: str, sizes: list, bank_of) -> list:
+    """``sizes`` (a suite's cases), only those whose bank ``bank_of(case)`` is named in the
+    environment ``variable`` (comma-separated bank sizes) when it is set."""
+    import os
+
+    wanted = os.environ.get(variable, "").strip()
+    if not wanted:
+        return sizes
+    try:
+        banks = {int(b.replace("_", "")) for b in wanted.split(",") if b.strip()}
+    except ValueError:
+        raise ValueError(f"{variable}: expected comma-separated bank sizes, found {wanted!r}") from None
+    kept = [s for s in sizes if bank_of(s) in banks]
+    if not kept:
+        raise ValueError(f"{variable}: expected bank sizes among {[bank_of(s) for s in sizes]} in this mode, "
+                         f"found {wanted!r}")
+    return kept

@@ -42,7 +42,7 @@ from .. import peers
 from ..factories import fleet_data, normalise
 from ..report import Row
 from ..runner import NotAvailableYet
-from .common import failure, not_yet, time_call
+from .common import banks_from_env, failure, not_yet, time_call
 
 SUITE = "knn"
 TABLE_QUALITY = ("s_per_1k", "fit_s", "auroc", "auroc_vs_exact", "kth_rel_err", "nprobe", "rescored", "bits_differ",
@@ -70,17 +70,7 @@ def _sizes(quick: bool) -> list[tuple[int, int]]:
     """(bank rows, queries) per case; fewer queries where each costs more; only the banks named
     in ``HITL_TRIAGE_BENCH_KNN_BANKS`` when it is set."""
     sizes = [(10_000, 2_000), (100_000, 1_000)] if quick else [(10_000, 20_000), (100_000, 10_000), (1_000_000, 2_000)]
-    wanted = os.environ.get(BANKS_ENV, "").strip()
-    if not wanted:
-        return sizes
-    try:
-        banks = {int(b.replace("_", "")) for b in wanted.split(",") if b.strip()}
-    except ValueError:
-        raise ValueError(f"{BANKS_ENV}: expected comma-separated bank sizes, found {wanted!r}") from None
-    kept = [s for s in sizes if s[0] in banks]
-    if not kept:
-        raise ValueError(f"{BANKS_ENV}: expected bank sizes among {[b for b, _ in sizes]} in this mode, found {wanted!r}")
-    return kept
+    return banks_from_env(BANKS_ENV, sizes, lambda s: s[0])
 
 
 def run(ctx) -> None:

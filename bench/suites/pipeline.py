@@ -33,7 +33,7 @@ import numpy as np
 
 from ..report import Row
 from ..runner import NotAvailableYet
-from .common import failure
+from .common import banks_from_env, failure
 
 SUITE = "pipeline"
 TABLE_QUALITY = ("share", "fit_s", "bank_index", "rescored", "throughput_kept", "anomaly_bits_differ")
@@ -229,14 +229,4 @@ def _sizes(quick: bool) -> list[tuple[int, int]]:
     ``HITL_TRIAGE_BENCH_PIPELINE_BANKS`` (comma-separated) when it is set, e.g. the 1M bank alone
     in full mode."""
     sizes = [(50_000, 100_000)] if quick else [(1_000_000, 100_000), (200_000, 1_000_000)]
-    wanted = os.environ.get(BANKS_ENV, "").strip()
-    if not wanted:
-        return sizes
-    try:
-        banks = {int(b.replace("_", "")) for b in wanted.split(",") if b.strip()}
-    except ValueError:
-        raise ValueError(f"{BANKS_ENV}: expected comma-separated bank sizes, found {wanted!r}") from None
-    kept = [s for s in sizes if s[1] in banks]
-    if not kept:
-        raise ValueError(f"{BANKS_ENV}: expected bank sizes among {[b for _, b in sizes]} in this mode, found {wanted!r}")
-    return kept
+    return banks_from_env(BANKS_ENV, sizes, lambda s: s[1])
