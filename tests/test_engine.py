@@ -427,7 +427,12 @@ def assert_same_decisions(reference, other, profile, *, ood_tol):
     within float32 error (ood within ``ood_tol``, a scalar or one bound per row); reason bits
     identical except on rows whose signal sits within that error of its threshold."""
     for name in ("id", "valid", "audit_weight", "audit_stratum", "profile_version"):
-        assert column(reference, name).tolist() == column(other, name).tolist(), name
+        ref, got = column(reference, name).tolist(), column(other, name).tolist()
+        # A bool, not `ref == got`: on a mismatch of long lists pytest's explanation is a
+        # quadratic difflib diff, which under CI=true (pytest then always diffs) ran for an hour.
+        differ = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+        same = len(ref) == len(got) and not differ
+        assert same, f"{name}: {len(differ)} of {len(ref)} rows differ (first at {differ[:5]}), lengths {len(ref)}/{len(got)}"
     for name in ("confidence", "margin", "mutual_info", "vote_agreement"):
         np.testing.assert_allclose(column(other, name), column(reference, name), atol=2e-5, err_msg=name)
     ood_ref, ood_other = column(reference, "ood_score"), column(other, "ood_score")
