@@ -170,6 +170,19 @@ def test_exact_search_equals_the_reference(n, dim, k, rank, rng):
     assert np.array_equal(got, expected)
 
 
+def test_exact_search_is_the_same_whatever_the_chunks_and_threads(rng):
+    """Enough rows for several chunks: one thread or two, the same exact bits."""
+    bank = low_rank_bank(rng, 3001, 64, 16)
+    raw = RawBank(bank)
+    vectors = raw.host_unit()
+    queries = rng.standard_normal((301, 64)).astype(np.float32)
+    expected = exact_kth(queries, vectors, 7)
+    for threads in (1, 2):
+        sims, _ = exact_search_cpu(unit_spec(queries), vectors, build_prefilter(vectors), 7,
+                                   np.full(len(queries), -np.inf), threads=threads)
+        assert np.array_equal(np.sqrt(np.maximum(2 - 2 * sims[:, -1], 0)).astype(np.float32), expected), threads
+
+
 def test_ties_and_wrong_floors_are_caught(rng):
     """Duplicated bank vectors (more ties than the heap's spare slots) and a floor above the
     true k-th similarity (which would drop neighbours) still give the exact result, through the

@@ -79,8 +79,11 @@ BLOCK_BYTES = 1 << 17
 #: Bank rows per block of the scan over a projected head (its four row buffers stay in L1:
 #: 256-512 rows measured fastest, 1024-2048 a quarter slower).
 HEAD_BLOCK_ROWS = 512
-#: Flagged rows per chunk of the CPU scan (each chunk reads the whole bank's heads once).
-CHUNK_ROWS = 64
+#: Flagged rows per chunk of the CPU scan (each chunk reads the whole bank's heads once, so
+#: larger chunks read it fewer times): up to MAX_CHUNK_ROWS, but small enough that every worker
+#: thread gets a chunk. At 1M vectors (466 flagged rows, 2 threads) 256 ran 1.13x faster than 64.
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_ROWS = 256
 
 
 def gamma(n: int, u: float) -> float:
@@ -358,8 +361,9 @@ def exact_search_cpu(q: np.ndarray, vectors: np.ndarray, prefilter: Prefilter, k
             _certify(qq, x, heap_s, heap_r, eps32, out_s, out_r, ok)
             sims[part], rows[part], certified[part] = out_s, out_r, ok
 
-        spans = [(a, min(a + CHUNK_ROWS, picks.size)) for a in range(0, picks.size, CHUNK_ROWS)]
         workers = knn_threads() if threads is None else threads
+        size = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, math.ceil(picks.size / max(workers, 1))))
+        spans = [(a, min(a + size, picks.size)) for a in range(0, picks.size, size)]
         if workers <= 1 or len(spans) == 1:
             for span in spans:
                 run(span)
