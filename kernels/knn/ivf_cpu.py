@@ -224,8 +224,17 @@ def _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, q, sims, lo, bl
     row whose float32 similarity beats the root is never turned away)."""
     gate = max(floor[q], heap_sims[q, 0]) - eps
     tail = qt[q]
+    tails = xt[lo:lo + bl]  # a slice: indexing xt[lo + i] (wraparound checks) kept these loops scalar
+    # Most blocks admit nothing: a branch-free count first (it vectorises; the row-by-row loop
+    # alone halved the speed of the head products), then the rows in order only where one
+    # passes. The gate only rises during the block, so a block counted empty admits nothing.
+    hits = 0
     for i in range(bl):
-        if sims[i] + tail * xt[lo + i] >= gate:
+        hits += sims[i] + tail * tails[i] >= gate
+    if hits == 0:
+        return
+    for i in range(bl):
+        if sims[i] + tail * tails[i] >= gate:
             _admit(Q, X, heap_sims, heap_rows, q, lo + i)
             gate = max(floor[q], heap_sims[q, 0]) - eps
 
