@@ -25,24 +25,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-#: Sequences longer than this get a short explanation when an `==` between them fails.
-LONG_SEQUENCE = 256
-
-
-def pytest_assertrepr_compare(config, op, left, right):
-    """A failed `==` between long sequences: their lengths and the first difference, not
-    pytest's full diff. Under CI=true pytest always builds that diff with difflib, quadratic in
-    the length: one failing comparison of two 2,000-row lists ran for most of CI's hour."""
-    if op != "==" or not all(isinstance(side, (list, tuple)) for side in (left, right)):
-        return None
-    if max(len(left), len(right)) <= LONG_SEQUENCE:
-        return None
-    first = next((i for i, (a, b) in enumerate(zip(left, right)) if a != b), min(len(left), len(right)))
-    shown = f"{left[first]!r} != {right[first]!r}" if first < min(len(left), len(right)) else "one ends there"
-    return [f"{type(left).__name__} of {len(left)} == {type(right).__name__} of {len(right)}",
-            f"first difference at index {first}: {shown}"]
-
-
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name so a failure reproduces."""
