@@ -45,11 +45,11 @@ SCRIPT = textwrap.dedent(
 
     profile = Profile.load(sys.argv[1])
     batch = pa.ipc.open_file(sys.argv[2]).read_all()
-    scan_before = len(ivf_cpu._ivf_search_chunk.signatures)
+    scan_before = len(ivf_cpu._ivf_sweep.signatures) + len(ivf_cpu._ivf_sweep_heads.signatures)
     loaded = len(compiles)
     engine = TriageEngine(profile, device="cpu")
     prepared = compiles[loaded:]
-    scan_after = len(ivf_cpu._ivf_search_chunk.signatures)
+    scan_after = len(ivf_cpu._ivf_sweep.signatures) + len(ivf_cpu._ivf_sweep_heads.signatures)
     del compiles[:]
     decisions = engine.triage(batch)
     print(json.dumps({"kind": profile.bank.kind, "scan_before": scan_before, "scan_after": scan_after,

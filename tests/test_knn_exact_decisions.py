@@ -170,6 +170,26 @@ def test_exact_search_equals_the_reference(n, dim, k, rank, rng):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dim, rank", [(64, 16), (130, 24), (33, 8)])
+def test_prefilter_query_coordinates_equal_a_float64_rotation(dim, rank, rng):
+    """The queries' head coordinates are the float64 rotation rounded once to float32, their tail
+    norms upper bounds within a few ulps of the float64 ones, and a query's values are the same
+    alone as in a batch."""
+    vectors = RawBank(low_rank_bank(rng, 2000, dim, rank)).host_unit()
+    prefilter = build_prefilter(vectors)
+    assert prefilter.rotation is not None
+    q = unit_spec(rng.standard_normal((257, dim)).astype(np.float32))
+    heads, tails = prefilter.queries(q)
+    rotated = q.astype(np.float64) @ prefilter.rotation.T
+    r = prefilter.head_dim
+    np.testing.assert_allclose(heads, rotated[:, :r], rtol=0, atol=2.0**-24 + 1e-12)
+    true_tails = np.linalg.norm(rotated[:, r:], axis=1)
+    assert np.all(tails >= true_tails) and np.all(tails <= true_tails * (1 + 1e-5) + 1e-30)
+    for i in (0, 100, 256):
+        alone = prefilter.queries(q[i:i + 1])
+        assert np.array_equal(alone[0][0], heads[i]) and alone[1][0] == tails[i]
+
+
 def test_exact_search_is_the_same_whatever_the_chunks_and_threads(rng):
     """Enough rows for several chunks: one thread or two, the same exact bits."""
     bank = low_rank_bank(rng, 3001, 64, 16)

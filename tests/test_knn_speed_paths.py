@@ -1,6 +1,6 @@
 """The CPU fast path of an IVF bank (:mod:`hitl_triage.kernels.knn.ivf_cpu`): the batched,
 register-blocked scan against an independent float64 search of the same probed lists, its
-invariance to threads and chunking, short lists, adding to list-ordered storage, version 1
+invariance to threads and sweeps, ties, short lists, adding to list-ordered storage, version 1
 directories, memory maps, and nprobe tuning.
 
 Neighbour checks are tie-aware, as in test_knn.py: the rows returned are re-scored in float64 and
@@ -111,16 +111,21 @@ def test_empty_lists_and_empty_batch(rng):
     assert sims.shape == (0, 8) and rows.shape == (0, 8)
 
 
-def test_results_do_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
-    """Bit-identical results: a query's similarities never depend on which queries share its
-    chunk (nor on how many threads share the chunks)."""
+def small_sweeps(monkeypatch):
+    """Sweeps of 7 to 61 queries: many sweeps per batch, shared between the threads."""
+    monkeypatch.setattr(ivf_cpu, "MIN_SWEEP_ROWS", 7)
+    monkeypatch.setattr(ivf_cpu, "MAX_SWEEP_ROWS", 61)
+
+
+def test_results_do_not_depend_on_threads_sweeps_or_batch(rng, monkeypatch):
+    """Bit-identical results: a query's similarities and rows never depend on which queries share
+    its sweep, nor on how many threads share the sweeps."""
     x = clustered(rng, 3001, 64)
     stored, lists, _ = lists_for(rng, x, 24)
     q = unit(clustered(rng, 1501, 64))
     reference = search_ivf(q, stored, lists, 5, 9, threads=1)
-    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(ivf_cpu, "MAX_CHUNK_ROWS", 61)
-    assert ivf_cpu.chunk_rows(1501, 24, 5) == 61
+    small_sweeps(monkeypatch)
+    assert ivf_cpu.sweep_rows(1501, 2) == 61 and ivf_cpu.sweep_rows(20, 3) == 7
     for threads in (1, 2, 3):
         sims, rows = search_ivf(q, stored, lists, 5, 9, threads=threads)
         np.testing.assert_array_equal(sims, reference[0])
@@ -129,6 +134,29 @@ def test_results_do_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
         sims, rows = search_ivf(q[i:i + 1], stored, lists, 5, 9)
         np.testing.assert_array_equal(sims[0], reference[0][i])
         np.testing.assert_array_equal(rows[0], reference[1][i])
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["plain", "head"])
+def test_tied_neighbours_go_to_the_lower_row_whatever_the_threads(with_head, rng, monkeypatch):
+    """Every vector stored three times (in three lists' worth of positions): each query's
+    neighbours tie in threes, and the heaps keep the lowest rows of each tie, in order, whatever
+    the threads and sweeps."""
+    base = low_rank(rng, 300, 32, 8)
+    x = np.concatenate([base, base, base])
+    centroids = unit(rng.standard_normal((3, 32)))
+    lists = IvfLists(centroids, np.array([0, 300, 600, 900]))  # three lists, one copy each
+    q = unit(base[:40] + 0.05 * rng.standard_normal((40, 32)))
+    head = head_scan(x, q) if with_head else None
+    small_sweeps(monkeypatch)
+    one = search_ivf(q, x, lists, 3, 6, threads=1, head=head)
+    three = search_ivf(q, x, lists, 3, 6, threads=3, head=head)
+    np.testing.assert_array_equal(three[0], one[0])
+    np.testing.assert_array_equal(three[1], one[1])
+    sims, rows = one
+    # Each tie of three similarities lists its rows ascending; they are copies of one vector.
+    assert np.all(sims[:, 0::3] == sims[:, 2::3]), "ties come in threes"
+    np.testing.assert_array_equal(rows[:, 1::3] - rows[:, 0::3], np.full((40, 2), 300))
+    np.testing.assert_array_equal(rows[:, 2::3] - rows[:, 1::3], np.full((40, 2), 300))
 
 
 def low_rank(rng, n: int, dim: int, rank: int, classes: int = 6) -> np.ndarray:
@@ -160,13 +188,12 @@ def test_scan_through_a_head_is_exact_within_the_probed_lists(case, rng):
     check_scan(q, stored, lists, nprobe, k, sims, rows, str(case))
 
 
-def test_scan_through_a_head_does_not_depend_on_threads_chunks_or_batch(rng, monkeypatch):
+def test_scan_through_a_head_does_not_depend_on_threads_sweeps_or_batch(rng, monkeypatch):
     stored, lists, _ = lists_for(rng, low_rank(rng, 3001, 64, 8), 24)
     q = unit(low_rank(rng, 1501, 64, 8) + 0.05 * rng.standard_normal((1501, 64)))
     head = head_scan(stored, q)
     reference = search_ivf(q, stored, lists, 5, 9, threads=1, head=head)
-    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(ivf_cpu, "MAX_CHUNK_ROWS", 61)
+    small_sweeps(monkeypatch)
     for threads in (1, 2, 3):
         sims, rows = search_ivf(q, stored, lists, 5, 9, threads=threads, head=head)
         np.testing.assert_array_equal(sims, reference[0])
@@ -210,12 +237,12 @@ def test_flat_search_breaks_ties_by_row(rng):
 def test_worker_errors_reach_the_caller(rng, monkeypatch):
     x = clustered(rng, 200, 8)
     stored, lists, _ = lists_for(rng, x, 4)
-    monkeypatch.setattr(ivf_cpu, "MIN_CHUNK_ROWS", 10)
+    small_sweeps(monkeypatch)
 
     def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ivf_cpu, "_ivf_search_chunk", broken)
+    monkeypatch.setattr(ivf_cpu, "_ivf_sweep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         search_ivf(unit(x[:100]), stored, lists, 2, 3, threads=2)
 

@@ -144,10 +144,38 @@ class Prefilter:
         """(heads float32 [n, r], tail norms float32 [n], rounded up) of unit queries ``q``."""
         if self.rotation is None:
             return q, np.zeros(q.shape[0], np.float32)
-        r = self.head_dim
-        rotated = np.asarray(q, np.float64) @ self.rotation.T
-        return (np.ascontiguousarray(rotated[:, :r], dtype=np.float32),
-                _round_up(np.linalg.norm(rotated[:, r:], axis=1)))
+        heads = np.empty((q.shape[0], self.head_dim), np.float32)
+        tails = np.empty(q.shape[0], np.float64)
+        _rotate_queries(_read_only(np.ascontiguousarray(q, np.float32)), _read_only(np.ascontiguousarray(self.rotation.T)),
+                        heads, tails)
+        return heads, _round_up(tails)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _rotate_queries(q, rotation_t, heads, tails):
+    """Each query rotated in float64 (``rotation_t`` [D, D], the rotation transposed): its first r
+    coordinates into ``heads`` [n, r] (float32) and the norm of the rest into ``tails`` [n].
+
+    A loop rather than numpy's matrix product: OpenBLAS's threads spin-wait for about a tenth of
+    a second after each call, and on two cores that held one of them while the k-NN scan ran
+    right after (1M vectors, 2,000 queries: 17.5k queries/s, against 25k with OpenBLAS limited to
+    one thread). Each coordinate is summed in dimension order (the loop vectorises across
+    coordinates, with no fast-math), so a query's values do not depend on the batch."""
+    n, dim = q.shape
+    r = heads.shape[1]
+    acc = np.empty(dim, np.float64)
+    for i in range(n):
+        acc[:] = 0.0
+        for d in range(dim):
+            qd = np.float64(q[i, d])
+            for j in range(dim):
+                acc[j] += qd * rotation_t[d, j]
+        tail = 0.0
+        for j in range(r):
+            heads[i, j] = acc[j]
+        for j in range(r, dim):
+            tail += acc[j] * acc[j]
+        tails[i] = np.sqrt(tail)
 
 
 def no_head(stored: np.ndarray) -> Prefilter:

@@ -8,24 +8,26 @@ query and each vector read feeds one dot product: on the 2-core CPU it ran at 10
 faster than exact search (a matrix product at 80-90) although it scanned an eighth of the bank.
 
 Here a batch of queries is turned around: the (query, list) pairs are grouped by list, and each
-list is scanned once for all the queries of a chunk that probe it, two queries against six
-vectors at a time with the twelve dot products in registers (70-80 GFLOP/s from numba, about 80%
-of a BLAS sgemm), each result pushed straight into its query's running top-k heap. The scores are
-exact float32 inner products of the probed vectors, so results equal IndexIVFFlat's with the
-same lists and nprobe (up to ties): the only approximation is the lists not probed.
+list is scanned once for all the queries of a sweep (up to :data:`MAX_SWEEP_ROWS`) that probe it,
+two queries against six vectors at a time with the twelve dot products in registers (70-80
+GFLOP/s from numba, about 80% of a BLAS sgemm), each result pushed straight into its query's
+running top-k heap; a bank with a pre-filter head (:mod:`.exact`) is scanned through it, four
+queries at a time, and only the rows whose bound can beat a heap's root get a full dot product.
+The scores are exact float32 inner products of the probed vectors, so results equal
+IndexIVFFlat's with the same lists and nprobe (up to ties): the only approximation is the lists
+not probed.
 
 Measured on the fleet simulator (D=128, 5,000 queries of which 20% OOD, 2-core AMD EPYC, one
 thread, CPU time): at 100k vectors with 256 lists and nprobe 32, 0.064 s per 1,000 queries for
 k=10 against 0.305 for FAISS IndexIVFFlat and 0.318 for FAISS exact search, at the same 0.39%
-mean error of the k-th distance. The probe (query against all centroids, top-nprobe by a heap)
-runs in the same kernel.
+mean error of the k-th distance (before the head scan).
 
-Threads: a batch is cut into chunks of queries that worker threads (plain Python threads running
-the kernel with the GIL released) take from a shared queue, so a core that the machine's other
-work slows down simply takes fewer chunks, and no OpenMP pool is left spinning between calls.
-Results are bit-identical whatever the thread count, chunking or batch: every similarity comes
-from one of two pieces of code chosen by the row's position in its list, never by which queries
-share a block (see :func:`_scan_block`).
+Threads: a batch is cut into sweeps of queries that worker threads (plain Python threads running
+the kernels with the GIL released) take from a shared queue, and no OpenMP pool is left spinning
+between calls. Results are bit-identical whatever the thread count, sweep or batch: every
+similarity comes from code chosen by the row's position in its list (or the centroid's), never
+by which queries share a block (see :func:`_scan_block`), and the heaps order their entries
+totally (ties to the lower row).
 
 Memory: the kernel reads the bank's float32 vectors in place (stored list after list,
 memory-mapped or not); the lists cost the centroids and nlist + 1 offsets.
@@ -34,6 +36,7 @@ memory-mapped or not); the lists cost the centroids and nlist + 1 offsets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -53,18 +56,27 @@ logger = logging.getLogger(__name__)
 #: validate them), and flags that assume it would only risk silent wrong answers if one slipped.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
-#: Queries per chunk: each chunk re-reads the lists its queries probe, so a list should serve many
-#: (query, list) pairs per chunk for its vectors to be reused from cache rather than read from
-#: memory again (see :func:`chunk_rows`).
-MIN_CHUNK_ROWS = 256
-MAX_CHUNK_ROWS = 4096
-PAIRS_PER_LIST = 128
+#: Queries searched in one sweep over the lists (see :func:`search_ivf`): each probed list is
+#: read once per sweep for all the sweep's queries that probe it, so larger sweeps read the bank
+#: fewer times. A batch is cut into one sweep per thread, of at least MIN_SWEEP_ROWS (so that a
+#: small batch is not split) and at most MAX_SWEEP_ROWS queries (which bounds the (query, list)
+#: pairs a sweep holds: 16,384 x nprobe 64 is 8 MB).
+MIN_SWEEP_ROWS = 256
+MAX_SWEEP_ROWS = 16_384
 #: Rows of a list whose head similarities are computed at once (the four row buffers stay in L1).
 HEAD_LIST_ROWS = 512
 
 
 # ---------------------------------------------------------------------------------------------
 # numba kernels
+
+
+@njit(inline="always")
+def _worse(s1, row1, s2, row2):
+    """Whether (s1, row1) ranks below (s2, row2): a smaller similarity, or the same with a larger
+    row. A strict total order, so a heap keeps the same k entries whatever order its rows come in,
+    and heaps of disjoint parts merge into the heap of the whole (ties go to the lower row)."""
+    return s1 < s2 or (s1 == s2 and row1 > row2)
 
 
 @njit(inline="always")
@@ -75,9 +87,10 @@ def _sift_down(heap_sims, heap_rows, q, size, s, row):
         child = 2 * pos + 1
         if child >= size:
             break
-        if child + 1 < size and heap_sims[q, child + 1] < heap_sims[q, child]:
+        if child + 1 < size and _worse(heap_sims[q, child + 1], heap_rows[q, child + 1],
+                                       heap_sims[q, child], heap_rows[q, child]):
             child += 1
-        if heap_sims[q, child] >= s:
+        if not _worse(heap_sims[q, child], heap_rows[q, child], s, row):
             break
         heap_sims[q, pos] = heap_sims[q, child]
         heap_rows[q, pos] = heap_rows[q, child]
@@ -88,8 +101,8 @@ def _sift_down(heap_sims, heap_rows, q, size, s, row):
 
 @njit(inline="always")
 def _push(heap_sims, heap_rows, q, k, s, row):
-    """Offer (s, row) to query q's min-heap of its k best similarities (the root is the k-th)."""
-    if s > heap_sims[q, 0]:
+    """Offer (s, row) to query q's min-heap of its k best entries (the root is the k-th)."""
+    if _worse(heap_sims[q, 0], heap_rows[q, 0], s, row):
         _sift_down(heap_sims, heap_rows, q, k, s, row)
 
 
@@ -182,11 +195,12 @@ def _admit(Q, X, heap_sims, heap_rows, q, i):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _head_sims4(QH, qa, qb, qc, qd, XHt, lo, bl, buf):
-    """``buf[j, i]`` = head similarity of query (qa, qb, qc, qd)[j] with row lo + i, for i < bl:
-    rows of QH against columns of ``XHt`` [r, N] (a pre-filter head stored transposed, r a
-    multiple of 4), four dimensions per pass over the rows, the loop over rows vectorised. (At
-    r = 32 the 2 x 6 dot-product block spent its time in horizontal sums; this ran 1.7x faster,
-    as fast as torch's sgemm on the same shapes.)"""
+    """``buf[j, i]`` = similarity of query (qa, qb, qc, qd)[j] with row lo + i, for i < bl: rows
+    of QH [B, r] against columns of ``XHt`` [r, N] (a pre-filter head, or the IVF centroids,
+    stored transposed), four dimensions per pass over the rows, the loop over rows vectorised.
+    (At r = 32 the 2 x 6 dot-product block spent its time in horizontal sums; this ran 1.7x
+    faster, as fast as torch's sgemm on the same shapes.) A row's value depends on its position
+    i in the block (vectorised body or remainder), never on which queries share the pass."""
     s0 = buf[0]
     s1 = buf[1]
     s2 = buf[2]
@@ -196,7 +210,8 @@ def _head_sims4(QH, qa, qb, qc, qd, XHt, lo, bl, buf):
         s1[i] = 0.0
         s2[i] = 0.0
         s3[i] = 0.0
-    for d0 in range(0, QH.shape[1], 4):
+    r4 = QH.shape[1] - QH.shape[1] % 4
+    for d0 in range(0, r4, 4):
         v0 = XHt[d0, lo:lo + bl]
         v1 = XHt[d0 + 1, lo:lo + bl]
         v2 = XHt[d0 + 2, lo:lo + bl]
@@ -214,6 +229,15 @@ def _head_sims4(QH, qa, qb, qc, qd, XHt, lo, bl, buf):
             s1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
             s2[i] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
             s3[i] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+    for d in range(r4, QH.shape[1]):  # the last 1-3 dimensions of a width not a multiple of 4
+        v = XHt[d, lo:lo + bl]
+        a, b, c, e = QH[qa, d], QH[qb, d], QH[qc, d], QH[qd, d]
+        for i in range(bl):
+            x = v[i]
+            s0[i] += a * x
+            s1[i] += b * x
+            s2[i] += c * x
+            s3[i] += e * x
 
 
 @njit(inline="always")
@@ -267,17 +291,34 @@ def _sort_heaps(heap_sims, heap_rows):
             _sift_down(heap_sims, heap_rows, q, end, s, row)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _probe_and_group(Q, centroids, nprobe):
-    """(starts int64 [nlist + 1], queries int64 [n * nprobe]): the ``nprobe`` nearest centroids of
-    each query of Q (by :func:`_scan_block`, a heap per query), then the (query, list) pairs
-    grouped by list by a counting sort, queries ascending within a list: list l is probed by
-    ``queries[starts[l]:starts[l + 1]]``."""
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+def _probe(Q, Ct, nprobe):
+    """The ``nprobe`` nearest centroids of each query of Q, int64 [n, nprobe] (heap order): four
+    queries at a time against blocks of the transposed centroids ``Ct`` [D, nlist]
+    (:func:`_head_sims4`), each similarity offered to the query's heap."""
     n = Q.shape[0]
-    nlist = centroids.shape[0]
+    nlist = Ct.shape[1]
     probe_sims = np.full((n, nprobe), -np.inf, dtype=np.float32)
     probe_lists = np.full((n, nprobe), -1, dtype=np.int64)
-    _scan_block(Q, np.arange(n), 0, n, centroids, 0, nlist, probe_sims, probe_lists, nprobe)
+    width = min(HEAD_LIST_ROWS, nlist)
+    buf = np.empty((4, width), dtype=np.float32)
+    last = n - 1
+    for g in range(0, n, 4):
+        for lo in range(0, nlist, width):
+            bl = min(width, nlist - lo)
+            _head_sims4(Q, g, min(g + 1, last), min(g + 2, last), min(g + 3, last), Ct, lo, bl, buf)
+            for j in range(min(4, n - g)):
+                for i in range(bl):
+                    _push(probe_sims, probe_lists, g + j, nprobe, buf[j, i], lo + i)
+    return probe_lists
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _group_pairs(probe_lists, nlist):
+    """(starts int64 [nlist + 1], queries int64 [n * nprobe]): the (query, list) pairs of
+    ``probe_lists`` [n, nprobe] grouped by list by a counting sort, queries ascending within a
+    list: list l is probed by ``queries[starts[l]:starts[l + 1]]``."""
+    n, nprobe = probe_lists.shape
     starts = np.zeros(nlist + 1, dtype=np.int64)
     for q in range(n):
         for p in range(nprobe):
@@ -295,17 +336,17 @@ def _probe_and_group(Q, centroids, nprobe):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _ivf_search_chunk(Q, X, centroids, offsets, nprobe, out_sims, out_rows):
-    """k nearest rows of X for each query of Q ([n, D] unit rows), scanning the ``nprobe`` lists
-    with the nearest centroids; list l is rows offsets[l] .. offsets[l + 1] - 1 of X. Writes
-    ``out_sims`` [n, k] (descending inner products) and ``out_rows`` [n, k] (-1 where the probed
-    lists held fewer than k rows); both must arrive filled with -inf and -1."""
-    nlist = centroids.shape[0]
+def _ivf_sweep(Q, Ct, nprobe, X, offsets, out_sims, out_rows):
+    """k nearest rows of X for each query of Q ([n, D] unit rows) among the ``nprobe`` lists with
+    the nearest centroids (``Ct`` [D, nlist], the centroids transposed; list l is rows
+    offsets[l] .. offsets[l + 1] - 1 of X): probe (:func:`_probe`), group the (query, list) pairs
+    by list (:func:`_group_pairs`), scan each list once for all its queries (:func:`_scan_block`),
+    sort. Writes ``out_sims`` [n, k] (descending inner products, ties to the lower row) and
+    ``out_rows`` [n, k] (-1 where the probed lists held fewer than k rows); both must arrive
+    filled with -inf and -1."""
+    nlist = Ct.shape[1]
     k = out_sims.shape[1]
-    starts, pair_queries = _probe_and_group(Q, centroids, nprobe)
-    # Scan each list once for all the queries of the chunk that probe it. (Scanning every
-    # query's nearest list first, for better heap roots early, cut heap insertions by a quarter
-    # and measured no faster.)
+    starts, pair_queries = _group_pairs(_probe(Q, Ct, nprobe), nlist)
     for lst in range(nlist):
         if starts[lst] < starts[lst + 1] and offsets[lst] < offsets[lst + 1]:
             _scan_block(Q, pair_queries, starts[lst], starts[lst + 1], X, offsets[lst], offsets[lst + 1],
@@ -314,14 +355,13 @@ def _ivf_search_chunk(Q, X, centroids, offsets, nprobe, out_sims, out_rows):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _ivf_search_chunk_heads(Q, QH, qt, X, XHt, xt, eps, centroids, offsets, nprobe, out_sims, out_rows):
-    """:func:`_ivf_search_chunk` with the lists scanned through a pre-filter head
+def _ivf_sweep_heads(Q, QH, qt, Ct, nprobe, X, XHt, xt, eps, offsets, out_sims, out_rows):
+    """:func:`_ivf_sweep` with the lists scanned through a pre-filter head
     (:func:`_scan_list_heads`): the same rows in each heap (every row whose float32 similarity
     beats the heap's root is admitted), for a fraction of the multiply-adds."""
-    n = Q.shape[0]
-    nlist = centroids.shape[0]
-    starts, pair_queries = _probe_and_group(Q, centroids, nprobe)
-    no_floor = np.full(n, -np.inf, dtype=np.float32)
+    nlist = Ct.shape[1]
+    starts, pair_queries = _group_pairs(_probe(Q, Ct, nprobe), nlist)
+    no_floor = np.full(Q.shape[0], -np.inf, dtype=np.float32)
     buf = np.empty((4, HEAD_LIST_ROWS), dtype=np.float32)
     for lst in range(nlist):
         if starts[lst] < starts[lst + 1] and offsets[lst] < offsets[lst + 1]:
@@ -350,6 +390,11 @@ class IvfLists:
     def sizes(self) -> np.ndarray:
         """Vectors per list, int64 [nlist]."""
         return np.diff(self.offsets)
+
+    @functools.cached_property
+    def centroids_t(self) -> np.ndarray:
+        """The centroids transposed, float32 [D, nlist] C-contiguous (what the probe scans)."""
+        return np.ascontiguousarray(self.centroids.T)
 
 
 def group_by_list(assignment: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,17 +449,6 @@ def assign(unit: np.ndarray, centroids: np.ndarray, block: int = 1 << 16) -> np.
     return out
 
 
-def chunk_rows(batch: int, nlist: int, nprobe: int) -> int:
-    """Queries per chunk: enough that a list serves about :data:`PAIRS_PER_LIST` queries of the
-    chunk (its vectors are then reused from cache rather than read from memory again: chunks of
-    1024 rather than 256 were 20% faster at 100k vectors), within [MIN_CHUNK_ROWS,
-    MAX_CHUNK_ROWS], and at most a quarter of the batch so that two threads share even a
-    middling batch. (Not a function of the thread count: results never are.)"""
-    wanted = math.ceil(PAIRS_PER_LIST * nlist / max(nprobe, 1))
-    size = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, wanted), max(MIN_CHUNK_ROWS, math.ceil(batch / 4)))
-    return max(1, min(size, batch))
-
-
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
@@ -453,6 +487,13 @@ class HeadScan:
     eps: float
 
 
+def sweep_rows(batch: int, threads: int) -> int:
+    """Queries per sweep: one sweep per thread, within [MIN_SWEEP_ROWS, MAX_SWEEP_ROWS]. (Cut
+    finer, the sweeps re-read the lists more often: at 1M vectors, 2,000 queries on 2 threads,
+    four sweeps ran 0.85x as fast as two; results do not depend on the cut.)"""
+    return max(1, min(batch, MAX_SWEEP_ROWS, max(MIN_SWEEP_ROWS, math.ceil(batch / max(threads, 1)))))
+
+
 def search_ivf(queries: np.ndarray, vectors: np.ndarray, lists: IvfLists, nprobe: int, k: int,
                threads: int = 1, head: HeadScan | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k largest inner products of each query among the vectors of its ``nprobe`` nearest lists.
@@ -464,25 +505,25 @@ def search_ivf(queries: np.ndarray, vectors: np.ndarray, lists: IvfLists, nprobe
         lists: the centroids and list offsets.
         nprobe: lists scanned per query, 1 <= nprobe <= nlist.
         k: neighbours per query.
-        threads: worker threads; chunks of queries are shared out dynamically.
+        threads: worker threads, each taking sweeps of queries (:func:`sweep_rows`) from a queue.
         head: scan the lists through this pre-filter head: each vector's head similarity plus
             its tail bound decides whether it gets a full dot product (the same heaps: only rows
             that cannot beat a heap's root are skipped).
 
     Returns:
-        (sims float32 [B, k] descending, rows int64 [B, k] stored rows); a query whose probed
-        lists hold fewer than k vectors gets -inf and -1 in its last places.
+        (sims float32 [B, k] descending, rows int64 [B, k] stored rows, ties to the lower row); a
+        query whose probed lists hold fewer than k vectors gets -inf and -1 in its last places.
     """
     batch = queries.shape[0]
     sims = np.full((batch, k), -np.inf, dtype=np.float32)
     rows = np.full((batch, k), -1, dtype=np.int64)
     if batch == 0:
         return sims, rows
-    size = chunk_rows(batch, lists.nlist, nprobe)
+    size = sweep_rows(batch, threads)
     spans = [(start, min(start + size, batch)) for start in range(0, batch, size)]
     q = _read_only(np.ascontiguousarray(queries, dtype=np.float32))
     x = _read_only(vectors)
-    centroids = _read_only(lists.centroids)
+    centroids_t = _read_only(lists.centroids_t)
     offsets = _read_only(np.ascontiguousarray(lists.offsets, dtype=np.int64))
 
     if head is not None:
@@ -492,10 +533,10 @@ def search_ivf(queries: np.ndarray, vectors: np.ndarray, lists: IvfLists, nprobe
     def run(span):
         a, b = span
         if head is None:
-            _ivf_search_chunk(q[a:b], x, centroids, offsets, nprobe, sims[a:b], rows[a:b])
+            _ivf_sweep(q[a:b], centroids_t, nprobe, x, offsets, sims[a:b], rows[a:b])
         else:
-            _ivf_search_chunk_heads(q[a:b], qh[a:b], qt[a:b], x, heads, tails, eps, centroids, offsets, nprobe,
-                                    sims[a:b], rows[a:b])
+            _ivf_sweep_heads(q[a:b], qh[a:b], qt[a:b], centroids_t, nprobe, x, heads, tails, eps, offsets,
+                             sims[a:b], rows[a:b])
 
     if threads <= 1 or len(spans) == 1:
         for span in spans:
@@ -539,5 +580,5 @@ def knn_search_ivf(queries: torch.Tensor, bank, k: int) -> tuple[torch.Tensor, t
     return torch.from_numpy(similarities_to_distances(sims)), torch.from_numpy(rows)
 
 
-__all__ = ["HeadScan", "IvfLists", "assign", "chunk_rows", "group_by_list", "knn_search_ivf", "merged_order", "search_ivf",
+__all__ = ["HeadScan", "IvfLists", "assign", "group_by_list", "knn_search_ivf", "merged_order", "search_ivf", "sweep_rows",
            "train_centroids"]
