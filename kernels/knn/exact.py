@@ -296,12 +296,13 @@ def _exact_scan_heads(Q, QH, qt, floor, X, XHt, xt, eps, block, heap_sims, heap_
     n = Q.shape[0]
     total = XHt.shape[1]
     buf = np.empty((4, block), np.float32)
+    picks = np.empty(block, np.int64)
     for b0 in range(0, total, block):
         bl = min(block, total - b0)
         for g in range(0, n, 4):
             _head_sims4(QH, g, min(g + 1, n - 1), min(g + 2, n - 1), min(g + 3, n - 1), XHt, b0, bl, buf)
             for j in range(min(4, n - g)):
-                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, g + j, buf[j], b0, bl)
+                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, g + j, buf[j], b0, bl, picks)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -241,30 +241,38 @@ def _head_sims4(QH, qa, qb, qc, qd, XHt, lo, bl, buf):
 
 
 @njit(inline="always")
-def _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, q, sims, lo, bl):
+def _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, q, sims, lo, bl, picks):
     """Admit to query q's heap every row lo + i (i < bl) whose bound, head similarity ``sims[i]``
     plus the tail product qt[q] * xt[lo + i], reaches the gate: the larger of q's floor and its
     heap's root, less ``eps`` (the bound's rounding and the float32 dot product's error, so a
-    row whose float32 similarity beats the root is never turned away)."""
+    row whose float32 similarity beats the root is never turned away). ``picks`` is scratch
+    (int64, at least bl)."""
     gate = max(floor[q], heap_sims[q, 0]) - eps
     tail = qt[q]
     tails = xt[lo:lo + bl]  # a slice: indexing xt[lo + i] (wraparound checks) kept these loops scalar
     # Most blocks admit nothing: a branch-free count first (it vectorises; the row-by-row loop
-    # alone halved the speed of the head products), then the rows in order only where one
-    # passes. The gate only rises during the block, so a block counted empty admits nothing.
+    # alone halved the speed of the head products). Where one passes, the passing rows are
+    # listed branch-free, then admitted in order against the rising gate (a row-by-row loop
+    # with a branch per row cost as much as the head products at k = 50). The gate only rises
+    # during the block, so a row that fails it at first can never pass.
     hits = 0
     for i in range(bl):
         hits += sims[i] + tail * tails[i] >= gate
     if hits == 0:
         return
+    n = 0
     for i in range(bl):
+        picks[n] = i
+        n += sims[i] + tail * tails[i] >= gate
+    for j in range(n):
+        i = picks[j]
         if sims[i] + tail * tails[i] >= gate:
             _admit(Q, X, heap_sims, heap_rows, q, lo + i)
             gate = max(floor[q], heap_sims[q, 0]) - eps
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _scan_list_heads(Q, QH, qt, floor, qs, q_lo, q_hi, X, XHt, xt, eps, i_lo, i_hi, buf, heap_sims, heap_rows):
+def _scan_list_heads(Q, QH, qt, floor, qs, q_lo, q_hi, X, XHt, xt, eps, i_lo, i_hi, buf, picks, heap_sims, heap_rows):
     """:func:`_scan_block` through a pre-filter head: the queries ``qs[q_lo:q_hi]`` against rows
     i_lo .. i_hi - 1, four queries at a time (:func:`_head_sims4`); only the rows whose bound can
     beat a query's heap root get a full dot product (:func:`_admit_block`)."""
@@ -275,7 +283,7 @@ def _scan_list_heads(Q, QH, qt, floor, qs, q_lo, q_hi, X, XHt, xt, eps, i_lo, i_
             last = q_hi - 1
             _head_sims4(QH, qs[r], qs[min(r + 1, last)], qs[min(r + 2, last)], qs[min(r + 3, last)], XHt, lo, bl, buf)
             for j in range(min(4, q_hi - r)):
-                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qs[r + j], buf[j], lo, bl)
+                _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, qs[r + j], buf[j], lo, bl, picks)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -363,10 +371,11 @@ def _ivf_sweep_heads(Q, QH, qt, Ct, nprobe, X, XHt, xt, eps, offsets, out_sims, 
     starts, pair_queries = _group_pairs(_probe(Q, Ct, nprobe), nlist)
     no_floor = np.full(Q.shape[0], -np.inf, dtype=np.float32)
     buf = np.empty((4, HEAD_LIST_ROWS), dtype=np.float32)
+    picks = np.empty(HEAD_LIST_ROWS, dtype=np.int64)
     for lst in range(nlist):
         if starts[lst] < starts[lst + 1] and offsets[lst] < offsets[lst + 1]:
             _scan_list_heads(Q, QH, qt, no_floor, pair_queries, starts[lst], starts[lst + 1], X, XHt, xt, eps,
-                             offsets[lst], offsets[lst + 1], buf, out_sims, out_rows)
+                             offsets[lst], offsets[lst + 1], buf, picks, out_sims, out_rows)
     _sort_heaps(out_sims, out_rows)
 
 
