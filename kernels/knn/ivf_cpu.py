@@ -321,7 +321,7 @@ def _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, q, sims, lo, bl
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _scan_list_heads(Q, QH, qt, floor, qs, q_lo, q_hi, X, XHt, xt, eps, i_lo, i_hi, buf, picks, heap_sims, heap_rows):
     """:func:`_scan_block` through a pre-filter head: the queries ``qs[q_lo:q_hi]`` against rows
-    i_lo .. i_hi - 1, four queries at a time (:func:`_head_sims4`); only the rows whose bound can
+    i_lo .. i_hi - 1, eight queries at a time (:func:`_head_sims8`); only the rows whose bound can
     beat a query's heap root get a full dot product (:func:`_admit_block`)."""
     width = buf.shape[1]
     for lo in range(i_lo, i_hi, width):
