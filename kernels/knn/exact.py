@@ -45,7 +45,7 @@ import torch
 from numba import njit
 
 from .faiss_cpu import _rescore, dot64, knn_threads, similarities_to_distances
-from .ivf_cpu import _FASTMATH, _admit, _admit_block, _dot, _dots_2x6, _executor, _head_sims4, _read_only, _sift_down
+from .ivf_cpu import _FASTMATH, _admit, _admit_block, _dot, _dots_2x6, _executor, _head_sims8, _read_only, _sift_down
 from .reference import dot64_torch, unit_queries
 
 logger = logging.getLogger(__name__)
@@ -290,18 +290,19 @@ def _exact_scan(Q, QH, qt, floor, X, XH, xt, eps, block, heap_sims, heap_rows):
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _exact_scan_heads(Q, QH, qt, floor, X, XHt, xt, eps, block, heap_sims, heap_rows):
-    """:func:`_exact_scan` for a projected head stored transposed, ``XHt`` [r, N]: four queries
-    at a time against a block of rows (:func:`~.ivf_cpu._head_sims4`), then each row of the
+    """:func:`_exact_scan` for a projected head stored transposed, ``XHt`` [r, N]: eight queries
+    at a time against a block of rows (:func:`~.ivf_cpu._head_sims8`), then each row of the
     block whose bound reaches the query's gate is admitted (:func:`~.ivf_cpu._admit_block`)."""
     n = Q.shape[0]
     total = XHt.shape[1]
-    buf = np.empty((4, block), np.float32)
+    buf = np.empty((8, block), np.float32)
     picks = np.empty(block, np.int64)
+    queries = np.arange(n)
     for b0 in range(0, total, block):
         bl = min(block, total - b0)
-        for g in range(0, n, 4):
-            _head_sims4(QH, g, min(g + 1, n - 1), min(g + 2, n - 1), min(g + 3, n - 1), XHt, b0, bl, buf)
-            for j in range(min(4, n - g)):
+        for g in range(0, n, 8):
+            _head_sims8(QH, queries, g, n - 1, XHt, b0, bl, buf)
+            for j in range(min(8, n - g)):
                 _admit_block(Q, X, qt, floor, xt, eps, heap_sims, heap_rows, g + j, buf[j], b0, bl, picks)
 
 

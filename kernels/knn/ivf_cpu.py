@@ -11,7 +11,7 @@ Here a batch of queries is turned around: the (query, list) pairs are grouped by
 list is scanned once for all the queries of a sweep (up to :data:`MAX_SWEEP_ROWS`) that probe it,
 two queries against six vectors at a time with the twelve dot products in registers (70-80
 GFLOP/s from numba, about 80% of a BLAS sgemm), each result pushed straight into its query's
-running top-k heap; a bank with a pre-filter head (:mod:`.exact`) is scanned through it, four
+running top-k heap; a bank with a pre-filter head (:mod:`.exact`) is scanned through it, eight
 queries at a time, and only the rows whose bound can beat a heap's root get a full dot product.
 The scores are exact float32 inner products of the probed vectors, so results equal
 IndexIVFFlat's with the same lists and nprobe (up to ties): the only approximation is the lists
@@ -63,7 +63,7 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 #: pairs a sweep holds: 16,384 x nprobe 64 is 8 MB).
 MIN_SWEEP_ROWS = 256
 MAX_SWEEP_ROWS = 16_384
-#: Rows of a list whose head similarities are computed at once (the four row buffers stay in L1).
+#: Rows of a list whose head similarities are computed at once (the eight row buffers stay in L1).
 HEAD_LIST_ROWS = 512
 
 
@@ -194,58 +194,14 @@ def _admit(Q, X, heap_sims, heap_rows, q, i):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _head_sims4(QH, qa, qb, qc, qd, XHt, lo, bl, buf):
-    """``buf[j, i]`` = similarity of query (qa, qb, qc, qd)[j] with row lo + i, for i < bl: rows
-    of QH [B, r] against columns of ``XHt`` [r, N] (a pre-filter head, or the IVF centroids,
-    stored transposed), four dimensions per pass over the rows, the loop over rows vectorised.
-    (At r = 32 the 2 x 6 dot-product block spent its time in horizontal sums; this ran 1.7x
-    faster, as fast as torch's sgemm on the same shapes.) A row's value depends on its position
-    i in the block (vectorised body or remainder), never on which queries share the pass."""
-    s0 = buf[0]
-    s1 = buf[1]
-    s2 = buf[2]
-    s3 = buf[3]
-    for i in range(bl):
-        s0[i] = 0.0
-        s1[i] = 0.0
-        s2[i] = 0.0
-        s3[i] = 0.0
-    r4 = QH.shape[1] - QH.shape[1] % 4
-    for d0 in range(0, r4, 4):
-        v0 = XHt[d0, lo:lo + bl]
-        v1 = XHt[d0 + 1, lo:lo + bl]
-        v2 = XHt[d0 + 2, lo:lo + bl]
-        v3 = XHt[d0 + 3, lo:lo + bl]
-        a0, a1, a2, a3 = QH[qa, d0], QH[qa, d0 + 1], QH[qa, d0 + 2], QH[qa, d0 + 3]
-        b0, b1, b2, b3 = QH[qb, d0], QH[qb, d0 + 1], QH[qb, d0 + 2], QH[qb, d0 + 3]
-        c0, c1, c2, c3 = QH[qc, d0], QH[qc, d0 + 1], QH[qc, d0 + 2], QH[qc, d0 + 3]
-        e0, e1, e2, e3 = QH[qd, d0], QH[qd, d0 + 1], QH[qd, d0 + 2], QH[qd, d0 + 3]
-        for i in range(bl):
-            x0 = v0[i]
-            x1 = v1[i]
-            x2 = v2[i]
-            x3 = v3[i]
-            s0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-            s1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-            s2[i] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-            s3[i] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
-    for d in range(r4, QH.shape[1]):  # the last 1-3 dimensions of a width not a multiple of 4
-        v = XHt[d, lo:lo + bl]
-        a, b, c, e = QH[qa, d], QH[qb, d], QH[qc, d], QH[qd, d]
-        for i in range(bl):
-            x = v[i]
-            s0[i] += a * x
-            s1[i] += b * x
-            s2[i] += c * x
-            s3[i] += e * x
-
-
-@njit(inline="always", fastmath=_FASTMATH)
 def _head_sims8(QH, qs, r, last, XHt, lo, bl, buf):
-    """:func:`_head_sims4` for eight queries ``qs[r .. r + 7]`` (each index capped at ``last``):
-    ``buf[j, i]`` = head similarity of query qs[min(r + j, last)] with row lo + i. Eight
-    accumulators against four loaded dimensions keep AVX-512's 32 registers busy (1.1x the
-    four-query pass in isolation). ``QH``'s width must be a multiple of 4 (a pre-filter head)."""
+    """``buf[j, i]`` = similarity of query ``qs[min(r + j, last)]`` (j < 8) with row lo + i, for
+    i < bl: rows of QH [B, w] against columns of ``XHt`` [w, N] (a pre-filter head, or the IVF
+    centroids, stored transposed), four dimensions per pass over the rows, the loop over rows
+    vectorised, eight queries' accumulators (AVX-512 has the registers: 1.1x four queries a pass).
+    (At w = 32 the 2 x 6 dot-product block spent its time in horizontal sums; four queries a pass
+    ran 1.7x faster, as fast as torch's sgemm on the same shapes.) A row's value depends on its
+    position i in the block (vectorised body or remainder), never on which queries share the pass."""
     for j in range(8):
         row = buf[j]
         for i in range(bl):
@@ -259,7 +215,8 @@ def _head_sims8(QH, qs, r, last, XHt, lo, bl, buf):
     q6 = qs[min(r + 6, last)]
     q7 = qs[min(r + 7, last)]
     s0, s1, s2, s3, s4, s5, s6, s7 = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]
-    for d0 in range(0, QH.shape[1], 4):
+    w4 = QH.shape[1] - QH.shape[1] % 4
+    for d0 in range(0, w4, 4):
         v0 = XHt[d0, lo:lo + bl]
         v1 = XHt[d0 + 1, lo:lo + bl]
         v2 = XHt[d0 + 2, lo:lo + bl]
@@ -285,6 +242,20 @@ def _head_sims8(QH, qs, r, last, XHt, lo, bl, buf):
             s5[i] += g0 * x0 + g1 * x1 + g2 * x2 + g3 * x3
             s6[i] += h0 * x0 + h1 * x1 + h2 * x2 + h3 * x3
             s7[i] += m0 * x0 + m1 * x1 + m2 * x2 + m3 * x3
+    for d in range(w4, QH.shape[1]):  # the last 1-3 dimensions of a width not a multiple of 4
+        v = XHt[d, lo:lo + bl]
+        a, b, c, e = QH[q0, d], QH[q1, d], QH[q2, d], QH[q3, d]
+        f, g, h, m = QH[q4, d], QH[q5, d], QH[q6, d], QH[q7, d]
+        for i in range(bl):
+            x = v[i]
+            s0[i] += a * x
+            s1[i] += b * x
+            s2[i] += c * x
+            s3[i] += e * x
+            s4[i] += f * x
+            s5[i] += g * x
+            s6[i] += h * x
+            s7[i] += m * x
 
 
 @njit(inline="always")
@@ -347,21 +318,21 @@ def _sort_heaps(heap_sims, heap_rows):
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _probe(Q, Ct, nprobe):
-    """The ``nprobe`` nearest centroids of each query of Q, int64 [n, nprobe] (heap order): four
+    """The ``nprobe`` nearest centroids of each query of Q, int64 [n, nprobe] (heap order): eight
     queries at a time against blocks of the transposed centroids ``Ct`` [D, nlist]
-    (:func:`_head_sims4`), each similarity offered to the query's heap."""
+    (:func:`_head_sims8`), each similarity offered to the query's heap."""
     n = Q.shape[0]
     nlist = Ct.shape[1]
     probe_sims = np.full((n, nprobe), -np.inf, dtype=np.float32)
     probe_lists = np.full((n, nprobe), -1, dtype=np.int64)
     width = min(HEAD_LIST_ROWS, nlist)
-    buf = np.empty((4, width), dtype=np.float32)
-    last = n - 1
-    for g in range(0, n, 4):
+    buf = np.empty((8, width), dtype=np.float32)
+    queries = np.arange(n)
+    for g in range(0, n, 8):
         for lo in range(0, nlist, width):
             bl = min(width, nlist - lo)
-            _head_sims4(Q, g, min(g + 1, last), min(g + 2, last), min(g + 3, last), Ct, lo, bl, buf)
-            for j in range(min(4, n - g)):
+            _head_sims8(Q, queries, g, n - 1, Ct, lo, bl, buf)
+            for j in range(min(8, n - g)):
                 for i in range(bl):
                     _push(probe_sims, probe_lists, g + j, nprobe, buf[j, i], lo + i)
     return probe_lists
