@@ -74,8 +74,8 @@ HEAD_LIST_ROWS = 512
 @njit(inline="always")
 def _worse(s1, row1, s2, row2):
     """Whether (s1, row1) ranks below (s2, row2): a smaller similarity, or the same with a larger
-    row. A strict total order, so a heap keeps the same k entries whatever order its rows come in,
-    and heaps of disjoint parts merge into the heap of the whole (ties go to the lower row)."""
+    row. A strict total order, so a heap keeps the same k entries whatever order its rows come in
+    (ties go to the lower row), and so whatever sweep or thread scanned them."""
     return s1 < s2 or (s1 == s2 and row1 > row2)
 
 
