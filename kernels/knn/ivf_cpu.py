@@ -154,7 +154,7 @@ def _scan_block(Q, qs, q_lo, q_hi, X, i_lo, i_hi, heap_sims, heap_rows, k):
     Queries go two at a time against six rows at a time; an odd query out is paired with itself
     (its second results dropped) and a list's last 1-5 rows take one dot product each. Each kind
     of similarity thus comes from one piece of code whoever shares the block: a query's results
-    do not depend on which other queries are in its chunk, so not on chunking or threads. (Two
+    do not depend on which other queries are in its sweep, so not on sweeps or threads. (Two
     copies of the same dot-product loop can be vectorised, hence rounded, differently.)"""
     r = q_lo
     while r < q_hi:
